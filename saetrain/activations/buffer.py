@@ -1,0 +1,78 @@
+"""A shuffling buffer of activations on the training device.
+
+Consecutive tokens of one context are strongly correlated; training on them in order hurts. The
+buffer holds `size` activations, serves them in random order and, once half have been drawn,
+overwrites exactly the drawn rows with fresh ones and reshuffles. Every activation the source
+makes is drawn exactly once, and memory stays at `size × d` whatever the run's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class ActivationBuffer:
+    def __init__(
+        self,
+        chunks: Iterator[torch.Tensor],
+        size: int,
+        d: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator,
+    ):
+        self._chunks = chunks
+        self._leftover: torch.Tensor | None = None
+        self.size = size
+        self.generator = generator
+        self.storage = torch.empty(size, d, dtype=dtype, device=device)
+        self._fill(torch.arange(size, device=device))
+        self._reshuffle()
+        self.tokens_served = 0
+        self.refills = 0
+
+    def _take(self, n: int) -> torch.Tensor:
+        """The next n activations from the source, carrying leftovers between calls."""
+        parts: list[torch.Tensor] = []
+        have = 0
+        while have < n:
+            if self._leftover is not None and len(self._leftover):
+                chunk, self._leftover = self._leftover, None
+            else:
+                chunk = next(self._chunks)
+            need = n - have
+            if len(chunk) > need:
+                chunk, self._leftover = chunk[:need], chunk[need:]
+            parts.append(chunk)
+            have += len(chunk)
+        return torch.cat(parts)
+
+    def _fill(self, rows: torch.Tensor) -> None:
+        fresh = self._take(len(rows))
+        self.storage[rows] = fresh.to(self.storage.device, self.storage.dtype)
+
+    def _reshuffle(self) -> None:
+        perm = torch.randperm(self.size, generator=self.generator)
+        self._order = perm.to(self.storage.device)
+        self._pos = 0
+
+    def peek(self, n: int) -> torch.Tensor:
+        """n random rows of the current contents, without drawing them (for initialisation)."""
+        n = min(n, self.size)
+        rows = torch.randperm(self.size, generator=self.generator)[:n].to(self.storage.device)
+        return self.storage[rows]
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        """n activations drawn without replacement from the current contents."""
+        if n > self.size // 2:
+            raise ValueError(f"batch of {n} is more than half the buffer ({self.size})")
+        if self._pos + n > self.size // 2:
+            self._fill(self._order[: self._pos])
+            self._reshuffle()
+            self.refills += 1
+        rows = self._order[self._pos : self._pos + n]
+        self._pos += n
+        self.tokens_served += n
+        return self.storage[rows]

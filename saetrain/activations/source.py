@@ -1,0 +1,56 @@
+"""The LM as a source of activations: a forward with hooks at sites that stops early."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from saetrain.activations.sites import ResolvedSite, register_site_hook, resolve_site
+from saetrain.activations.tokens import TokenBatch
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook so the LM does no work past the deepest site."""
+
+
+class ActivationSource:
+    """Reads activations at one or more sites of a frozen LM."""
+
+    def __init__(self, model: torch.nn.Module, site_names: list[str]):
+        self.model = model
+        self.sites: dict[str, ResolvedSite] = {n: resolve_site(model, n) for n in site_names}
+        self.device = next(model.parameters()).device
+        self.d_model = int(model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Activations [batch, context, d] at every site, from a forward cut after the deepest."""
+        captured: dict[str, torch.Tensor] = {}
+        n_sites = len(self.sites)
+
+        def capture(name: str):
+            def hook(x: torch.Tensor) -> None:
+                captured[name] = x.detach()
+                if len(captured) == n_sites:
+                    raise _StopForward
+
+            return hook
+
+        handles = [register_site_hook(r, capture(n)) for n, r in self.sites.items()]
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    def flat(
+        self, batches: Iterator[TokenBatch], site: str, dtype: torch.dtype
+    ) -> Iterator[torch.Tensor]:
+        """Activations [n, d] at the unmasked positions of each batch, in order."""
+        for batch in batches:
+            acts = self(batch.input_ids)[site]
+            yield acts[batch.mask.to(acts.device)].to(dtype)

@@ -1,0 +1,219 @@
+"""Text documents in, fixed-length token contexts out.
+
+Documents come from HF `datasets` (streaming), are split into training and held-out documents by a
+hash of their text (so no held-out document is ever trained on, whatever the order or the epoch),
+tokenized, joined with a separator token and cut into contexts that start with BOS. A mask marks
+the positions that hold special tokens (BOS, the separator, ...): they are excluded from training
+and from every metric.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from saetrain.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+# Local builders of HF datasets whose `data_files` are paths on this machine.
+LOCAL_BUILDERS = ("text", "json", "csv", "parquet")
+
+
+@dataclass
+class TokenBatch:
+    """Contexts of token ids and which of their positions count."""
+
+    input_ids: torch.Tensor  # [batch, context] int64
+    mask: torch.Tensor  # [batch, context] bool: False where the token is special (BOS, separator)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def expand_data_files(patterns: list[str]) -> list[str]:
+    """Expand globs; a pattern that matches nothing is an error naming it."""
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True))
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise ConfigError(f"data.data_files: {pattern!r} matches no file")
+        files.extend(matches)
+    return files
+
+
+def is_held_out(text: str, percent: float) -> bool:
+    """Whether a document belongs to the held-out split (a stable hash of its text)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 10_000 < percent * 100
+
+
+def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[str]:
+    """One pass over the dataset's documents, shuffled with (seed, epoch)."""
+    from datasets import load_dataset
+
+    kwargs: dict = {"split": cfg.split, "streaming": cfg.streaming}
+    if cfg.path in LOCAL_BUILDERS:
+        kwargs["data_files"] = expand_data_files(list(cfg.data_files))
+        if cfg.path == "text":
+            kwargs["sample_by"] = "document"  # one row per file, not per line
+    elif cfg.data_files:
+        kwargs["data_files"] = list(cfg.data_files)
+    ds = load_dataset(cfg.path, cfg.name, **kwargs)
+    if cfg.shuffle_buffer > 0:
+        if cfg.streaming:
+            ds = ds.shuffle(seed=seed + epoch, buffer_size=cfg.shuffle_buffer)
+        else:
+            ds = ds.shuffle(seed=seed + epoch)
+    for row in ds:
+        if cfg.text_column not in row:
+            raise ConfigError(
+                f"data.text_column={cfg.text_column!r} is not a column of {cfg.path!r}; "
+                f"columns are: {', '.join(row)}"
+            )
+        text = row[cfg.text_column]
+        if text:
+            yield text
+
+
+class ContextPacker:
+    """Packs tokenized documents into contexts of `context_size` tokens.
+
+    Each context is [BOS] + the next `context_size - 1` tokens of the document stream (or the next
+    `context_size` tokens without BOS); documents are separated by the EOS token so the model sees
+    where one ends.
+    """
+
+    def __init__(self, tokenizer, context_size: int, prepend_bos: bool, tokenize_batch: int = 32):
+        self.tokenizer = tokenizer
+        self.context_size = context_size
+        self.prepend_bos = prepend_bos
+        self.tokenize_batch = tokenize_batch
+        bos = tokenizer.bos_token_id
+        eos = tokenizer.eos_token_id
+        if bos is None:
+            bos = eos
+        if prepend_bos and bos is None:
+            raise ConfigError(
+                "data.prepend_bos=true but the tokenizer has neither a BOS nor an EOS token; "
+                "set data.prepend_bos=false"
+            )
+        self.bos_id = bos
+        self.separator_id = eos if eos is not None else bos
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+    def contexts(self, documents: Iterable[str]) -> Iterator[torch.Tensor]:
+        """Yield 1-D int64 tensors of length context_size."""
+        body = self.context_size - 1 if self.prepend_bos else self.context_size
+        pending: list[int] = []
+        batch: list[str] = []
+
+        def drain() -> Iterator[torch.Tensor]:
+            encoded = self.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            for ids in encoded:
+                pending.extend(ids)
+                if self.separator_id is not None:
+                    pending.append(self.separator_id)
+            start = 0
+            while len(pending) - start >= body:
+                chunk = pending[start : start + body]
+                start += body
+                if self.prepend_bos:
+                    chunk = [self.bos_id, *chunk]
+                yield torch.tensor(chunk, dtype=torch.long)
+            del pending[:start]
+
+        for doc in documents:
+            batch.append(doc)
+            if len(batch) == self.tokenize_batch:
+                yield from drain()
+                batch.clear()
+        if batch:
+            yield from drain()
+
+    def mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True at positions that hold an ordinary (non-special) token."""
+        return ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+
+
+def batched(contexts: Iterator[torch.Tensor], batch_size: int, packer: ContextPacker):
+    """Group contexts into TokenBatches; the last one may be smaller."""
+    rows: list[torch.Tensor] = []
+    for ctx in contexts:
+        rows.append(ctx)
+        if len(rows) == batch_size:
+            ids = torch.stack(rows)
+            yield TokenBatch(ids, packer.mask(ids))
+            rows = []
+    if rows:
+        ids = torch.stack(rows)
+        yield TokenBatch(ids, packer.mask(ids))
+
+
+class TokenSource:
+    """Training and held-out contexts from one dataset config.
+
+    Training contexts repeat the dataset in new shuffled epochs when it runs out (logged); an empty
+    dataset, or one whose training split yields no full context, is an error.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        self.holdout_percent = cfg.holdout_percent
+        self.packer = ContextPacker(tokenizer, cfg.context_size, cfg.prepend_bos)
+        self.epoch = 0
+
+    def _docs(self, held_out: bool, epoch: int) -> Iterator[str]:
+        for text in iter_documents(self.cfg, self.seed, epoch):
+            if is_held_out(text, self.holdout_percent) == held_out:
+                yield text
+
+    def held_out(self, n_contexts: int, batch_size: int) -> list[TokenBatch]:
+        """The first `n_contexts` held-out contexts (fewer if the held-out split is small)."""
+        contexts: list[torch.Tensor] = []
+        for ctx in self.packer.contexts(self._docs(held_out=True, epoch=0)):
+            contexts.append(ctx)
+            if len(contexts) == n_contexts:
+                break
+        if not contexts:
+            raise ConfigError(
+                f"data: the held-out split of {self._describe()} yielded no full context of "
+                f"{self.cfg.context_size} tokens; add text or lower data.context_size"
+            )
+        if len(contexts) < n_contexts:
+            log.warning(
+                "held-out split has only %d contexts of the %d asked for by eval.n_tokens",
+                len(contexts),
+                n_contexts,
+            )
+        return list(batched(iter(contexts), batch_size, self.packer))
+
+    def training(self, batch_size: int) -> Iterator[TokenBatch]:
+        """Endless training batches, epoch after epoch."""
+        while True:
+            produced = False
+            contexts = self.packer.contexts(self._docs(held_out=False, epoch=self.epoch))
+            for batch in batched(contexts, batch_size, self.packer):
+                produced = True
+                yield batch
+            if not produced:
+                raise ConfigError(
+                    f"data: {self._describe()} yielded no full training context of "
+                    f"{self.cfg.context_size} tokens (is the dataset empty?)"
+                )
+            self.epoch += 1
+            log.info("data: finished a pass over the dataset; starting epoch %d", self.epoch)
+
+    def _describe(self) -> str:
+        if self.cfg.path in LOCAL_BUILDERS:
+            return f"data.data_files={list(self.cfg.data_files)}"
+        return f"data.path={self.cfg.path!r}"

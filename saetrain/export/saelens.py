@@ -1,0 +1,97 @@
+"""Save and load dictionaries in the SAELens layout: cfg.json + sae_weights.safetensors.
+
+Tensor names and shapes are SAELens's (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec),
+and cfg.json carries the fields SAELens's `SAE.load_from_disk` reads: `architecture`, `d_in`,
+`d_sae`, the architecture's own fields (e.g. `k`) and a `metadata` block (model, hook, context).
+The legacy top-level fields of older SAELens versions are written too. Weights are saved for raw
+activations: the training normalisation is folded in before saving.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from saetrain.dictionaries import ARCHITECTURES, Dictionary
+from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+RUN_FILE = "saetrain_run.json"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def saelens_config(dictionary: Dictionary, metadata: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json's content for a dictionary; `metadata` is SAELens's metadata block."""
+    cfg: dict[str, Any] = {
+        "architecture": dictionary.architecture,
+        "d_in": dictionary.d_in,
+        "d_sae": dictionary.n_latents,
+        "dtype": _DTYPE_NAMES[dictionary.W_enc.dtype],
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **dictionary.saelens_fields(),
+        "metadata": metadata,
+    }
+    if dictionary.d_out != dictionary.d_in:
+        cfg["d_out"] = dictionary.d_out
+    # Older SAELens versions read these at the top level.
+    for key in ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos"):
+        if key in metadata:
+            cfg[key] = metadata[key]
+    cfg["activation_fn_str"] = dictionary.architecture
+    cfg["activation_fn_kwargs"] = dictionary.saelens_fields()
+    return cfg
+
+
+def save_dictionary(
+    dictionary: Dictionary,
+    folder: str | Path,
+    metadata: dict[str, Any],
+    run_info: dict[str, Any] | None = None,
+) -> Path:
+    """Write cfg.json, the weights and (optionally) the run's record into `folder`, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: p.detach().to("cpu").contiguous() for name, p in dictionary.state_dict().items()
+    }
+    atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors))
+    atomic_write_json(folder / CFG_FILE, saelens_config(dictionary, metadata))
+    if run_info is not None:
+        atomic_write_json(folder / RUN_FILE, run_info)
+    return folder
+
+
+def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> Dictionary:
+    """Load a dictionary saved in the SAELens layout (by saetrain or another tool)."""
+    folder = Path(folder)
+    cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; is {folder} a saved dictionary?")
+    cfg = json.loads(cfg_path.read_text())
+    arch = cfg.get("architecture", "standard")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{cfg_path}: architecture={arch!r} is not supported; known: {', '.join(ARCHITECTURES)}"
+        )
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_out = int(cfg.get("d_out", d_in))
+    dictionary = ARCHITECTURES[arch].from_saelens_fields(d_in, d_sae, d_out, cfg)
+    state = load_file(weights_path, device="cpu")
+    missing = set(dictionary.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"{weights_path} lacks tensors: {', '.join(sorted(missing))}")
+    dtype = state["W_enc"].dtype
+    dictionary.to(dtype)
+    dictionary.load_state_dict(state, strict=False)
+    return dictionary.to(device).eval()

@@ -1,0 +1,149 @@
+"""The optimisation loop for one dictionary fed by an activation buffer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from saetrain.config import DictionaryConfig, TrainerConfig
+from saetrain.dictionaries.base import Dictionary, TrainOutput
+from saetrain.evaluation.metrics import reconstruction_metrics
+from saetrain.training.schedules import default_lr, lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Adam on a dictionary with unit-norm decoder rows and dead-latent tracking.
+
+    Activations arrive raw; the trainer multiplies them by `scale` (normalised so E‖x‖² = d).
+    """
+
+    def __init__(
+        self,
+        dictionary: Dictionary,
+        cfg: TrainerConfig,
+        dict_cfg: DictionaryConfig,
+        scale: float,
+        total_steps: int,
+    ):
+        self.dictionary = dictionary
+        self.cfg = cfg
+        self.dict_cfg = dict_cfg
+        self.scale = scale
+        self.total_steps = total_steps
+        self.base_lr = cfg.lr if cfg.lr is not None else default_lr(dictionary.n_latents)
+        self.optimizer = torch.optim.Adam(
+            dictionary.parameters(),
+            lr=self.base_lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+        )
+        device = dictionary.W_enc.device
+        self.tokens_since_fired = torch.zeros(
+            dictionary.n_latents, dtype=torch.int64, device=device
+        )
+        self.state = TrainState()
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dict_cfg.dead_after_tokens
+
+    def step(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, TrainOutput]:
+        """One optimiser step on a batch of raw activations [N, d].
+
+        Returns the normalised batch and the forward's output, for logging.
+        """
+        d = self.dictionary
+        x = x_raw.to(d.W_enc.dtype) * self.scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * lr_multiplier(
+                self.state.step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_fraction
+            )
+        out = d.training_forward(x, x, self.dead_mask())
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        d.remove_gradient_parallel_to_decoder()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        d.set_decoder_unit_norm()
+
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        fired[out.codes.indices[out.codes.values > 0]] = True
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+        self.state.step += 1
+        self.state.tokens += x.shape[0]
+        return x, out
+
+    def train(
+        self,
+        next_batch: Callable[[int], torch.Tensor],
+        log_every: int,
+    ) -> TrainState:
+        """Run `total_steps` steps, logging progress every `log_every` steps."""
+        start = time.perf_counter()
+        batch_tokens = self.cfg.batch_tokens
+        for _ in range(self.total_steps):
+            x, out = self.step(next_batch(batch_tokens))
+            step = self.state.step
+            if step % log_every == 0 or step == self.total_steps:
+                metrics = reconstruction_metrics(
+                    x, out.x_hat.detach(), out.codes, self.dictionary.n_latents
+                )
+                elapsed = time.perf_counter() - start
+                rate = self.state.tokens / max(elapsed, 1e-9)
+                eta = (self.total_steps - step) * batch_tokens / max(rate, 1e-9)
+                dead = float(self.dead_mask().double().mean())
+                row = {
+                    "step": step,
+                    "tokens": self.state.tokens,
+                    "tokens_per_s": rate,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "loss": float(out.loss.detach()),
+                    **{k: float(v) for k, v in out.terms.items()},
+                    "fvu": metrics["fvu"],
+                    "l0": metrics["l0"],
+                    "dead_fraction": dead,
+                }
+                self.state.history.append(row)
+                log.info(
+                    "step %d/%d | %s tokens | %s tok/s | eta %s | loss %.4f | fvu %.4f | "
+                    "l0 %.1f | dead %.1f%%",
+                    step,
+                    self.total_steps,
+                    _human(self.state.tokens),
+                    _human(rate),
+                    _duration(eta),
+                    row["loss"],
+                    row["fvu"],
+                    row["l0"],
+                    100 * dead,
+                )
+        return self.state
+
+
+def _human(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
