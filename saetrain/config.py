@@ -62,6 +62,9 @@ class DataConfig:
     # Files or glob patterns (for local builders such as "text", "json", "parquet").
     data_files: list[str] = field(default_factory=lambda: ["${stdlib:}/*.py"])
     split: str = "train"
+    # With path=text, what one document is: a whole file (document), a paragraph (text between
+    # blank lines) or a line. Files such as whole books split better by paragraph.
+    sample_by: str = "document"
     # Column holding each document's text.
     text_column: str = "text"
     # Tokens per context, BOS included.
@@ -113,8 +116,6 @@ class DictionaryConfig:
     aux_k: int | None = None
     # Weight of the AuxK loss (Gao et al. use 1/32).
     aux_k_coefficient: float = 0.03125
-    # A latent that has not fired for this many training tokens counts as dead.
-    dead_after_tokens: int = 10_000_000
     # How b_dec starts: geometric_median | mean | zeros (of normalised activations).
     b_dec_init: str = "geometric_median"
     # Scale activations to E‖x‖² = d_in during training; folded into the weights at export.
@@ -144,6 +145,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     # Batches drawn to estimate the normalisation scale and b_dec's initial value.
     init_batches: int = 8
+    # A latent that has not fired for this many training tokens counts as dead (and gets the
+    # AuxK loss). Gao et al. use 10M; short runs need a shorter window.
+    dead_after_tokens: int = 10_000_000
 
 
 @dataclass
@@ -195,6 +199,7 @@ def register_configs() -> None:
 
 DTYPES = ("float32", "bfloat16", "float16")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+SAMPLE_BY = ("document", "paragraph", "line")
 LOGGERS = ("console",)
 
 
@@ -222,6 +227,7 @@ def validate(cfg: Config) -> None:
     _choice("dictionary.architecture", cfg.dictionary.architecture, tuple(ARCHITECTURES))
     _choice("dictionary.b_dec_init", cfg.dictionary.b_dec_init, B_DEC_INITS)
     _choice("logger.name", cfg.logger.name, LOGGERS)
+    _choice("data.sample_by", cfg.data.sample_by, SAMPLE_BY)
     if cfg.model.device not in ("auto", "cpu") and not cfg.model.device.startswith("cuda"):
         raise ConfigError(
             f"model.device={cfg.model.device!r} is not valid; choose one of: auto, cpu, cuda, "
@@ -235,7 +241,7 @@ def validate(cfg: Config) -> None:
         ("buffer.lm_batch_contexts", cfg.buffer.lm_batch_contexts),
         ("dictionary.k", cfg.dictionary.k),
         ("dictionary.expansion_factor", cfg.dictionary.expansion_factor),
-        ("dictionary.dead_after_tokens", cfg.dictionary.dead_after_tokens),
+        ("trainer.dead_after_tokens", cfg.trainer.dead_after_tokens),
         ("trainer.total_tokens", cfg.trainer.total_tokens),
         ("trainer.batch_tokens", cfg.trainer.batch_tokens),
         ("trainer.init_batches", cfg.trainer.init_batches),

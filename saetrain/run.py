@@ -19,7 +19,7 @@ import torch
 from saetrain.activations.buffer import ActivationBuffer
 from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
-from saetrain.activations.tokens import TokenSource
+from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
 from saetrain.config import Config, validate
 from saetrain.dictionaries import build_dictionary
 from saetrain.evaluation.evaluate import evaluate_dictionary
@@ -45,6 +45,8 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
+    if cfg.data.path in LOCAL_BUILDERS:
+        expand_data_files(list(cfg.data.data_files))  # a missing file fails before the LM loads
 
     model, tokenizer = load_lm(cfg.model, device)
     site = cfg.site.input
@@ -80,7 +82,7 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
     )
 
     total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
-    trainer = Trainer(dictionary, cfg.trainer, cfg.dictionary, scale, total_steps)
+    trainer = Trainer(dictionary, cfg.trainer, scale, total_steps)
     log.info(
         "training on %d tokens: %d steps of %d, lr %.3g",
         total_steps * cfg.trainer.batch_tokens,

@@ -64,7 +64,7 @@ def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[str]:
     if cfg.path in LOCAL_BUILDERS:
         kwargs["data_files"] = expand_data_files(list(cfg.data_files))
         if cfg.path == "text":
-            kwargs["sample_by"] = "document"  # one row per file, not per line
+            kwargs["sample_by"] = cfg.sample_by
     elif cfg.data_files:
         kwargs["data_files"] = list(cfg.data_files)
     ds = load_dataset(cfg.path, cfg.name, **kwargs)
@@ -186,8 +186,10 @@ class TokenSource:
                 break
         if not contexts:
             raise ConfigError(
-                f"data: the held-out split of {self._describe()} yielded no full context of "
-                f"{self.cfg.context_size} tokens; add text or lower data.context_size"
+                f"data: the held-out split ({self.cfg.holdout_percent}% of documents) of "
+                f"{self._describe()} yielded no full context of {self.cfg.context_size} tokens; "
+                "with few, long documents set data.sample_by=paragraph or raise "
+                "data.holdout_percent (an empty dataset also ends here)"
             )
         if len(contexts) < n_contexts:
             log.warning(

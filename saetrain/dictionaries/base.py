@@ -113,9 +113,13 @@ class Dictionary(nn.Module):
     def fold_input_scale(self, scale_in: float, scale_out: float) -> None:
         """Make a dictionary trained on (s_in·x → s_out·y) work on raw (x → y).
 
-        encode((x - b_dec/s_in)·(s_in·W_enc) + b_enc) gives the same codes as the normalised
-        model, and decode with W_dec/s_out, b_dec/s_out gives y's raw scale.
+        Decoding with W_dec/s_out and b_dec/s_out gives y's raw scale. The encoder sees
+        (x − b_dec')·(s_in·W_enc) + b_enc' with b_dec' = b_dec/s_out; choosing
+        b_enc' = b_enc + (s_in/s_out − 1)·b_dec·W_enc makes that equal the normalised model's
+        (s_in·x − b_dec)·W_enc + b_enc, so the codes are unchanged.
         """
+        if scale_in != scale_out:
+            self.b_enc += (scale_in / scale_out - 1.0) * (self.b_dec @ self.W_enc)
         self.W_enc *= scale_in
         self.W_dec /= scale_out
         self.b_dec /= scale_out

@@ -3,7 +3,8 @@
 FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all rows seen, with mean(x) the mean of those rows;
 MSE = Σ‖x − x̂‖² / (rows · d); L0 = mean number of non-zero codes per row; a latent is dead for
 the evaluation when it never fired on any row seen. Sums are accumulated in float64 so that
-millions of rows add up without loss.
+millions of rows add up without loss, and around a shift (the first batch's mean) so that the
+total variance is not lost to cancellation when the mean is large against the spread.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class ReconstructionStats:
         f64 = {"dtype": torch.float64, "device": device}
         self.n_latents = n_latents
         self.rows = 0
+        self.shift: torch.Tensor | None = None
         self.sum_x = torch.zeros(d, **f64)
         self.sum_sq_x = torch.zeros((), **f64)
         self.sum_sq_err = torch.zeros((), **f64)
@@ -29,9 +31,12 @@ class ReconstructionStats:
         """Add rows: targets x [N, d], reconstructions x̂ [N, d] and their codes."""
         x64 = x.reshape(-1, x.shape[-1]).double()
         err = x64 - x_hat.reshape(x64.shape).double()
+        if self.shift is None:
+            self.shift = x64.mean(0)
+        centred = x64 - self.shift
         self.rows += x64.shape[0]
-        self.sum_x += x64.sum(0)
-        self.sum_sq_x += x64.pow(2).sum()
+        self.sum_x += centred.sum(0)
+        self.sum_sq_x += centred.pow(2).sum()
         self.sum_sq_err += err.pow(2).sum()
         active = codes.values != 0
         self.sum_l0 += active.sum()
@@ -42,7 +47,7 @@ class ReconstructionStats:
     def compute(self) -> dict[str, float]:
         if self.rows == 0:
             raise ValueError("no rows were added to the metrics")
-        mean = self.sum_x / self.rows
+        mean = self.sum_x / self.rows  # of the shifted rows; the variance is shift-invariant
         total_variance = self.sum_sq_x - self.rows * mean.pow(2).sum()
         d = self.sum_x.numel()
         return {

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from saetrain.activations.sites import ResolvedSite, register_site_hook
 from saetrain.activations.tokens import TokenBatch
@@ -32,14 +31,14 @@ def _logits_at_valid(
     site: ResolvedSite,
     replace: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Next-token logits [n_valid, vocab] in float64, with `replace` applied at the site."""
+    """Next-token log-probabilities [n_valid, vocab] (float32), with `replace` at the site."""
     handle = register_site_hook(site, replace) if replace is not None else None
     try:
         logits = model(input_ids=ids, use_cache=False).logits
     finally:
         if handle is not None:
             handle.remove()
-    return logits[:, :-1].reshape(-1, logits.shape[-1])[valid].double()
+    return logits[:, :-1].reshape(-1, logits.shape[-1])[valid].float().log_softmax(-1)
 
 
 @torch.no_grad()
@@ -61,11 +60,9 @@ def spliced_lm_metrics(
         clean = _logits_at_valid(model, ids, valid, site, None)
         spliced = _logits_at_valid(model, ids, valid, site, _masked_replace(mask, dictionary))
         zero = _logits_at_valid(model, ids, valid, site, _masked_replace(mask, torch.zeros_like))
-        sums["clean"] += float(F.cross_entropy(clean, targets, reduction="sum"))
-        sums["spliced"] += float(F.cross_entropy(spliced, targets, reduction="sum"))
-        sums["zero"] += float(F.cross_entropy(zero, targets, reduction="sum"))
-        log_p, log_q = clean.log_softmax(-1), spliced.log_softmax(-1)
-        sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        for name, log_probs in (("clean", clean), ("spliced", spliced), ("zero", zero)):
+            sums[name] -= float(log_probs.gather(1, targets[:, None]).double().sum())
+        sums["kl"] += float((clean.exp() * (clean - spliced)).sum(-1).double().sum())
         count += int(valid.sum())
     if count == 0:
         raise ValueError("no valid next-token positions in the CE evaluation batches")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saetrain.config import DictionaryConfig, TrainerConfig
+from saetrain.config import TrainerConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput
 from saetrain.evaluation.metrics import reconstruction_metrics
 from saetrain.training.schedules import default_lr, lr_multiplier
@@ -34,13 +34,11 @@ class Trainer:
         self,
         dictionary: Dictionary,
         cfg: TrainerConfig,
-        dict_cfg: DictionaryConfig,
         scale: float,
         total_steps: int,
     ):
         self.dictionary = dictionary
         self.cfg = cfg
-        self.dict_cfg = dict_cfg
         self.scale = scale
         self.total_steps = total_steps
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(dictionary.n_latents)
@@ -57,7 +55,7 @@ class Trainer:
         self.state = TrainState()
 
     def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.dict_cfg.dead_after_tokens
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
     def step(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, TrainOutput]:
         """One optimiser step on a batch of raw activations [N, d].
