@@ -85,7 +85,8 @@ class SiteConfig:
 
     # `<kind>.<layer>` with kind in resid_pre, resid_post, mlp_in, mlp_out, attn_out.
     input: str = "resid_post.6"
-    # Target site; null means the same as `input` (an SAE).
+    # Target site; null (or the input site) makes an SAE, another site a transcoder that predicts
+    # it from the input (e.g. input mlp_in.6, target mlp_out.6).
     target: str | None = None
 
 
@@ -116,6 +117,22 @@ class DictionaryConfig:
     aux_k: int | None = None
     # Weight of the AuxK loss (Gao et al. use 1/32).
     aux_k_coefficient: float = 0.03125
+    # TopK family: a latent is used when the batch's selection keeps it; BatchTopK's inference
+    # threshold is a running average of the smallest kept activation with this momentum.
+    threshold_momentum: float = 0.99
+    # Matryoshka: sizes of the nested prefixes, increasing, the last == n_latents; null means
+    # n/16, n/8, n/4, n/2, n.
+    matryoshka_prefixes: list[int] | None = None
+    # relu, gated, jumprelu: weight λ of the sparsity penalty (L1 of codes × decoder norms for
+    # relu and gated, L0 for jumprelu), in units of Σ‖y − ŷ‖²/N with activations scaled to
+    # E‖x‖² = d_in. Warmed up over trainer.sparsity_warmup_steps.
+    sparsity_coefficient: float = 5.0
+    # jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient.
+    jumprelu_bandwidth: float = 0.001
+    # jumprelu: every latent's starting threshold.
+    jumprelu_init_threshold: float = 0.001
+    # Transcoders only: add a dense skip connection y ≈ ... + W_skip·x (W_skip zero-initialised).
+    skip: bool = False
     # How b_dec starts: geometric_median | mean | zeros (of normalised activations).
     b_dec_init: str = "geometric_median"
     # Scale activations to E‖x‖² = d_in during training; folded into the weights at export.
@@ -145,6 +162,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     # Batches drawn to estimate the normalisation scale and b_dec's initial value.
     init_batches: int = 8
+    # Steps over which a sparsity penalty (relu, gated, jumprelu) grows linearly from 0 to λ.
+    sparsity_warmup_steps: int = 0
     # A latent that has not fired for this many training tokens counts as dead (and gets the
     # AuxK loss). Gao et al. use 10M; short runs need a shorter window.
     dead_after_tokens: int = 10_000_000
@@ -217,6 +236,12 @@ def _positive(field_name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{field_name}={value!r} is not valid; it must be {bound}")
 
 
+def _forward_position(site: Any) -> tuple[int, int]:
+    """Where a site is computed: by layer, then in the order the block computes them."""
+    order = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
+    return site.layer, order.index(site.kind)
+
+
 def validate(cfg: Config) -> None:
     """Check choices and ranges that the types alone cannot express."""
     from saetrain.dictionaries import ARCHITECTURES
@@ -286,11 +311,40 @@ def validate(cfg: Config) -> None:
             Site.parse(value)
         except SiteError as e:
             raise ConfigError(f"site.{name}: {e}") from None
-    if cfg.site.target is not None and cfg.site.target != cfg.site.input:
+    transcoder = cfg.site.target is not None and cfg.site.target != cfg.site.input
+    if cfg.dictionary.skip and not transcoder:
         raise ConfigError(
-            f"site.target={cfg.site.target!r}: transcoders (a target that differs from "
-            f"site.input={cfg.site.input!r}) are not supported yet; leave site.target null"
+            "dictionary.skip=true makes a skip transcoder: set site.target to a site other than "
+            f"site.input={cfg.site.input!r}"
         )
+    if transcoder:
+        source, target = Site.parse(cfg.site.input), Site.parse(cfg.site.target)
+        if _forward_position(target) <= _forward_position(source):
+            raise ConfigError(
+                f"site.target={cfg.site.target!r} does not come after site.input="
+                f"{cfg.site.input!r} in the forward; a transcoder predicts a later activation "
+                "(e.g. mlp_in.L → mlp_out.L)"
+            )
+    _positive("dictionary.sparsity_coefficient", cfg.dictionary.sparsity_coefficient, True)
+    _positive("dictionary.jumprelu_bandwidth", cfg.dictionary.jumprelu_bandwidth)
+    _positive("dictionary.jumprelu_init_threshold", cfg.dictionary.jumprelu_init_threshold)
+    _positive("trainer.sparsity_warmup_steps", cfg.trainer.sparsity_warmup_steps, True)
+    if not 0.0 <= cfg.dictionary.threshold_momentum < 1.0:
+        raise ConfigError(
+            f"dictionary.threshold_momentum={cfg.dictionary.threshold_momentum} must be in [0, 1)"
+        )
+    prefixes = cfg.dictionary.matryoshka_prefixes
+    if prefixes:
+        if list(prefixes) != sorted(set(prefixes)) or prefixes[0] < 1:
+            raise ConfigError(
+                f"dictionary.matryoshka_prefixes={list(prefixes)} must be strictly increasing "
+                "positive sizes"
+            )
+        if cfg.dictionary.n_latents is not None and prefixes[-1] != cfg.dictionary.n_latents:
+            raise ConfigError(
+                f"dictionary.matryoshka_prefixes must end with dictionary.n_latents="
+                f"{cfg.dictionary.n_latents}, got {list(prefixes)}"
+            )
 
 
 def to_config(node: Any) -> Config:

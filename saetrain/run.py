@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -21,10 +20,10 @@ from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
 from saetrain.config import Config, validate
-from saetrain.dictionaries import build_dictionary
+from saetrain.dictionaries import Dictionary
 from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.export.saelens import save_dictionary
-from saetrain.training.initialization import initial_b_dec, normalization_scale
+from saetrain.training.fit import fit_dictionary
 from saetrain.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,12 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         expand_data_files(list(cfg.data.data_files))  # a missing file fails before the LM loads
 
     model, tokenizer = load_lm(cfg.model, device)
-    site = cfg.site.input
-    source = ActivationSource(model, [site])  # unknown site / layer out of range fail here
-    d = source.d_model
+    input_site = cfg.site.input
+    target_site = cfg.site.target or input_site
+    transcoder = target_site != input_site
+    sites = [input_site, target_site] if transcoder else [input_site]
+    source = ActivationSource(model, sites)  # unknown site / layer out of range fail here
+    d_in = d_out = source.d_model
 
     tokens = TokenSource(cfg.data, tokenizer, cfg.seed)
     n_eval_contexts = max(math.ceil(cfg.eval.n_tokens / cfg.data.context_size), 1)
@@ -59,50 +61,62 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         max(n_eval_contexts, cfg.eval.ce_contexts if cfg.eval.compute_ce else 0),
         cfg.eval.batch_contexts,
     )
-    chunks = source.flat(
-        tokens.training(cfg.buffer.lm_batch_contexts), site, TORCH_DTYPES[cfg.buffer.dtype]
-    )
-    buffer = ActivationBuffer(
-        chunks, cfg.buffer.size_tokens, d, TORCH_DTYPES[cfg.buffer.dtype], device, generator
-    )
+    buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
+    rows = source.rows(tokens.training(cfg.buffer.lm_batch_contexts), sites, buffer_dtype)
+    width = d_in + d_out if transcoder else d_in
+    buffer = ActivationBuffer(rows, cfg.buffer.size_tokens, width, buffer_dtype, device, generator)
 
-    samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens).float()
-    scale = normalization_scale(samples) if cfg.dictionary.normalize_activations else 1.0
-    dictionary = build_dictionary(cfg.dictionary, d, d, device, generator)
-    with torch.no_grad():
-        b_dec = initial_b_dec(samples * scale, cfg.dictionary.b_dec_init)
-        dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
-    log.info(
-        "dictionary: %s, d_in %d, %d latents, k %d; normalisation scale %.4g",
-        dictionary.architecture,
-        d,
-        dictionary.n_latents,
-        cfg.dictionary.k,
-        scale,
-    )
+    samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens)
 
-    total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
-    trainer = Trainer(dictionary, cfg.trainer, scale, total_steps)
-    log.info(
-        "training on %d tokens: %d steps of %d, lr %.3g",
-        total_steps * cfg.trainer.batch_tokens,
-        total_steps,
-        cfg.trainer.batch_tokens,
-        trainer.base_lr,
-    )
+    def announce(dictionary: Dictionary, trainer: Trainer) -> None:
+        log.info(
+            "dictionary: %s %s, %s → %s, %d latents; normalisation scales %.4g / %.4g",
+            dictionary.architecture,
+            "transcoder" if transcoder else "SAE",
+            input_site,
+            target_site,
+            dictionary.n_latents,
+            trainer.scale,
+            trainer.target_scale,
+        )
+        log.info(
+            "training on %d tokens: %d steps of %d, lr %.3g",
+            trainer.total_steps * cfg.trainer.batch_tokens,
+            trainer.total_steps,
+            cfg.trainer.batch_tokens,
+            trainer.base_lr,
+        )
+
     train_start = time.time()
-    state = trainer.train(buffer.next_batch, cfg.logger.log_every)
+    fitted = fit_dictionary(
+        cfg.dictionary,
+        cfg.trainer,
+        buffer.next_batch,
+        samples,
+        d_in,
+        d_out,
+        transcoder,
+        device,
+        generator,
+        cfg.logger.log_every,
+        on_ready=announce,
+    )
     train_seconds = time.time() - train_start
+    exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
 
-    exported = copy.deepcopy(dictionary).eval()
-    exported.fold_input_scale(scale, scale)
     log.info("evaluating on %d held-out contexts", sum(len(b) for b in held_out))
     metrics = evaluate_dictionary(
-        source, site, exported, held_out, cfg.eval.compute_ce, cfg.eval.ce_contexts
+        source,
+        exported,
+        held_out,
+        input_site,
+        target_site,
+        cfg.eval.compute_ce,
+        cfg.eval.ce_contexts,
     )
     metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
 
-    resolved = source.sites[site]
+    resolved = source.sites[input_site]
     sae_metadata = {
         "model_name": cfg.model.name,
         "hook_name": resolved.tl_hook_name,
@@ -112,8 +126,17 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         "prepend_bos": cfg.data.prepend_bos,
         "dataset_path": cfg.data.path if cfg.data.path != "text" else "local text files",
         "model_from_pretrained_kwargs": {},
-        "saetrain_site": site,
+        "saetrain_architecture": exported.architecture,
+        "saetrain_site": input_site,
     }
+    if transcoder:
+        resolved_out = source.sites[target_site]
+        sae_metadata |= {
+            "hook_name_out": resolved_out.tl_hook_name,
+            "hook_layer_out": resolved_out.site.layer,
+            "hook_head_index_out": None,
+            "saetrain_target_site": target_site,
+        }
     run_info = {
         "config": dataclasses.asdict(cfg),
         "versions": package_versions(),
@@ -121,13 +144,15 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         "device": str(device),
         "tokens_seen": state.tokens,
         "steps": state.step,
-        "normalization_scale": scale,
+        "normalization_scale": fitted.scale_in,
+        "target_normalization_scale": fitted.scale_out,
         "train_seconds": train_seconds,
         "total_seconds": time.time() - started,
         "final_metrics": metrics,
         "train_log": state.history,
     }
-    dictionary_dir = save_dictionary(exported, output_dir / site, sae_metadata, run_info)
+    folder = f"{input_site}-{target_site}" if transcoder else input_site
+    dictionary_dir = save_dictionary(exported, output_dir / folder, sae_metadata, run_info)
     print_summary(metrics, dictionary_dir)
     return RunResult(output_dir, dictionary_dir, metrics)
 

@@ -110,7 +110,7 @@ def test_reloaded_sae_reproduces_the_reported_metrics(trained):
         eval_cfg["batch_contexts"],
     )
     metrics = evaluate_dictionary(
-        ActivationSource(model, [SITE]), SITE, sae, held_out, True, eval_cfg["ce_contexts"]
+        ActivationSource(model, [SITE]), sae, held_out, SITE, None, True, eval_cfg["ce_contexts"]
     )
     reported = run["final_metrics"]
     for key in ("fvu", "mse", "l0", "ce_spliced", "ce_clean", "ce_zero_ablated"):

@@ -47,10 +47,12 @@ class ActivationSource:
                 h.remove()
         return captured
 
-    def flat(
-        self, batches: Iterator[TokenBatch], site: str, dtype: torch.dtype
+    def rows(
+        self, batches: Iterator[TokenBatch], sites: list[str], dtype: torch.dtype
     ) -> Iterator[torch.Tensor]:
-        """Activations [n, d] at the unmasked positions of each batch, in order."""
+        """Activations at the unmasked positions of each batch, in order: [n, Σ d] with the
+        sites side by side (a transcoder's input and target travel as one row)."""
         for batch in batches:
-            acts = self(batch.input_ids)[site]
-            yield acts[batch.mask.to(acts.device)].to(dtype)
+            acts = self(batch.input_ids)
+            mask = batch.mask.to(self.device)
+            yield torch.cat([acts[s][mask].to(dtype) for s in sites], dim=-1)

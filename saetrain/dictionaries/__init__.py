@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput
+from saetrain.dictionaries.base import (
+    Codes,
+    Dictionary,
+    SparseCodes,
+    TrainOutput,
+    active_count,
+    fired_latents,
+    firing_counts,
+)
+from saetrain.dictionaries.batchtopk import BatchTopKSAE
+from saetrain.dictionaries.gated import GatedSAE
+from saetrain.dictionaries.jumprelu import JumpReLUSAE
+from saetrain.dictionaries.matryoshka import MatryoshkaSAE
+from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[Dictionary]] = {TopKSAE.architecture: TopKSAE}
+# `dictionary.architecture` → class.
+ARCHITECTURES: dict[str, type[Dictionary]] = {
+    cls.architecture: cls
+    for cls in (ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE)
+}
+
+# cfg.json's `architecture` → the class that loads it. SAELens's names where SAELens has the
+# architecture; BatchTopK and Matryoshka export as JumpReLU: what they compute at inference.
+SAELENS_LOADERS: dict[str, type[Dictionary]] = {
+    "standard": ReLUSAE,
+    "transcoder": ReLUSAE,
+    "skip_transcoder": ReLUSAE,
+    "gated": GatedSAE,
+    "gated_skip_transcoder": GatedSAE,
+    "topk": TopKSAE,
+    "topk_skip_transcoder": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "jumprelu_transcoder": JumpReLUSAE,
+    "jumprelu_skip_transcoder": JumpReLUSAE,
+}
+
+
+def architecture_kwargs(cfg: DictionaryConfig) -> dict[str, Any]:
+    """The constructor arguments each architecture takes from the config."""
+    arch = cfg.architecture
+    if arch in ("topk", "batchtopk", "matryoshka"):
+        kwargs: dict[str, Any] = {
+            "k": cfg.k,
+            "aux_k": cfg.aux_k,
+            "aux_k_coefficient": cfg.aux_k_coefficient,
+        }
+        if arch != "topk":
+            kwargs["threshold_momentum"] = cfg.threshold_momentum
+        if arch == "matryoshka":
+            kwargs["prefixes"] = list(cfg.matryoshka_prefixes or [])
+        return kwargs
+    kwargs = {"sparsity_coefficient": cfg.sparsity_coefficient}
+    if arch == "jumprelu":
+        kwargs["bandwidth"] = cfg.jumprelu_bandwidth
+        kwargs["init_threshold"] = cfg.jumprelu_init_threshold
+    return kwargs
 
 
 def build_dictionary(
@@ -17,36 +72,44 @@ def build_dictionary(
     d_out: int,
     device: torch.device,
     generator: torch.Generator | None = None,
+    transcoder: bool = False,
 ) -> Dictionary:
     """A freshly initialised dictionary as the config describes."""
     from saetrain.activations.model import TORCH_DTYPES
 
-    n_latents = cfg.n_latents or cfg.expansion_factor * d_in
-    common = {
-        "dtype": TORCH_DTYPES[cfg.dtype],
-        "device": device,
-        "generator": generator,
-    }
-    if cfg.architecture == "topk":
-        return TopKSAE(
-            d_in,
-            n_latents,
-            d_out,
-            k=cfg.k,
-            aux_k=cfg.aux_k,
-            aux_k_coefficient=cfg.aux_k_coefficient,
-            **common,
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"dictionary.architecture={cfg.architecture!r}; choose one of: "
+            f"{', '.join(ARCHITECTURES)}"
         )
-    raise ValueError(
-        f"dictionary.architecture={cfg.architecture!r}; choose one of: {', '.join(ARCHITECTURES)}"
+    return ARCHITECTURES[cfg.architecture](
+        d_in,
+        cfg.n_latents or cfg.expansion_factor * d_in,
+        d_out,
+        transcoder=transcoder,
+        skip=cfg.skip,
+        dtype=TORCH_DTYPES[cfg.dtype],
+        device=device,
+        generator=generator,
+        **architecture_kwargs(cfg),
     )
 
 
 __all__ = [
     "ARCHITECTURES",
+    "SAELENS_LOADERS",
+    "BatchTopKSAE",
+    "Codes",
     "Dictionary",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
+    "ReLUSAE",
     "SparseCodes",
-    "TrainOutput",
     "TopKSAE",
+    "TrainOutput",
+    "active_count",
     "build_dictionary",
+    "fired_latents",
+    "firing_counts",
 ]

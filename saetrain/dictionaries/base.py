@@ -1,8 +1,10 @@
-"""What every sparse dictionary shares: parameters, init, decoder constraint, scale folding.
+"""What every sparse dictionary shares: parameters, init, decoder constraint, scale folding, export.
 
 Shapes follow SAELens so that export is a rename at most: W_enc [d_in, n], b_enc [n],
-W_dec [n, d_out], b_dec [d_out]. An architecture subclass supplies the encoder's activation and its
-own loss terms; everything else lives here once.
+W_dec [n, d_out], b_dec [d_out], W_skip [d_out, d_in]. An SAE reads and predicts the same site and
+subtracts b_dec from its input; a transcoder predicts another site (d_out may differ) and does not.
+An architecture subclass supplies its encoder activation and its loss terms; everything else lives
+here once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from saetrain.kernels.reference import sparse_decode
 
 
 class SparseCodes(NamedTuple):
@@ -25,26 +29,70 @@ class SparseCodes(NamedTuple):
         return dense.scatter_(1, self.indices, self.values)
 
 
+# Codes travel sparse (TopK: indices and values) or dense ([N, n], zeros where inactive).
+Codes = SparseCodes | torch.Tensor
+
+
+def fired_latents(codes: Codes, n_latents: int) -> torch.Tensor:
+    """Bool [n_latents]: which latents were active on at least one row."""
+    if isinstance(codes, SparseCodes):
+        fired = torch.zeros(n_latents, dtype=torch.bool, device=codes.indices.device)
+        fired[codes.indices[codes.values != 0]] = True
+        return fired
+    return (codes != 0).any(dim=0)
+
+
+def active_count(codes: Codes) -> torch.Tensor:
+    """The number of non-zero codes over all rows (L0 × rows)."""
+    values = codes.values if isinstance(codes, SparseCodes) else codes
+    return (values != 0).sum()
+
+
+def firing_counts(codes: Codes, n_latents: int) -> torch.Tensor:
+    """Int64 [n_latents]: on how many rows each latent was active."""
+    if isinstance(codes, SparseCodes):
+        active = codes.values != 0
+        counts = torch.zeros(n_latents, dtype=torch.int64, device=codes.indices.device)
+        return counts.index_add_(0, codes.indices[active], torch.ones_like(codes.indices[active]))
+    return (codes != 0).sum(dim=0)
+
+
 @dataclass
 class TrainOutput:
     """One training forward: the loss to minimise and what the trainer logs or tracks."""
 
     loss: torch.Tensor
     x_hat: torch.Tensor
-    codes: SparseCodes
+    codes: Codes
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss components
+
+
+def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch FVU, the batch's total variance): the TopK family's reconstruction loss."""
+    total_variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (target - x_hat).pow(2).sum() / total_variance, total_variance
+
+
+def squared_error(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Σ‖y − ŷ‖² / N: the penalty family's reconstruction loss (activations scaled to E‖x‖²=d)."""
+    return (target - x_hat).pow(2).sum(-1).mean()
 
 
 class Dictionary(nn.Module):
     """Base class: a linear encoder with a sparse activation, and a linear decoder."""
 
     architecture: ClassVar[str]
+    # Keep decoder rows at unit norm (the penalty then cannot shrink codes by growing rows).
+    unit_norm_decoder: ClassVar[bool] = True
 
     def __init__(
         self,
         d_in: int,
         n_latents: int,
         d_out: int | None = None,
+        *,
+        transcoder: bool = False,
+        skip: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
@@ -53,6 +101,9 @@ class Dictionary(nn.Module):
         self.d_in = d_in
         self.n_latents = n_latents
         self.d_out = d_in if d_out is None else d_out
+        self.transcoder = transcoder or self.d_out != d_in
+        if skip and not self.transcoder:
+            raise ValueError("dictionary.skip=true needs a transcoder (a site.target)")
         W_dec = torch.randn(n_latents, self.d_out, generator=generator, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         if self.d_out == d_in:
@@ -64,37 +115,97 @@ class Dictionary(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents, **opts))
         self.W_dec = nn.Parameter(W_dec.to(**opts))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out, **opts))
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, **opts)) if skip else None
+
+    @property
+    def apply_b_dec_to_input(self) -> bool:
+        """SAEs centre their input on b_dec; transcoders' b_dec lives in the output space."""
+        return not self.transcoder
 
     # -- the architecture's part -------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> SparseCodes:
+    def encode(self, x: torch.Tensor) -> Codes:
+        """Inference codes for rows x [N, d_in]."""
         raise NotImplementedError
 
     def training_forward(
-        self, x: torch.Tensor, target: torch.Tensor, dead_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        dead_mask: torch.Tensor | None,
+        sparsity_multiplier: float = 1.0,
     ) -> TrainOutput:
+        """Loss for a batch; `sparsity_multiplier` (0 → 1) warms up a sparsity penalty."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, out: TrainOutput) -> None:
+        """Update state that is not learnt by gradient (e.g. BatchTopK's threshold)."""
+
+    def saelens_architecture(self) -> str:
+        """The `architecture` that cfg.json names (SAELens's name where SAELens has one)."""
+        return self.architecture
 
     def saelens_fields(self) -> dict[str, Any]:
         """Architecture-specific cfg.json fields under SAELens's names."""
         return {}
 
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to save, under SAELens's names, for raw (folded) activations."""
+        return {name: t.detach() for name, t in self.state_dict().items()}
+
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(tensors)
+
     @classmethod
-    def from_saelens_fields(cls, d_in: int, n_latents: int, d_out: int, cfg: dict[str, Any]):
-        return cls(d_in, n_latents, d_out)
+    def from_saelens(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Dictionary:
+        """Build from a cfg.json and its tensors (the inverse of the three methods above)."""
+        d_in, n = tensors["W_enc"].shape
+        d_out = tensors["W_dec"].shape[1]
+        dictionary = cls(
+            d_in,
+            n,
+            d_out,
+            transcoder=not cfg.get("apply_b_dec_to_input", True) or d_out != d_in,
+            skip="W_skip" in tensors,
+            dtype=tensors["W_enc"].dtype,
+            **cls.init_kwargs_from_saelens(cfg),
+        )
+        dictionary.load_saelens_tensors(tensors)
+        return dictionary
+
+    @classmethod
+    def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     # -- shared --------------------------------------------------------------------------------
 
-    def decode(self, codes: SparseCodes) -> torch.Tensor:
-        from saetrain.kernels.reference import sparse_decode
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        return x_in @ self.W_enc + self.b_enc
 
-        return sparse_decode(codes.indices, codes.values, self.W_dec) + self.b_dec
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """The decoder alone: codes · W_dec + b_dec (sparse codes never become dense)."""
+        if isinstance(codes, SparseCodes):
+            return sparse_decode(codes.indices, codes.values, self.W_dec) + self.b_dec
+        return codes @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x: torch.Tensor, codes: Codes) -> torch.Tensor:
+        """Decoder output plus the skip connection (skip transcoders) for input rows x."""
+        out = self.decode(codes)
+        if self.W_skip is not None:
+            out = out + x @ self.W_skip.T
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (or, for a transcoder, prediction) of x; any leading shape."""
+        """Reconstruction (or, for a transcoder, prediction) from x; any leading shape."""
         lead = x.shape[:-1]
-        x_hat = self.decode(self.encode(x.reshape(-1, self.d_in).to(self.W_enc.dtype)))
-        return x_hat.reshape(*lead, self.d_out).to(x.dtype)
+        rows = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        out = self.reconstruct(rows, self.encode(rows))
+        return out.reshape(*lead, self.d_out).to(x.dtype)
+
+    def decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
 
     @torch.no_grad()
     def set_decoder_unit_norm(self) -> None:
@@ -113,13 +224,20 @@ class Dictionary(nn.Module):
     def fold_input_scale(self, scale_in: float, scale_out: float) -> None:
         """Make a dictionary trained on (s_in·x → s_out·y) work on raw (x → y).
 
-        Decoding with W_dec/s_out and b_dec/s_out gives y's raw scale. The encoder sees
-        (x − b_dec')·(s_in·W_enc) + b_enc' with b_dec' = b_dec/s_out; choosing
-        b_enc' = b_enc + (s_in/s_out − 1)·b_dec·W_enc makes that equal the normalised model's
-        (s_in·x − b_dec)·W_enc + b_enc, so the codes are unchanged.
+        Decoding with W_dec/s_out, b_dec/s_out (and W_skip·s_in/s_out) gives y's raw scale. An
+        SAE's encoder then sees (x − b_dec/s_out)·(s_in·W_enc); for it to equal the normalised
+        model's (s_in·x − b_dec)·W_enc, the encoder biases absorb (s_in/s_out − 1)·b_dec·W_enc, so
+        the pre-activations — and the codes — are unchanged.
         """
-        if scale_in != scale_out:
-            self.b_enc += (scale_in / scale_out - 1.0) * (self.b_dec @ self.W_enc)
+        if self.apply_b_dec_to_input and scale_in != scale_out:
+            self.absorb_input_shift((scale_in / scale_out - 1.0) * self.b_dec)
         self.W_enc *= scale_in
         self.W_dec /= scale_out
         self.b_dec /= scale_out
+        if self.W_skip is not None:
+            self.W_skip *= scale_in / scale_out
+
+    @torch.no_grad()
+    def absorb_input_shift(self, delta: torch.Tensor) -> None:
+        """Change the encoder biases so that input x − delta gives today's pre-activations of x."""
+        self.b_enc += delta @ self.W_enc

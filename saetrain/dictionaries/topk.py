@@ -11,8 +11,33 @@ from typing import Any
 
 import torch
 
-from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput
+from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, fvu_loss
 from saetrain.kernels.reference import sparse_decode
+
+
+def auxk_loss(
+    dictionary: Dictionary,
+    pre: torch.Tensor,
+    residual: torch.Tensor,
+    total_variance: torch.Tensor,
+    dead_mask: torch.Tensor | None,
+    aux_k: int,
+) -> torch.Tensor | None:
+    """AuxK (Gao et al.): dead latents' top pre-activations model the (detached) residual.
+
+    Normalised like the main FVU loss. With fewer dead latents than aux_k the term is weakened in
+    proportion, so a handful of dead latents cannot dominate. None when no latent is dead.
+    """
+    if dead_mask is None:
+        return None
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return None
+    k = min(aux_k, n_dead)
+    values, indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k, dim=-1, sorted=False)
+    e_hat = sparse_decode(indices, values.relu(), dictionary.W_dec)
+    scale = min(n_dead / aux_k, 1.0)
+    return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
 
 
 class TopKSAE(Dictionary):
@@ -33,9 +58,6 @@ class TopKSAE(Dictionary):
         self.aux_k = aux_k if aux_k is not None else d_in // 2
         self.aux_k_coefficient = aux_k_coefficient
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
-
     def encode(self, x: torch.Tensor) -> SparseCodes:
         return self._select(self.pre_activations(x))
 
@@ -44,34 +66,32 @@ class TopKSAE(Dictionary):
         return SparseCodes(indices, values.relu())
 
     def training_forward(
-        self, x: torch.Tensor, target: torch.Tensor, dead_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        dead_mask: torch.Tensor | None,
+        sparsity_multiplier: float = 1.0,
     ) -> TrainOutput:
         pre = self.pre_activations(x)
         codes = self._select(pre)
-        x_hat = self.decode(codes)
-        residual = target - x_hat
-        total_variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-        fvu = residual.pow(2).sum() / total_variance
-        loss = fvu
-        terms = {"fvu": fvu.detach()}
-        if dead_mask is not None and self.aux_k_coefficient > 0:
-            n_dead = int(dead_mask.sum())
-            if n_dead > 0:
-                aux_k = min(self.aux_k, n_dead)
-                dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
-                values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
-                e_hat = sparse_decode(indices, values.relu(), self.W_dec)
-                # Fewer dead latents than aux_k: weaken the term in proportion (as in the paper's
-                # reference code), so a handful of dead latents cannot dominate.
-                scale = min(n_dead / self.aux_k, 1.0)
-                aux = scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+        x_hat = self.reconstruct(x, codes)
+        fvu, total_variance = fvu_loss(target, x_hat)
+        loss, terms = fvu, {"fvu": fvu.detach()}
+        if self.aux_k_coefficient > 0:
+            aux = auxk_loss(self, pre, target - x_hat, total_variance, dead_mask, self.aux_k)
+            if aux is not None:
                 loss = loss + self.aux_k_coefficient * aux
                 terms["auxk"] = aux.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, codes=codes, terms=terms)
+
+    def saelens_architecture(self) -> str:
+        # SAELens's TopKSAE computes a transcoder too when d_in == d_out and
+        # apply_b_dec_to_input is false; a skip connection has no SAELens class.
+        return "topk_skip_transcoder" if self.W_skip is not None else "topk"
 
     def saelens_fields(self) -> dict[str, Any]:
         return {"k": self.k}
 
     @classmethod
-    def from_saelens_fields(cls, d_in: int, n_latents: int, d_out: int, cfg: dict[str, Any]):
-        return cls(d_in, n_latents, d_out, k=int(cfg["k"]))
+    def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {"k": int(cfg["k"])}

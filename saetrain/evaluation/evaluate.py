@@ -14,24 +14,37 @@ from saetrain.evaluation.splice import spliced_lm_metrics
 @torch.no_grad()
 def evaluate_dictionary(
     source: ActivationSource,
-    site: str,
     dictionary: Dictionary,
     batches: list[TokenBatch],
+    input_site: str,
+    target_site: str | None = None,
     compute_ce: bool = True,
     ce_contexts: int = 32,
 ) -> dict[str, float]:
-    """FVU, MSE, L0, dead fraction on `batches`; CE/KL with the dictionary spliced in."""
+    """FVU, MSE, L0, dead fraction on `batches`; CE/KL with the dictionary spliced in.
+
+    An SAE reconstructs `input_site`; a transcoder predicts `target_site` from `input_site` and
+    is spliced in place of the target site.
+    """
+    target_site = target_site or input_site
+    sites = [input_site] if target_site == input_site else [input_site, target_site]
     stats = ReconstructionStats(dictionary.n_latents, dictionary.d_out, dictionary.W_enc.device)
-    dtype = dictionary.W_enc.dtype
-    for batch in batches:
-        for x in source.flat(iter([batch]), site, dtype):
-            x = x.to(dictionary.W_enc.device)
-            codes = dictionary.encode(x)
-            stats.update(x, dictionary.decode(codes), codes)
+    for row in source.rows(iter(batches), sites, dictionary.W_enc.dtype):
+        row = row.to(dictionary.W_enc.device)
+        x = row[:, : dictionary.d_in]
+        y = row[:, dictionary.d_in :] if len(sites) == 2 else x
+        codes = dictionary.encode(x)
+        stats.update(y, dictionary.reconstruct(x, codes), codes)
     metrics = stats.compute()
     if compute_ce:
         ce_batches = _first_contexts(batches, ce_contexts)
-        metrics |= spliced_lm_metrics(source.model, source.sites[site], dictionary, ce_batches)
+        metrics |= spliced_lm_metrics(
+            source.model,
+            source.sites[target_site],
+            dictionary,
+            ce_batches,
+            input_site=source.sites[input_site] if len(sites) == 2 else None,
+        )
     return metrics
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from saetrain.dictionaries.base import SparseCodes
+from saetrain.dictionaries.base import Codes, active_count, firing_counts
 
 
 class ReconstructionStats:
@@ -27,7 +27,7 @@ class ReconstructionStats:
         self.fire_counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: SparseCodes) -> None:
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: Codes) -> None:
         """Add rows: targets x [N, d], reconstructions x̂ [N, d] and their codes."""
         x64 = x.reshape(-1, x.shape[-1]).double()
         err = x64 - x_hat.reshape(x64.shape).double()
@@ -38,11 +38,8 @@ class ReconstructionStats:
         self.sum_x += centred.sum(0)
         self.sum_sq_x += centred.pow(2).sum()
         self.sum_sq_err += err.pow(2).sum()
-        active = codes.values != 0
-        self.sum_l0 += active.sum()
-        self.fire_counts.index_add_(
-            0, codes.indices[active], torch.ones_like(codes.indices[active])
-        )
+        self.sum_l0 += active_count(codes)
+        self.fire_counts += firing_counts(codes, self.n_latents).to(self.fire_counts.device)
 
     def compute(self) -> dict[str, float]:
         if self.rows == 0:
@@ -50,8 +47,16 @@ class ReconstructionStats:
         mean = self.sum_x / self.rows  # of the shifted rows; the variance is shift-invariant
         total_variance = self.sum_sq_x - self.rows * mean.pow(2).sum()
         d = self.sum_x.numel()
+        # Σ‖x‖² from the shifted sums: the FVU of predicting zero (a trivial baseline; predicting
+        # the mean has FVU 1 by definition).
+        sum_sq_raw = (
+            self.sum_sq_x
+            + 2 * (self.shift * self.sum_x).sum()
+            + self.rows * (self.shift.pow(2).sum())
+        )
         return {
             "fvu": float(self.sum_sq_err / total_variance.clamp_min(1e-30)),
+            "fvu_zero_baseline": float(sum_sq_raw / total_variance.clamp_min(1e-30)),
             "mse": float(self.sum_sq_err / (self.rows * d)),
             "l0": float(self.sum_l0 / self.rows),
             "dead_fraction": float((self.fire_counts == 0).double().mean()),
@@ -60,7 +65,7 @@ class ReconstructionStats:
 
 
 def reconstruction_metrics(
-    x: torch.Tensor, x_hat: torch.Tensor, codes: SparseCodes, n_latents: int
+    x: torch.Tensor, x_hat: torch.Tensor, codes: Codes, n_latents: int
 ) -> dict[str, float]:
     """The metrics of one batch (training logs)."""
     stats = ReconstructionStats(n_latents, x.shape[-1], x.device)

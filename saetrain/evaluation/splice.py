@@ -2,6 +2,8 @@
 
 Positions holding special tokens (BOS, separators) keep their original activations — the
 dictionary never trained on them — and predictions from or of those positions are not counted.
+A transcoder replaces its target site with its prediction from the input site, read earlier in the
+same forward (so upstream splicing effects propagate, as they would in a replacement model).
 """
 
 from __future__ import annotations
@@ -47,9 +49,37 @@ def spliced_lm_metrics(
     site: ResolvedSite,
     dictionary: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[TokenBatch],
+    input_site: ResolvedSite | None = None,
 ) -> dict[str, float]:
-    """CE clean / spliced / zero-ablated, ΔCE, CE recovered and KL(clean ‖ spliced), per token."""
+    """CE clean / spliced / zero-ablated, ΔCE, CE recovered and KL(clean ‖ spliced), per token.
+
+    With `input_site`, `dictionary` maps that site's activation to `site`'s (a transcoder).
+    """
     device = next(model.parameters()).device
+    if input_site is None:
+        return _spliced_lm_metrics(model, site, dictionary, batches, device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(x: torch.Tensor) -> None:
+        captured["x"] = x
+
+    def predict(_: torch.Tensor) -> torch.Tensor:
+        return dictionary(captured["x"])
+
+    handle = register_site_hook(input_site, capture)
+    try:
+        return _spliced_lm_metrics(model, site, predict, batches, device)
+    finally:
+        handle.remove()
+
+
+def _spliced_lm_metrics(
+    model: torch.nn.Module,
+    site: ResolvedSite,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[TokenBatch],
+    device: torch.device,
+) -> dict[str, float]:
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
     for batch in batches:
@@ -58,7 +88,7 @@ def spliced_lm_metrics(
         valid = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
         targets = ids[:, 1:].reshape(-1)[valid]
         clean = _logits_at_valid(model, ids, valid, site, None)
-        spliced = _logits_at_valid(model, ids, valid, site, _masked_replace(mask, dictionary))
+        spliced = _logits_at_valid(model, ids, valid, site, _masked_replace(mask, predict))
         zero = _logits_at_valid(model, ids, valid, site, _masked_replace(mask, torch.zeros_like))
         for name, log_probs in (("clean", clean), ("spliced", spliced), ("zero", zero)):
             sums[name] -= float(log_probs.gather(1, targets[:, None]).double().sum())

@@ -1,10 +1,13 @@
 """Save and load dictionaries in the SAELens layout: cfg.json + sae_weights.safetensors.
 
-Tensor names and shapes are SAELens's (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec),
-and cfg.json carries the fields SAELens's `SAE.load_from_disk` reads: `architecture`, `d_in`,
-`d_sae`, the architecture's own fields (e.g. `k`) and a `metadata` block (model, hook, context).
-The legacy top-level fields of older SAELens versions are written too. Weights are saved for raw
-activations: the training normalisation is folded in before saving.
+Tensor names and shapes are SAELens's (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec,
+plus `threshold`, `W_skip`, gated's `b_gate`/`b_mag`/`r_mag`), and cfg.json carries the fields
+SAELens's `SAE.load_from_disk` reads: `architecture` (SAELens's name: standard, gated, topk,
+jumprelu, transcoder, skip_transcoder, jumprelu_transcoder, ...), `d_in`, `d_sae`, `d_out` and
+`hook_name_out` for transcoders, the architecture's own fields (e.g. `k`) and a `metadata` block
+(model, hook, context). BatchTopK and Matryoshka dictionaries are saved as the JumpReLU they are at
+inference. The legacy top-level fields of older SAELens versions are written too. Weights are
+saved for raw activations: the training normalisation is folded in before saving.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from saetrain.dictionaries import ARCHITECTURES, Dictionary
+from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 
 CFG_FILE = "cfg.json"
@@ -30,24 +33,33 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def saelens_config(dictionary: Dictionary, metadata: dict[str, Any]) -> dict[str, Any]:
     """cfg.json's content for a dictionary; `metadata` is SAELens's metadata block."""
     cfg: dict[str, Any] = {
-        "architecture": dictionary.architecture,
+        "architecture": dictionary.saelens_architecture(),
         "d_in": dictionary.d_in,
         "d_sae": dictionary.n_latents,
         "dtype": _DTYPE_NAMES[dictionary.W_enc.dtype],
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": dictionary.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **dictionary.saelens_fields(),
         "metadata": metadata,
     }
-    if dictionary.d_out != dictionary.d_in:
+    if dictionary.transcoder:
         cfg["d_out"] = dictionary.d_out
-    # Older SAELens versions read these at the top level.
-    for key in ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos"):
+    # Older SAELens versions read these at the top level; SAELens's transcoders read the *_out ones
+    # there too.
+    for key in (
+        "model_name",
+        "hook_name",
+        "hook_layer",
+        "context_size",
+        "prepend_bos",
+        "hook_name_out",
+        "hook_layer_out",
+    ):
         if key in metadata:
             cfg[key] = metadata[key]
-    cfg["activation_fn_str"] = dictionary.architecture
+    cfg["activation_fn_str"] = cfg["architecture"]
     cfg["activation_fn_kwargs"] = dictionary.saelens_fields()
     return cfg
 
@@ -62,7 +74,7 @@ def save_dictionary(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
-        name: p.detach().to("cpu").contiguous() for name, p in dictionary.state_dict().items()
+        name: t.detach().to("cpu").contiguous() for name, t in dictionary.saelens_tensors().items()
     }
     atomic_write_bytes(folder / WEIGHTS_FILE, safetensors_bytes(tensors))
     atomic_write_json(folder / CFG_FILE, saelens_config(dictionary, metadata))
@@ -80,18 +92,17 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
             raise FileNotFoundError(f"{path} does not exist; is {folder} a saved dictionary?")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture", "standard")
-    if arch not in ARCHITECTURES:
+    if arch not in SAELENS_LOADERS:
         raise ValueError(
-            f"{cfg_path}: architecture={arch!r} is not supported; known: {', '.join(ARCHITECTURES)}"
+            f"{cfg_path}: architecture={arch!r} is not supported; known: "
+            f"{', '.join(SAELENS_LOADERS)}"
         )
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    d_out = int(cfg.get("d_out", d_in))
-    dictionary = ARCHITECTURES[arch].from_saelens_fields(d_in, d_sae, d_out, cfg)
-    state = load_file(weights_path, device="cpu")
-    missing = set(dictionary.state_dict()) - set(state)
-    if missing:
-        raise ValueError(f"{weights_path} lacks tensors: {', '.join(sorted(missing))}")
-    dtype = state["W_enc"].dtype
-    dictionary.to(dtype)
-    dictionary.load_state_dict(state, strict=False)
+    tensors = load_file(weights_path, device="cpu")
+    for name in ("W_enc", "W_dec"):
+        if name not in tensors:
+            raise ValueError(f"{weights_path} lacks the tensor {name}")
+    try:
+        dictionary = SAELENS_LOADERS[arch].from_saelens(cfg, tensors)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{folder}: the tensors do not fit architecture={arch!r}: {e}") from None
     return dictionary.to(device).eval()

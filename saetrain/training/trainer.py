@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saetrain.config import TrainerConfig
-from saetrain.dictionaries.base import Dictionary, TrainOutput
+from saetrain.dictionaries.base import Dictionary, TrainOutput, fired_latents
 from saetrain.evaluation.metrics import reconstruction_metrics
 from saetrain.training.schedules import default_lr, lr_multiplier
 
@@ -25,9 +25,10 @@ class TrainState:
 
 
 class Trainer:
-    """Adam on a dictionary with unit-norm decoder rows and dead-latent tracking.
+    """Adam on a dictionary, with its decoder constraint, sparsity warm-up and dead-latent tracking.
 
-    Activations arrive raw; the trainer multiplies them by `scale` (normalised so E‖x‖² = d).
+    Activations arrive raw and are multiplied by `scale` (so E‖x‖² = d). A transcoder's batches
+    are rows [x, y] of width d_in + d_out; y is multiplied by `target_scale`.
     """
 
     def __init__(
@@ -36,10 +37,12 @@ class Trainer:
         cfg: TrainerConfig,
         scale: float,
         total_steps: int,
+        target_scale: float | None = None,
     ):
         self.dictionary = dictionary
         self.cfg = cfg
         self.scale = scale
+        self.target_scale = scale if target_scale is None else target_scale
         self.total_steps = total_steps
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(dictionary.n_latents)
         self.optimizer = torch.optim.Adam(
@@ -57,34 +60,46 @@ class Trainer:
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
-    def step(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, TrainOutput]:
-        """One optimiser step on a batch of raw activations [N, d].
+    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target), normalised, from a raw batch."""
+        d = self.dictionary
+        batch = batch.to(d.W_enc.dtype)
+        if not d.transcoder:
+            x = batch * self.scale
+            return x, x
+        return batch[:, : d.d_in] * self.scale, batch[:, d.d_in :] * self.target_scale
 
-        Returns the normalised batch and the forward's output, for logging.
+    def step(self, batch: torch.Tensor) -> tuple[torch.Tensor, TrainOutput]:
+        """One optimiser step on a batch of raw activations.
+
+        Returns the normalised target and the forward's output, for logging.
         """
         d = self.dictionary
-        x = x_raw.to(d.W_enc.dtype) * self.scale
+        x, y = self.split(batch)
+        step = self.state.step
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * lr_multiplier(
-                self.state.step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_fraction
+                step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_fraction
             )
-        out = d.training_forward(x, x, self.dead_mask())
+        warmup = self.cfg.sparsity_warmup_steps
+        sparsity = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        out = d.training_forward(x, y, self.dead_mask(), sparsity)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        d.remove_gradient_parallel_to_decoder()
+        if d.unit_norm_decoder:
+            d.remove_gradient_parallel_to_decoder()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        d.set_decoder_unit_norm()
+        if d.unit_norm_decoder:
+            d.set_decoder_unit_norm()
+        d.after_step(out)
 
-        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[out.codes.indices[out.codes.values > 0]] = True
         self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired[fired] = 0
-
+        self.tokens_since_fired[fired_latents(out.codes, d.n_latents)] = 0
         self.state.step += 1
         self.state.tokens += x.shape[0]
-        return x, out
+        return y, out
 
     def train(
         self,

@@ -1,0 +1,54 @@
+"""ReLU SAE with an L1 penalty weighted by decoder norms (Anthropic, "Towards Monosemanticity" and
+its April 2024 update).
+
+z = ReLU((x − b_dec)·W_enc + b_enc); loss = Σ‖y − ŷ‖²/N + λ·Σ_i z_i·‖W_dec,i‖ / N, with λ warmed
+up from 0. Decoder rows are free (no unit-norm constraint): weighting the penalty by their norms
+removes the incentive to shrink codes by growing rows. Exported as SAELens's "standard" (or
+"transcoder" / "skip_transcoder").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
+
+
+class ReLUSAE(Dictionary):
+    architecture = "relu"
+    unit_norm_decoder = False
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        d_out: int | None = None,
+        sparsity_coefficient: float = 5.0,
+        **kwargs: Any,
+    ):
+        super().__init__(d_in, n_latents, d_out, **kwargs)
+        self.sparsity_coefficient = sparsity_coefficient
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_activations(x).relu()
+
+    def training_forward(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        dead_mask: torch.Tensor | None,
+        sparsity_multiplier: float = 1.0,
+    ) -> TrainOutput:
+        z = self.encode(x)
+        x_hat = self.reconstruct(x, z)
+        mse = squared_error(target, x_hat)
+        l1 = (z * self.decoder_norms()).sum(-1).mean()
+        loss = mse + sparsity_multiplier * self.sparsity_coefficient * l1
+        return TrainOutput(loss, x_hat, z, {"mse": mse.detach(), "l1": l1.detach()})
+
+    def saelens_architecture(self) -> str:
+        if not self.transcoder:
+            return "standard"
+        return "skip_transcoder" if self.W_skip is not None else "transcoder"

@@ -1,0 +1,216 @@
+"""Train every architecture at a few sparsity levels on one LM's activations; tabulate and plot
+FVU and ΔCE against L0 (the sparsity–fidelity frontier).
+
+The LM runs once: its activations at the site are collected into memory, and every dictionary
+trains on the same rows in the same order, so the comparison is about the architectures alone.
+Each dictionary is evaluated exactly as `python -m saetrain` evaluates (held-out FVU, L0, and CE
+with the dictionary spliced into the LM).
+
+    python scripts/pareto.py                           # defaults: SmolLM2-135M, resid_post.6
+    python scripts/pareto.py --tokens 2000000 --out docs/pareto --device cuda
+
+Writes <out>.json, <out>.md (the table) and <out>.png (the plot, needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from saetrain.activations.model import load_lm, resolve_device
+from saetrain.activations.source import ActivationSource
+from saetrain.activations.tokens import TokenSource
+from saetrain.config import DataConfig, DictionaryConfig, ModelConfig, TrainerConfig
+from saetrain.evaluation.evaluate import evaluate_dictionary
+from saetrain.training.fit import fit_dictionary
+
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
+# Sparsity settings per architecture: k for the TopK family, λ for the penalty family.
+SWEEP: dict[str, list[float]] = {
+    "topk": [16, 32, 64],
+    "batchtopk": [16, 32, 64],
+    "matryoshka": [16, 32, 64],
+    "relu": [2.0, 5.0, 12.0],
+    "gated": [0.5, 1.5, 4.0],
+    "jumprelu": [0.1, 0.3, 1.0],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--site", default="resid_post.6")
+    p.add_argument("--tokens", type=int, default=300_000, help="training tokens per dictionary")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--ce-contexts", type=int, default=16)
+    p.add_argument("--n-latents", type=int, default=4608)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--archs", default=",".join(SWEEP), help="comma-separated architectures")
+    p.add_argument(
+        "--data", default=None, help="text files glob (default: the Python standard library)"
+    )
+    p.add_argument("--sample-by", default="document", choices=["document", "paragraph", "line"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/pareto", help="output path without extension")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    data = DataConfig(sample_by=args.sample_by)
+    if args.data:
+        data = replace(data, data_files=[args.data])
+    else:
+        import sysconfig
+
+        data = replace(data, data_files=[os.path.join(sysconfig.get_paths()["stdlib"], "*.py")])
+
+    model, tokenizer = load_lm(ModelConfig(device=args.device), device)
+    source = ActivationSource(model, [args.site])
+    tokens = TokenSource(data, tokenizer, args.seed)
+    n_eval = max(math.ceil(args.eval_tokens / data.context_size), args.ce_contexts)
+    held_out = tokens.held_out(n_eval, 16)
+
+    t0 = time.time()
+    chunks, have = [], 0
+    for rows in source.rows(tokens.training(16), [args.site], torch.float32):
+        chunks.append(rows)
+        have += len(rows)
+        if have >= args.tokens:
+            break
+    acts = torch.cat(chunks)[: args.tokens].to(device)
+    lm_seconds = time.time() - t0
+    print(f"collected {len(acts)} activations at {args.site} in {lm_seconds:.0f}s", flush=True)
+
+    results = []
+    for arch in args.archs.split(","):
+        for level in SWEEP[arch]:
+            dict_cfg = DictionaryConfig(architecture=arch, n_latents=args.n_latents)
+            if arch in TOPK_FAMILY:
+                dict_cfg = replace(dict_cfg, k=int(level))
+            else:
+                dict_cfg = replace(dict_cfg, sparsity_coefficient=float(level))
+            trainer_cfg = TrainerConfig(
+                total_tokens=len(acts),
+                batch_tokens=args.batch,
+                lr=args.lr,
+                warmup_steps=20,
+                sparsity_warmup_steps=30,
+                dead_after_tokens=50_000,
+            )
+            gen = torch.Generator().manual_seed(args.seed)
+            order = torch.randperm(len(acts), generator=gen).to(device)
+            cursor = [0]
+
+            def next_batch(n: int, order: torch.Tensor = order, cursor: list[int] = cursor):
+                rows = order[cursor[0] : cursor[0] + n]
+                cursor[0] += n
+                return acts[rows]
+
+            t = time.time()
+            fitted = fit_dictionary(
+                dict_cfg,
+                trainer_cfg,
+                next_batch,
+                acts[order[:16384]],
+                acts.shape[1],
+                acts.shape[1],
+                False,
+                device,
+                gen,
+                log_every=10**9,
+            )
+            m = evaluate_dictionary(
+                source, fitted.exported, held_out, args.site, None, True, args.ce_contexts
+            )
+            row = {
+                "architecture": arch,
+                "setting": f"k={int(level)}" if arch in TOPK_FAMILY else f"λ={level:g}",
+                "l0": m["l0"],
+                "fvu": m["fvu"],
+                "delta_ce": m["delta_ce"],
+                "ce_recovered": m["ce_recovered"],
+                "dead_fraction": m["dead_fraction"],
+                "train_seconds": time.time() - t,
+            }
+            results.append(row)
+            print(
+                f"{arch:<11} {row['setting']:<7} L0 {row['l0']:7.1f}  FVU {row['fvu']:.4f}  "
+                f"ΔCE {row['delta_ce']:.4f}  CE rec {row['ce_recovered']:.3f}  "
+                f"dead {row['dead_fraction']:.3f}  ({row['train_seconds']:.0f}s)",
+                flush=True,
+            )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": "SmolLM2-135M-Instruct",
+        "site": args.site,
+        "train_tokens": len(acts),
+        "eval_tokens": args.eval_tokens,
+        "ce_contexts": args.ce_contexts,
+        "n_latents": args.n_latents,
+        "lr": args.lr,
+        "device": str(device),
+        "torch": torch.__version__,
+        "command": "python " + " ".join(sys.argv),
+    }
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    lines = [
+        "| architecture | setting | L0 | FVU | ΔCE | CE recovered | dead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['architecture']} | {r['setting']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+            f"{r['delta_ce']:.4f} | {r['ce_recovered']:.3f} | {r['dead_fraction']:.3f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results, out.with_suffix(".png"), meta)
+    return 0
+
+
+def plot(results: list[dict], path: Path, meta: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arch in dict.fromkeys(r["architecture"] for r in results):
+        rows = sorted((r for r in results if r["architecture"] == arch), key=lambda r: r["l0"])
+        l0 = [r["l0"] for r in rows]
+        axes[0].plot(l0, [r["fvu"] for r in rows], marker="o", label=arch)
+        axes[1].plot(l0, [r["delta_ce"] for r in rows], marker="o", label=arch)
+    for ax, name in zip(axes, ("FVU (held-out)", "ΔCE (nats/token)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(
+        f"{meta['model']} {meta['site']}, {meta['n_latents']} latents, "
+        f"{meta['train_tokens']:,} training tokens"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
