@@ -186,6 +186,7 @@ def print_summary(metrics: dict[str, Any], folder: Path) -> None:
     lines = ["", "held-out evaluation:"]
     for key in (
         "fvu",
+        "fvu_zero_baseline",
         "mse",
         "l0",
         "dead_fraction",

@@ -5,7 +5,8 @@ Needs `sae-lens` installed in the same environment (it is not a dependency of sa
     python scripts/check_saelens_load.py outputs/.../resid_post.6 [--json out.json]
 
 Prints a table (class SAELens picked, max |Δ| of outputs and codes on random inputs at the
-activations' scale) and exits 1 when they disagree.
+activations' scale) and exits 1 when they disagree, 3 when SAELens has no class for the
+architecture (saetrain-only: TopK and Gated skip transcoders).
 """
 
 from __future__ import annotations
@@ -30,16 +31,28 @@ def main() -> int:
     except ImportError:
         print("sae-lens is not installed: pip install sae-lens", file=sys.stderr)
         return 2
-    from saetrain.export.saelens import load_dictionary
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    from saetrain.dictionaries import SparseCodes
+    from saetrain.export.saelens import CFG_FILE, load_dictionary
 
     ours = load_dictionary(args.folder)
+    with open(f"{args.folder}/{CFG_FILE}") as f:
+        architecture = json.load(f)["architecture"]
+    if architecture not in SAE_CLASS_REGISTRY:
+        print(f"architecture {architecture!r} has no SAELens class (saetrain loads it)")
+        return 3
     theirs = SAE.load_from_disk(args.folder, device="cpu")
     scale = args.scale or float(ours.b_dec.detach().norm() / ours.d_in**0.5) or 1.0
     x = torch.randn(args.rows, ours.d_in, generator=torch.Generator().manual_seed(0)) * scale
     x = x + ours.b_dec.detach()
     with torch.no_grad():
         out_ours, out_theirs = ours(x), theirs(x)
-        codes_ours = ours.encode(x).to_dense(ours.n_latents)
+        if isinstance(out_theirs, tuple):  # SAELens transcoders return (output, codes)
+            out_theirs = out_theirs[0]
+        codes_ours = ours.encode(x)
+        if isinstance(codes_ours, SparseCodes):
+            codes_ours = codes_ours.to_dense(ours.n_latents)
         codes_theirs = theirs.encode(x)
     result = {
         "folder": args.folder,

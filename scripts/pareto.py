@@ -49,11 +49,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--site", default="resid_post.6")
     p.add_argument("--tokens", type=int, default=300_000, help="training tokens per dictionary")
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--ce-contexts", type=int, default=16)
+    p.add_argument("--ce-contexts", type=int, default=16, help="0 skips the CE evaluation")
     p.add_argument("--n-latents", type=int, default=4608)
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--archs", default=",".join(SWEEP), help="comma-separated architectures")
+    p.add_argument(
+        "--levels",
+        action="append",
+        default=[],
+        metavar="ARCH=V1,V2",
+        help="replace an architecture's sparsity settings (k or λ); repeatable",
+    )
     p.add_argument(
         "--data", default=None, help="text files glob (default: the Python standard library)"
     )
@@ -66,6 +73,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    sweep = dict(SWEEP)
+    for item in args.levels:
+        arch, _, values = item.partition("=")
+        if arch not in SWEEP:
+            raise SystemExit(f"--levels {item!r}: unknown architecture; choose from {list(SWEEP)}")
+        sweep[arch] = [float(v) for v in values.split(",")]
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     data = DataConfig(sample_by=args.sample_by)
@@ -79,7 +92,7 @@ def main() -> int:
     model, tokenizer = load_lm(ModelConfig(device=args.device), device)
     source = ActivationSource(model, [args.site])
     tokens = TokenSource(data, tokenizer, args.seed)
-    n_eval = max(math.ceil(args.eval_tokens / data.context_size), args.ce_contexts)
+    n_eval = max(math.ceil(args.eval_tokens / data.context_size), args.ce_contexts, 1)
     held_out = tokens.held_out(n_eval, 16)
 
     t0 = time.time()
@@ -95,7 +108,7 @@ def main() -> int:
 
     results = []
     for arch in args.archs.split(","):
-        for level in SWEEP[arch]:
+        for level in sweep[arch]:
             dict_cfg = DictionaryConfig(architecture=arch, n_latents=args.n_latents)
             if arch in TOPK_FAMILY:
                 dict_cfg = replace(dict_cfg, k=int(level))
@@ -131,16 +144,17 @@ def main() -> int:
                 gen,
                 log_every=10**9,
             )
+            with_ce = args.ce_contexts > 0
             m = evaluate_dictionary(
-                source, fitted.exported, held_out, args.site, None, True, args.ce_contexts
+                source, fitted.exported, held_out, args.site, None, with_ce, args.ce_contexts
             )
             row = {
                 "architecture": arch,
                 "setting": f"k={int(level)}" if arch in TOPK_FAMILY else f"λ={level:g}",
                 "l0": m["l0"],
                 "fvu": m["fvu"],
-                "delta_ce": m["delta_ce"],
-                "ce_recovered": m["ce_recovered"],
+                "delta_ce": m.get("delta_ce", float("nan")),
+                "ce_recovered": m.get("ce_recovered", float("nan")),
                 "dead_fraction": m["dead_fraction"],
                 "train_seconds": time.time() - t,
             }

@@ -106,9 +106,9 @@ class Dictionary(nn.Module):
             raise ValueError("dictionary.skip=true needs a transcoder (a site.target)")
         W_dec = torch.randn(n_latents, self.d_out, generator=generator, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        if self.d_out == d_in:
+        if not self.transcoder:
             W_enc = W_dec.T.clone()  # tied init (Gao et al.): every latent starts as a direction
-        else:
+        else:  # input and output spaces differ: tying them means nothing
             W_enc = torch.randn(d_in, n_latents, generator=generator) / d_in**0.5
         opts = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(W_enc.to(**opts))

@@ -51,7 +51,7 @@ class BatchTopKSAE(Dictionary):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
-        return pre * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
+        return pre * (pre > self.threshold).to(pre.dtype)  # compared in fp32
 
     def reconstruction_loss(
         self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor

@@ -37,10 +37,10 @@ class JumpReLUFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        t = threshold.to(pre.dtype)
-        grad_pre = grad * (pre > t).to(grad.dtype)
-        kernel = _rectangle((pre - t) / eps)
-        grad_threshold = -(t / eps) * kernel * grad
+        # Compare in fp32 (type promotion): rounding θ to a bf16 `pre` would move the jump.
+        grad_pre = grad * (pre > threshold).to(grad.dtype)
+        kernel = _rectangle((pre - threshold) / eps)
+        grad_threshold = -(threshold / eps) * kernel * grad
         return grad_pre, grad_threshold.sum(0).to(threshold.dtype), None
 
 
@@ -57,7 +57,7 @@ class StepFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        kernel = _rectangle((pre - threshold.to(pre.dtype)) / eps)
+        kernel = _rectangle((pre - threshold) / eps)
         grad_threshold = -(1.0 / eps) * kernel * grad
         return None, grad_threshold.sum(0).to(threshold.dtype), None
 
@@ -89,7 +89,7 @@ class JumpReLUSAE(Dictionary):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
-        return pre * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
+        return pre * (pre > self.threshold).to(pre.dtype)
 
     def training_forward(
         self,
