@@ -126,11 +126,13 @@ class DictionaryConfig:
     # relu, gated, jumprelu: weight λ of the sparsity penalty (L1 of codes × decoder norms for
     # relu and gated, L0 for jumprelu), in units of Σ‖y − ŷ‖²/N with activations scaled to
     # E‖x‖² = d_in. Warmed up over trainer.sparsity_warmup_steps.
-    sparsity_coefficient: float = 5.0
-    # jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient.
-    jumprelu_bandwidth: float = 0.001
-    # jumprelu: every latent's starting threshold.
-    jumprelu_init_threshold: float = 0.001
+    sparsity_coefficient: float = 1.0
+    # jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient, in
+    # units of activations scaled to E‖x‖² = d_in (pre-activations are O(1) there).
+    jumprelu_bandwidth: float = 0.05
+    # jumprelu: every latent's starting threshold (same units). Adam moves log θ by about lr per
+    # step, so short runs keep roughly this threshold: it sets their L0 more than λ does.
+    jumprelu_init_threshold: float = 0.5
     # Transcoders only: add a dense skip connection y ≈ ... + W_skip·x (W_skip zero-initialised).
     skip: bool = False
     # How b_dec starts: geometric_median | mean | zeros (of normalised activations).

@@ -33,15 +33,26 @@ from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.training.fit import fit_dictionary
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-# Sparsity settings per architecture: k for the TopK family, λ for the penalty family.
+# Sparsity settings per architecture: k for the TopK family, λ for relu and gated, and the
+# starting threshold θ₀ for jumprelu (λ fixed): Adam moves log θ by about lr per step, so in a
+# run of a few hundred steps JumpReLU's L0 is set by θ₀ far more than by λ.
 SWEEP: dict[str, list[float]] = {
     "topk": [16, 32, 64],
     "batchtopk": [16, 32, 64],
     "matryoshka": [16, 32, 64],
-    "relu": [2.0, 5.0, 12.0],
-    "gated": [0.5, 1.5, 4.0],
-    "jumprelu": [0.1, 0.3, 1.0],
+    "relu": [1.0, 2.0, 4.0],
+    "gated": [1.5, 3.0, 6.0],
+    "jumprelu": [0.3, 0.6, 1.0],
 }
+
+
+def configure(cfg: DictionaryConfig, arch: str, level: float) -> tuple[DictionaryConfig, str]:
+    """The dictionary config for one sweep point, and its label."""
+    if arch in TOPK_FAMILY:
+        return replace(cfg, k=int(level)), f"k={int(level)}"
+    if arch == "jumprelu":
+        return replace(cfg, jumprelu_init_threshold=level), f"θ₀={level:g}"
+    return replace(cfg, sparsity_coefficient=level), f"λ={level:g}"
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,7 +70,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="ARCH=V1,V2",
-        help="replace an architecture's sparsity settings (k or λ); repeatable",
+        help="replace an architecture's sparsity settings (k, λ or θ₀); repeatable",
     )
     p.add_argument(
         "--data", default=None, help="text files glob (default: the Python standard library)"
@@ -109,16 +120,14 @@ def main() -> int:
     results = []
     for arch in args.archs.split(","):
         for level in sweep[arch]:
-            dict_cfg = DictionaryConfig(architecture=arch, n_latents=args.n_latents)
-            if arch in TOPK_FAMILY:
-                dict_cfg = replace(dict_cfg, k=int(level))
-            else:
-                dict_cfg = replace(dict_cfg, sparsity_coefficient=float(level))
+            dict_cfg, label = configure(
+                DictionaryConfig(architecture=arch, n_latents=args.n_latents), arch, level
+            )
             trainer_cfg = TrainerConfig(
                 total_tokens=len(acts),
                 batch_tokens=args.batch,
                 lr=args.lr,
-                warmup_steps=20,
+                warmup_steps=10,
                 sparsity_warmup_steps=30,
                 dead_after_tokens=50_000,
             )
@@ -150,7 +159,7 @@ def main() -> int:
             )
             row = {
                 "architecture": arch,
-                "setting": f"k={int(level)}" if arch in TOPK_FAMILY else f"λ={level:g}",
+                "setting": label,
                 "l0": m["l0"],
                 "fvu": m["fvu"],
                 "delta_ce": m.get("delta_ce", float("nan")),
