@@ -116,27 +116,7 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
     )
     metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
 
-    resolved = source.sites[input_site]
-    sae_metadata = {
-        "model_name": cfg.model.name,
-        "hook_name": resolved.tl_hook_name,
-        "hook_layer": resolved.site.layer,
-        "hook_head_index": None,
-        "context_size": cfg.data.context_size,
-        "prepend_bos": cfg.data.prepend_bos,
-        "dataset_path": cfg.data.path if cfg.data.path != "text" else "local text files",
-        "model_from_pretrained_kwargs": {},
-        "saetrain_architecture": exported.architecture,
-        "saetrain_site": input_site,
-    }
-    if transcoder:
-        resolved_out = source.sites[target_site]
-        sae_metadata |= {
-            "hook_name_out": resolved_out.tl_hook_name,
-            "hook_layer_out": resolved_out.site.layer,
-            "hook_head_index_out": None,
-            "saetrain_target_site": target_site,
-        }
+    sae_metadata = saelens_metadata(cfg, source, exported.architecture)
     run_info = {
         "config": dataclasses.asdict(cfg),
         "versions": package_versions(),
@@ -155,6 +135,33 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
     dictionary_dir = save_dictionary(exported, output_dir / folder, sae_metadata, run_info)
     print_summary(metrics, dictionary_dir)
     return RunResult(output_dir, dictionary_dir, metrics)
+
+
+def saelens_metadata(cfg: Config, source: ActivationSource, architecture: str) -> dict[str, Any]:
+    """cfg.json's metadata block: which model, hook(s) and data the dictionary belongs to."""
+    resolved = source.sites[cfg.site.input]
+    metadata: dict[str, Any] = {
+        "model_name": cfg.model.name,
+        "hook_name": resolved.tl_hook_name,
+        "hook_layer": resolved.site.layer,
+        "hook_head_index": None,
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.path if cfg.data.path != "text" else "local text files",
+        "model_from_pretrained_kwargs": {},
+        "saetrain_architecture": architecture,
+        "saetrain_site": cfg.site.input,
+    }
+    target = cfg.site.target
+    if target is not None and target != cfg.site.input:
+        resolved_out = source.sites[target]
+        metadata |= {
+            "hook_name_out": resolved_out.tl_hook_name,
+            "hook_layer_out": resolved_out.site.layer,
+            "hook_head_index_out": None,
+            "saetrain_target_site": target,
+        }
+    return metadata
 
 
 def package_versions() -> dict[str, str | None]:

@@ -1,0 +1,117 @@
+"""`run()` wired end to end for every architecture, as an SAE and as a transcoder.
+
+A tiny randomly initialised Llama and a word-level tokenizer are saved to a local folder, so each
+run takes seconds; the real model is exercised in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from saetrain.config import (
+    BufferConfig,
+    Config,
+    DataConfig,
+    DictionaryConfig,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    SiteConfig,
+    TrainerConfig,
+)
+from saetrain.dictionaries import ARCHITECTURES
+from saetrain.export.saelens import load_dictionary
+from saetrain.run import run
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    g = torch.Generator().manual_seed(0)
+    for i in range(120):
+        ids = torch.randint(0, len(WORDS), (60,), generator=g).tolist()
+        (folder / f"doc{i}.txt").write_text(" ".join(WORDS[j] for j in ids))
+    return folder
+
+
+def _config(tiny_model: Path, corpus: Path, arch: str, target: str | None) -> Config:
+    return Config(
+        model=ModelConfig(name=str(tiny_model), gguf_package=None, device="cpu"),
+        data=DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10),
+        site=SiteConfig(input="mlp_in.1" if target else "resid_post.1", target=target),
+        buffer=BufferConfig(size_tokens=1024, lm_batch_contexts=8),
+        dictionary=DictionaryConfig(
+            architecture=arch, n_latents=64, k=4, skip=target is not None, sparsity_coefficient=0.1
+        ),
+        trainer=TrainerConfig(
+            total_tokens=2048, batch_tokens=256, lr=1e-3, warmup_steps=2, init_batches=2
+        ),
+        eval=EvalConfig(n_tokens=256, batch_contexts=8, ce_contexts=8),
+        logger=LoggerConfig(log_every=4),
+    )
+
+
+@pytest.mark.parametrize("target", [None, "mlp_out.1"], ids=["sae", "skip_transcoder"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_run_trains_evaluates_and_saves(tiny_model, corpus, tmp_path, arch, target):
+    cfg = _config(tiny_model, corpus, arch, target)
+    result = run(cfg, tmp_path)
+    folder = tmp_path / ("mlp_in.1-mlp_out.1" if target else "resid_post.1")
+    assert result.dictionary_dir == folder
+    m = result.metrics
+    assert 0.0 < m["fvu"] < m["fvu_zero_baseline"] + 1.0
+    assert m["l0"] > 0
+    assert m["ce_clean"] > 0 and m["ce_zero_ablated"] > 0 and m["ce_spliced"] > 0
+    run_info = json.loads((folder / "saetrain_run.json").read_text())
+    assert run_info["tokens_seen"] == 2048
+    assert run_info["config"]["dictionary"]["architecture"] == arch
+    assert run_info["final_metrics"]["fvu"] == pytest.approx(m["fvu"])
+    cfg_json = json.loads((folder / "cfg.json").read_text())
+    assert cfg_json["apply_b_dec_to_input"] is (target is None)
+    assert ("hook_name_out" in cfg_json["metadata"]) is (target is not None)
+    loaded = load_dictionary(folder)
+    assert loaded.d_in == 32 and loaded.n_latents == 64
+    assert (loaded.W_skip is not None) is (target is not None)
+
+
+def test_same_config_same_numbers(tiny_model, corpus, tmp_path):
+    """On CPU a run with the same config gives the same numbers."""
+    cfg = _config(tiny_model, corpus, "topk", None)
+    a = run(cfg, tmp_path / "a").metrics
+    b = run(cfg, tmp_path / "b").metrics
+    c = run(replace(cfg, seed=1), tmp_path / "c").metrics
+    assert a["fvu"] == b["fvu"] and a["ce_spliced"] == b["ce_spliced"]
+    assert a["fvu"] != c["fvu"]
