@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+
+import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="saetrain-test-hf-"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small matrices on 2 shared cores run fastest on one thread; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

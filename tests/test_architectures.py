@@ -50,13 +50,7 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices and 2 shared cores: one thread. Restored so other modules keep theirs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make(arch, d_in=8, n=32, d_out=None, *, transcoder=False, skip=False, seed=0, **kwargs):

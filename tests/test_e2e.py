@@ -76,7 +76,7 @@ def test_saved_files_and_metrics_are_sane(trained):
     out, _ = trained
     folder = out / SITE
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk_skip_transcoder" and cfg["d_in"] == 576 and cfg["d_sae"] == 4608
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == 576 and cfg["d_sae"] == 4608
     assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
     run = json.loads((folder / "saetrain_run.json").read_text())
     assert run["config"]["site"]["input"] == SITE

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from saetrain.dictionaries.base import Dictionary, TrainOutput, fvu_loss
+from saetrain.dictionaries.jumprelu import jumprelu_saelens_name
 from saetrain.dictionaries.topk import auxk_loss
 
 
@@ -93,9 +94,7 @@ class BatchTopKSAE(Dictionary):
         self.threshold_updates += 1
 
     def saelens_architecture(self) -> str:
-        if not self.transcoder:
-            return "jumprelu"
-        return "jumprelu_skip_transcoder" if self.W_skip is not None else "jumprelu_transcoder"
+        return jumprelu_saelens_name(self)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {

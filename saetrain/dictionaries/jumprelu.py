@@ -62,6 +62,13 @@ class StepFunction(torch.autograd.Function):
         return None, grad_threshold.sum(0).to(threshold.dtype), None
 
 
+def jumprelu_saelens_name(dictionary: Dictionary) -> str:
+    """SAELens's name for a JumpReLU dictionary of this kind (SAE, transcoder, skip transcoder)."""
+    if not dictionary.transcoder:
+        return "jumprelu"
+    return "jumprelu_skip_transcoder" if dictionary.W_skip is not None else "jumprelu_transcoder"
+
+
 class JumpReLUSAE(Dictionary):
     architecture = "jumprelu"
 
@@ -115,9 +122,7 @@ class JumpReLUSAE(Dictionary):
         return self
 
     def saelens_architecture(self) -> str:
-        if not self.transcoder:
-            return "jumprelu"
-        return "jumprelu_skip_transcoder" if self.W_skip is not None else "jumprelu_transcoder"
+        return jumprelu_saelens_name(self)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().saelens_tensors()
