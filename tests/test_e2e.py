@@ -18,9 +18,9 @@ import torch
 
 GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
 SITE = "resid_post.6"
-# Measured: a skip transcoder mlp_in.6 → mlp_out.6 reaches held-out FVU ≈ 0.65 after 61k tokens
+# Measured: a skip transcoder mlp_in.6 → mlp_out.6 reaches held-out FVU ≈ 0.57 after 61k tokens
 # (predicting the mean: 1; predicting zero: ≈ 1.07).
-TRANSCODER_MAX_FVU = 0.8
+TRANSCODER_MAX_FVU = 0.75
 
 pytestmark = [
     pytest.mark.e2e,

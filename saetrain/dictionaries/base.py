@@ -84,6 +84,11 @@ class Dictionary(nn.Module):
     architecture: ClassVar[str]
     # Keep decoder rows at unit norm (the penalty then cannot shrink codes by growing rows).
     unit_norm_decoder: ClassVar[bool] = True
+    # A transcoder's random encoder starts at this fraction of the natural scale 1/sqrt(d_in).
+    # Small makes the first predictions ≈ b_dec (the target's centre) instead of b_dec plus many
+    # random unit directions — safe only where some latents always fire (the TopK family);
+    # threshold and penalty architectures need pre-activations at full scale to fire at all.
+    transcoder_encoder_scale: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -109,7 +114,8 @@ class Dictionary(nn.Module):
         if not self.transcoder:
             W_enc = W_dec.T.clone()  # tied init (Gao et al.): every latent starts as a direction
         else:  # input and output spaces differ: tying them means nothing
-            W_enc = torch.randn(d_in, n_latents, generator=generator) / d_in**0.5
+            scale = self.transcoder_encoder_scale / d_in**0.5
+            W_enc = scale * torch.randn(d_in, n_latents, generator=generator)
         opts = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(W_enc.to(**opts))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, **opts))

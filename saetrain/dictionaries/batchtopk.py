@@ -30,6 +30,7 @@ def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 class BatchTopKSAE(Dictionary):
     architecture = "batchtopk"
+    transcoder_encoder_scale = 0.1  # k latents always fire
 
     def __init__(
         self,

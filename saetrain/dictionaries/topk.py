@@ -42,6 +42,7 @@ def auxk_loss(
 
 class TopKSAE(Dictionary):
     architecture = "topk"
+    transcoder_encoder_scale = 0.1  # k latents always fire
 
     def __init__(
         self,
