@@ -119,7 +119,7 @@ class DictionaryConfig:
     aux_k_coefficient: float = 0.03125
     # TopK family: a latent is used when the batch's selection keeps it; BatchTopK's inference
     # threshold is a running average of the smallest kept activation with this momentum.
-    threshold_momentum: float = 0.99
+    threshold_momentum: float = 0.9
     # Matryoshka: sizes of the nested prefixes, increasing, the last == n_latents; null means
     # n/16, n/8, n/4, n/2, n.
     matryoshka_prefixes: list[int] | None = None

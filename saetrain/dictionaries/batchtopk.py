@@ -40,7 +40,7 @@ class BatchTopKSAE(Dictionary):
         k: int = 32,
         aux_k: int | None = None,
         aux_k_coefficient: float = 1 / 32,
-        threshold_momentum: float = 0.99,
+        threshold_momentum: float = 0.9,
         **kwargs: Any,
     ):
         super().__init__(d_in, n_latents, d_out, **kwargs)
