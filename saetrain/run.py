@@ -205,6 +205,6 @@ def print_summary(metrics: dict[str, Any], folder: Path) -> None:
         "kl_div",
     ):
         if key in metrics:
-            lines.append(f"  {key:<16} {metrics[key]:.4f}")
+            lines.append(f"  {key:<18} {metrics[key]:.4f}")
     lines.append(f"dictionary saved to {folder}")
     print("\n".join(lines), flush=True)

@@ -9,7 +9,7 @@ with the dictionary spliced into the LM).
     python scripts/pareto.py                           # defaults: SmolLM2-135M, resid_post.6
     python scripts/pareto.py --tokens 2000000 --out docs/pareto --device cuda
 
-Writes <out>.json, <out>.md (the table) and <out>.png (the plot, needs matplotlib).
+Writes <out>.json, <out>.md (the table) and <out>.png (the plot: `pip install -e ".[plot]"`).
 """
 
 from __future__ import annotations
