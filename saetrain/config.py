@@ -295,6 +295,11 @@ def validate(cfg: Config) -> None:
     if cfg.trainer.lr is not None:
         _positive("trainer.lr", cfg.trainer.lr)
     _positive("trainer.warmup_steps", cfg.trainer.warmup_steps, allow_zero=True)
+    _positive("trainer.adam_eps", cfg.trainer.adam_eps)
+    for name in ("adam_beta1", "adam_beta2"):
+        beta = getattr(cfg.trainer, name)
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"trainer.{name}={beta} must be in [0, 1)")
     _positive("trainer.grad_clip", cfg.trainer.grad_clip, allow_zero=True)
     if not 0.0 <= cfg.trainer.decay_fraction < 1.0:
         raise ConfigError(f"trainer.decay_fraction={cfg.trainer.decay_fraction} must be in [0, 1)")
@@ -336,6 +341,11 @@ def validate(cfg: Config) -> None:
             f"dictionary.threshold_momentum={cfg.dictionary.threshold_momentum} must be in [0, 1)"
         )
     prefixes = cfg.dictionary.matryoshka_prefixes
+    if prefixes and cfg.dictionary.architecture != "matryoshka":
+        raise ConfigError(
+            f"dictionary.matryoshka_prefixes={list(prefixes)} only applies to "
+            f"dictionary.architecture=matryoshka, not {cfg.dictionary.architecture!r}"
+        )
     if prefixes:
         if list(prefixes) != sorted(set(prefixes)) or prefixes[0] < 1:
             raise ConfigError(

@@ -19,7 +19,7 @@ from saetrain.activations.buffer import ActivationBuffer
 from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-from saetrain.config import Config, validate
+from saetrain.config import Config, ConfigError, validate
 from saetrain.dictionaries import Dictionary
 from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.export.saelens import save_dictionary
@@ -48,6 +48,12 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         expand_data_files(list(cfg.data.data_files))  # a missing file fails before the LM loads
 
     model, tokenizer = load_lm(cfg.model, device)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.data.context_size > positions:
+        raise ConfigError(
+            f"data.context_size={cfg.data.context_size} exceeds the model's "
+            f"max_position_embeddings={positions}"
+        )
     input_site = cfg.site.input
     target_site = cfg.site.target or input_site
     transcoder = target_site != input_site

@@ -79,6 +79,11 @@ def test_wrong_type_is_named():
         ("buffer.size_tokens=1024", ["buffer.size_tokens", "trainer.batch_tokens"]),
         ("dictionary.n_latents=16", ["dictionary.k", "dictionary.n_latents"]),
         ("data.data_files=[]", ["data.data_files"]),
+        ("dictionary.matryoshka_prefixes=[8,16]", ["matryoshka_prefixes", "topk"]),
+        ("trainer.adam_beta2=1.5", ["trainer.adam_beta2", "1.5"]),
+        ("trainer.adam_eps=0", ["trainer.adam_eps"]),
+        ("dictionary.skip=true", ["dictionary.skip", "site.target"]),
+        ("site.target=resid_pre.6", ["site.target", "site.input"]),
     ],
 )
 def test_invalid_values_get_a_message_naming_field_value_and_choices(override, fragments):

@@ -115,3 +115,12 @@ def test_same_config_same_numbers(tiny_model, corpus, tmp_path):
     c = run(replace(cfg, seed=1), tmp_path / "c").metrics
     assert a["fvu"] == b["fvu"] and a["ce_spliced"] == b["ce_spliced"]
     assert a["fvu"] != c["fvu"]
+
+
+def test_context_longer_than_the_model_allows_is_named(tiny_model, corpus, tmp_path):
+    from saetrain.config import ConfigError
+
+    cfg = _config(tiny_model, corpus, "topk", None)
+    cfg = replace(cfg, data=replace(cfg.data, context_size=4096))
+    with pytest.raises(ConfigError, match="data.context_size=4096.*max_position_embeddings"):
+        run(cfg, tmp_path)

@@ -67,10 +67,15 @@ class TrainOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss components
 
 
+def total_variance(target: torch.Tensor) -> torch.Tensor:
+    """Σ‖y − mean(y)‖² over the batch: the TopK family's loss normaliser."""
+    return (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
 def fvu_loss(target: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch FVU, the batch's total variance): the TopK family's reconstruction loss."""
-    total_variance = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return (target - x_hat).pow(2).sum() / total_variance, total_variance
+    variance = total_variance(target)
+    return (target - x_hat).pow(2).sum() / variance, variance
 
 
 def squared_error(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

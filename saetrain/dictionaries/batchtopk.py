@@ -14,18 +14,17 @@ from typing import Any
 
 import torch
 
-from saetrain.dictionaries.base import Dictionary, TrainOutput, fvu_loss
+from saetrain.dictionaries.base import Dictionary, TrainOutput, total_variance
 from saetrain.dictionaries.jumprelu import jumprelu_saelens_name
 from saetrain.dictionaries.topk import auxk_loss
 
 
-def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Dense codes keeping the k·N largest ReLU pre-activations of the batch."""
-    acts = pre.relu()
-    flat = acts.flatten()
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense codes keeping the k·N largest ReLU pre-activations of the batch, the kept values)."""
+    flat = pre.relu().flatten()
     keep = min(k * pre.shape[0], flat.numel())
     values, indices = flat.topk(keep, sorted=False)
-    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre), values
 
 
 class BatchTopKSAE(Dictionary):
@@ -56,11 +55,11 @@ class BatchTopKSAE(Dictionary):
         return pre * (pre > self.threshold).to(pre.dtype)  # compared in fp32
 
     def reconstruction_loss(
-        self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor
+        self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor, total_variance: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, ŷ, logged terms): plain FVU here; Matryoshka sums it over prefixes."""
         x_hat = self.reconstruct(x, z)
-        fvu, _ = fvu_loss(target, x_hat)
+        fvu = (target - x_hat).pow(2).sum() / total_variance
         return fvu, x_hat, {"fvu": fvu.detach()}
 
     def training_forward(
@@ -71,16 +70,19 @@ class BatchTopKSAE(Dictionary):
         sparsity_multiplier: float = 1.0,
     ) -> TrainOutput:
         pre = self.pre_activations(x)
-        z = batch_topk(pre, self.k)
-        loss, x_hat, terms = self.reconstruction_loss(x, target, z)
+        z, kept = batch_topk(pre, self.k)
+        variance = total_variance(target)
+        loss, x_hat, terms = self.reconstruction_loss(x, target, z, variance)
         if self.aux_k_coefficient > 0:
-            _, total_variance = fvu_loss(target, x_hat)
-            aux = auxk_loss(self, pre, target - x_hat, total_variance, dead_mask, self.aux_k)
+            aux = auxk_loss(self, pre, target - x_hat, variance, dead_mask, self.aux_k)
             if aux is not None:
                 loss = loss + self.aux_k_coefficient * aux
                 terms["auxk"] = aux.detach()
-        kept = z[z > 0]
-        terms["batch_threshold"] = kept.min().detach() if kept.numel() else z.new_zeros(())
+        # The smallest activation the selection kept (zeros pad the selection when fewer than
+        # k·N pre-activations are positive).
+        positive = kept[kept > 0]
+        smallest = positive.min() if positive.numel() else kept.new_zeros(())
+        terms["batch_threshold"] = smallest.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, codes=z, terms=terms)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from saetrain.dictionaries.base import fvu_loss
+from saetrain.config import ConfigError
 from saetrain.dictionaries.batchtopk import BatchTopKSAE
 
 
@@ -38,14 +38,14 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(d_in, n_latents, d_out, **kwargs)
         prefixes = sorted(set(prefixes)) if prefixes else default_prefixes(n_latents)
         if prefixes[-1] != n_latents or prefixes[0] < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"dictionary.matryoshka_prefixes={prefixes} must be increasing sizes in "
                 f"1..{n_latents} ending with n_latents={n_latents}"
             )
         self.prefixes = prefixes
 
     def reconstruction_loss(
-        self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor
+        self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor, total_variance: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         partial = self.b_dec.expand(z.shape[0], -1)
         if self.W_skip is not None:
@@ -54,7 +54,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         start = 0
         for end in self.prefixes:
             partial = partial + z[:, start:end] @ self.W_dec[start:end]
-            fvu, _ = fvu_loss(target, partial)
+            fvu = (target - partial).pow(2).sum() / total_variance
             loss = loss + fvu
             start = end
         return loss, partial, {"fvu": fvu.detach(), "fvu_sum_prefixes": loss.detach()}
