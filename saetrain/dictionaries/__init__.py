@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from saetrain.config import DictionaryConfig
@@ -45,27 +43,6 @@ SAELENS_LOADERS: dict[str, type[Dictionary]] = {
 }
 
 
-def architecture_kwargs(cfg: DictionaryConfig) -> dict[str, Any]:
-    """The constructor arguments each architecture takes from the config."""
-    arch = cfg.architecture
-    if arch in ("topk", "batchtopk", "matryoshka"):
-        kwargs: dict[str, Any] = {
-            "k": cfg.k,
-            "aux_k": cfg.aux_k,
-            "aux_k_coefficient": cfg.aux_k_coefficient,
-        }
-        if arch != "topk":
-            kwargs["threshold_momentum"] = cfg.threshold_momentum
-        if arch == "matryoshka":
-            kwargs["prefixes"] = list(cfg.matryoshka_prefixes or [])
-        return kwargs
-    kwargs = {"sparsity_coefficient": cfg.sparsity_coefficient}
-    if arch == "jumprelu":
-        kwargs["bandwidth"] = cfg.jumprelu_bandwidth
-        kwargs["init_threshold"] = cfg.jumprelu_init_threshold
-    return kwargs
-
-
 def build_dictionary(
     cfg: DictionaryConfig,
     d_in: int,
@@ -91,7 +68,7 @@ def build_dictionary(
         dtype=TORCH_DTYPES[cfg.dtype],
         device=device,
         generator=generator,
-        **architecture_kwargs(cfg),
+        **ARCHITECTURES[cfg.architecture].init_kwargs_from_config(cfg),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from saetrain.config import DictionaryConfig
 from saetrain.kernels.reference import sparse_decode
 
 
@@ -187,6 +188,11 @@ class Dictionary(nn.Module):
 
     @classmethod
     def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        """The constructor arguments this architecture takes from `dictionary.*`."""
         return {}
 
     # -- shared --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput, total_variance
 from saetrain.dictionaries.jumprelu import jumprelu_saelens_name
 from saetrain.dictionaries.topk import auxk_loss
@@ -98,6 +99,15 @@ class BatchTopKSAE(Dictionary):
 
     def saelens_architecture(self) -> str:
         return jumprelu_saelens_name(self)
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return {
+            "k": cfg.k,
+            "aux_k": cfg.aux_k,
+            "aux_k_coefficient": cfg.aux_k_coefficient,
+            "threshold_momentum": cfg.threshold_momentum,
+        }
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 
@@ -84,3 +85,7 @@ class GatedSAE(Dictionary):
 
     def saelens_architecture(self) -> str:
         return "gated_skip_transcoder" if self.W_skip is not None else "gated"
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return {"sparsity_coefficient": cfg.sparsity_coefficient}

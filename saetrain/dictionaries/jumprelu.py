@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 
@@ -135,3 +136,11 @@ class JumpReLUSAE(Dictionary):
         threshold = tensors.pop("threshold").float().clamp_min(1e-30)
         tensors["log_threshold"] = threshold.log()
         self.load_state_dict(tensors)
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return {
+            "sparsity_coefficient": cfg.sparsity_coefficient,
+            "bandwidth": cfg.jumprelu_bandwidth,
+            "init_threshold": cfg.jumprelu_init_threshold,
+        }

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from saetrain.config import ConfigError
+from saetrain.config import ConfigError, DictionaryConfig
 from saetrain.dictionaries.batchtopk import BatchTopKSAE
 
 
@@ -58,3 +58,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             loss = loss + fvu
             start = end
         return loss, partial, {"fvu": fvu.detach(), "fvu_sum_prefixes": loss.detach()}
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return super().init_kwargs_from_config(cfg) | {
+            "prefixes": list(cfg.matryoshka_prefixes or [])
+        }

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 
@@ -52,3 +53,7 @@ class ReLUSAE(Dictionary):
         if not self.transcoder:
             return "standard"
         return "skip_transcoder" if self.W_skip is not None else "transcoder"
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return {"sparsity_coefficient": cfg.sparsity_coefficient}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, fvu_loss
 from saetrain.kernels.reference import sparse_decode
 
@@ -96,3 +97,7 @@ class TopKSAE(Dictionary):
     @classmethod
     def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg["k"])}
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_k_coefficient": cfg.aux_k_coefficient}
