@@ -187,12 +187,32 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    """Progress reporting."""
+    """Progress reporting. Every run also writes metrics.jsonl in its folder, whatever the name."""
 
-    # console (more backends come with the logger group).
+    # console | wandb (Weights & Biases as well as the console; honours WANDB_MODE=offline).
     name: str = "console"
-    # Print a progress line every this many steps.
+    # Print (and send) a progress line every this many steps.
     log_every: int = 25
+    # wandb: project, entity (null: your default) and run name (null: wandb picks one).
+    wandb_project: str = "saetrain"
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+
+
+@dataclass
+class PublishConfig:
+    """Upload each finished dictionary folder to the HuggingFace hub (off while repo_id is null)."""
+
+    # `user/name` of a model repo; created if missing. Null: nothing is uploaded.
+    repo_id: str | None = None
+    # Create the repo private.
+    private: bool = False
+    # Hub token; null uses HF_TOKEN or the token saved by `huggingface-cli login`.
+    token: str | None = None
+    # Hub endpoint; null uses HF_ENDPOINT or https://huggingface.co.
+    endpoint: str | None = None
+    # Branch to upload to.
+    revision: str = "main"
 
 
 @dataclass
@@ -207,6 +227,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     # Seed for every random draw (data order, init, buffer shuffling).
     seed: int = 0
     # Where the run's folder goes; null means Hydra's output folder for this job.
@@ -221,7 +242,7 @@ def register_configs() -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 SAMPLE_BY = ("document", "paragraph", "line")
-LOGGERS = ("console",)
+LOGGERS = ("console", "wandb")
 
 
 def _choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
