@@ -1,0 +1,165 @@
+"""A README.md model card for a saved dictionary folder, generated from its own files.
+
+Everything on the card is read from the folder (cfg.json, and saetrain_run.json when saetrain made
+it) plus the final metrics, so a card cannot describe a different dictionary than the one beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from saetrain.export.atomic import atomic_write_bytes
+from saetrain.export.saelens import CFG_FILE, RUN_FILE
+
+CARD_FILE = "README.md"
+
+# Metrics in the order a reader looks for them, with what each means; others follow, sorted.
+METRIC_DOCS: dict[str, str] = {
+    "fvu": "fraction of variance unexplained (held-out tokens)",
+    "mse": "mean squared error per element",
+    "l0": "mean active latents per token",
+    "dead_fraction": "latents that never fired on the held-out tokens",
+    "ce_clean": "LM next-token loss, site untouched",
+    "ce_spliced": "LM loss with the dictionary's output spliced in",
+    "ce_zero_ablated": "LM loss with the site set to zero",
+    "delta_ce": "ce_spliced − ce_clean",
+    "ce_recovered": "(zero − spliced) / (zero − clean)",
+    "kl_div": "KL(clean ‖ spliced) per token",
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_model_card(
+    folder: str | Path, metrics: dict[str, Any], repo_id: str | None = None
+) -> str:
+    """The card's Markdown for the dictionary in `folder` with its final `metrics`."""
+    folder = Path(folder)
+    cfg = _read_json(folder / CFG_FILE)
+    if not cfg:
+        raise FileNotFoundError(f"{folder / CFG_FILE} does not exist; is {folder} a dictionary?")
+    run_info = _read_json(folder / RUN_FILE)
+    run_cfg = run_info.get("config", {})
+    meta = cfg.get("metadata", {})
+    arch = meta.get("saetrain_architecture") or cfg.get("architecture", "standard")
+    transcoder = "hook_name_out" in meta or "d_out" in cfg
+    dict_cfg = run_cfg.get("dictionary", {})
+    data_cfg = run_cfg.get("data", {})
+
+    rows: list[tuple[str, Any]] = [
+        ("kind", "transcoder" if transcoder else "sparse autoencoder"),
+        ("architecture", f"{arch} (SAELens `{cfg.get('architecture', 'standard')}`)"),
+        ("model", meta.get("model_name", cfg.get("model_name", "unknown"))),
+        ("hook", meta.get("hook_name", cfg.get("hook_name", "unknown"))),
+    ]
+    if "saetrain_site" in meta:
+        rows.append(("site", meta["saetrain_site"]))
+    if transcoder:
+        rows.append(("target hook", meta.get("hook_name_out", "unknown")))
+        if "saetrain_target_site" in meta:
+            rows.append(("target site", meta["saetrain_target_site"]))
+    rows += [("d_in", cfg.get("d_in")), ("d_sae (latents)", cfg.get("d_sae"))]
+    if transcoder:
+        rows.append(("d_out", cfg.get("d_out", cfg.get("d_in"))))
+    if "k" in cfg:
+        rows.append(("k", cfg["k"]))
+    elif arch in ("topk", "batchtopk", "matryoshka") and "k" in dict_cfg:
+        rows.append(("k (training)", dict_cfg["k"]))
+    if arch in ("relu", "gated", "jumprelu", "standard") and "sparsity_coefficient" in dict_cfg:
+        rows.append(("λ (sparsity coefficient)", dict_cfg["sparsity_coefficient"]))
+    if data_cfg:
+        dataset = data_cfg.get("path", "unknown")
+        if dataset == "text":
+            dataset = "local text files: " + ", ".join(data_cfg.get("data_files", []))
+        elif data_cfg.get("name"):
+            dataset = f"{dataset} ({data_cfg['name']})"
+        rows.append(("dataset", dataset))
+    elif "dataset_path" in meta:
+        rows.append(("dataset", meta["dataset_path"]))
+    rows.append(("context size", meta.get("context_size", data_cfg.get("context_size", "unknown"))))
+    if "tokens_seen" in run_info:
+        rows.append(("tokens trained", f"{run_info['tokens_seen']:,}"))
+    if run_info.get("git_revision"):
+        rows.append(("saetrain revision", run_info["git_revision"]))
+
+    name = folder.name
+    lines = [
+        "---",
+        "library_name: saelens",
+        "tags:",
+        "  - sparse-autoencoder",
+        "  - saetrain",
+        "---",
+        "",
+        f"# {'Transcoder' if transcoder else 'Sparse autoencoder'} `{name}`",
+        "",
+        "Trained with saetrain; saved in the SAELens layout "
+        "(`cfg.json` + `sae_weights.safetensors`). Weights work on raw activations: the training "
+        "normalisation is folded in.",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {key} | {_fmt(value)} |" for key, value in rows],
+        "",
+        "## Final metrics",
+        "",
+    ]
+    if metrics:
+        ordered = [k for k in METRIC_DOCS if k in metrics]
+        ordered += sorted(k for k in metrics if k not in METRIC_DOCS)
+        lines += ["| metric | value | meaning |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(metrics[k])} | {METRIC_DOCS.get(k, '')} |" for k in ordered]
+    else:
+        lines.append("No metrics were recorded.")
+    where = f'"{repo_id}", "{name}"' if repo_id else '"<user>/<repo>", "<folder>"'
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "With SAELens (≥ 6; `sae_id` is this folder's name in the repo):",
+        "",
+        "```python",
+        "from sae_lens import SAE",
+        "",
+        f"sae = SAE.from_pretrained({where})",
+        "# or, from a local copy of this folder (older SAELens: SAE.load_from_pretrained(path)):",
+        f'sae = SAE.load_from_disk("path/to/{name}")',
+        "```",
+        "",
+        "With saetrain:",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from saetrain.export.saelens import load_dictionary",
+        "",
+    ]
+    if repo_id:
+        lines.append(f'root = snapshot_download("{repo_id}", allow_patterns=["{name}/*"])')
+        lines.append(f'sae = load_dictionary(f"{{root}}/{name}")')
+    else:
+        lines.append(f'sae = load_dictionary("path/to/{name}")')
+    lines += [
+        "x_hat = sae(activations)  # [..., d_in] → reconstruction (a transcoder: the prediction)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    folder: str | Path, metrics: dict[str, Any], repo_id: str | None = None
+) -> Path:
+    """Write README.md into `folder` (atomically) and return its path."""
+    path = Path(folder) / CARD_FILE
+    atomic_write_bytes(path, render_model_card(folder, metrics, repo_id).encode())
+    return path
