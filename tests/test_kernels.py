@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from saetrain.kernels import ops, reference
 
 _before = os.environ.get("TRITON_INTERPRET")
@@ -152,7 +151,9 @@ def test_reference_ops_match_dense_oracle(case, dtype, monkeypatch):
     plan = reference.sort_plan(indices, n)
     sorted_latents = indices.flatten()[plan.perm]
     assert bool((sorted_latents[1:] >= sorted_latents[:-1]).all())
-    assert torch.equal(plan.starts[1:] - plan.starts[:-1], torch.bincount(indices.flatten(), None, n))
+    assert torch.equal(
+        plan.starts[1:] - plan.starts[:-1], torch.bincount(indices.flatten(), None, n)
+    )
 
 
 # -- autograd through the dispatcher against autograd through dense codes ------------------------
@@ -310,7 +311,9 @@ def test_training_step_sparse_path_matches_dense_step(arch, interpret):
     from saetrain.dictionaries import ARCHITECTURES
 
     kwargs = {"prefixes": [10, 40]} if arch == "matryoshka" else {}
-    d = ARCHITECTURES[arch](12, 40, k=3, aux_k=5, aux_k_coefficient=0.5, generator=_gen(0), **kwargs)
+    d = ARCHITECTURES[arch](
+        12, 40, k=3, aux_k=5, aux_k_coefficient=0.5, generator=_gen(0), **kwargs
+    )
     with torch.no_grad():
         d.b_dec.copy_(0.1 * torch.randn(12, generator=_gen(1)))
         d.b_enc.copy_(0.05 * torch.randn(40, generator=_gen(2)))

@@ -16,18 +16,27 @@ import torch
 from torch import nn
 
 from saetrain.config import DictionaryConfig
-from saetrain.kernels.reference import sparse_decode
+from saetrain.kernels.ops import sparse_decode
 
 
 class SparseCodes(NamedTuple):
-    """Codes of a TopK-family dictionary: the k active latents per row and their values."""
+    """Codes of a TopK-family dictionary: the active latents per row and their values.
+
+    TopK has exactly k per row. BatchTopK and Matryoshka, whose per-row count varies, pad every
+    row to the batch's largest count with value 0 (a padded slot may repeat an index of its row):
+    zeros are harmless in the decode and in every count below, which all look at values != 0.
+    """
 
     indices: torch.Tensor  # [N, k] int64
     values: torch.Tensor  # [N, k]
 
     def to_dense(self, n_latents: int) -> torch.Tensor:
+        """[N, n] codes; repeated indices add (a padded slot adds its 0)."""
         dense = self.values.new_zeros(self.values.shape[0], n_latents)
-        return dense.scatter_(1, self.indices, self.values)
+        return dense.scatter_add_(1, self.indices, self.values)
+
+    def detach(self) -> SparseCodes:
+        return SparseCodes(self.indices, self.values.detach())
 
 
 # Codes travel sparse (TopK: indices and values) or dense ([N, n], zeros where inactive).
@@ -197,12 +206,16 @@ class Dictionary(nn.Module):
 
     # -- shared --------------------------------------------------------------------------------
 
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: x − b_dec for an SAE, x for a transcoder."""
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        return x_in @ self.W_enc + self.b_enc
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
 
     def decode(self, codes: Codes) -> torch.Tensor:
-        """The decoder alone: codes · W_dec + b_dec (sparse codes never become dense)."""
+        """The decoder alone: codes · W_dec + b_dec (sparse codes never become dense; they go
+        through saetrain.kernels.ops, Triton where the device allows)."""
         if isinstance(codes, SparseCodes):
             return sparse_decode(codes.indices, codes.values, self.W_dec) + self.b_dec
         return codes @ self.W_dec + self.b_dec

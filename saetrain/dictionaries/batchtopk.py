@@ -6,6 +6,9 @@ TopK. Inference cannot depend on the batch, so a threshold θ is estimated durin
 running average (an exponential moving average) of the smallest activation the batch selection
 keeps, and inference is z = pre·1[pre > θ]: a JumpReLU with one threshold for all latents. It is
 exported as SAELens's "jumprelu" with `threshold` = θ for every latent.
+
+Training codes travel sparse, padded to the batch's largest per-row count (`batch_topk`), so the
+decoder and the encoder's backward are O(N·kmax·d) through saetrain.kernels.ops.
 """
 
 from __future__ import annotations
@@ -15,17 +18,34 @@ from typing import Any
 import torch
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import Dictionary, TrainOutput, total_variance
+from saetrain.dictionaries.base import Codes, Dictionary, SparseCodes, TrainOutput, total_variance
 from saetrain.dictionaries.jumprelu import jumprelu_saelens_name
-from saetrain.dictionaries.topk import auxk_loss
+from saetrain.dictionaries.topk import auxk_loss, gather_codes, select_dead
 
 
-def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense codes keeping the k·N largest ReLU pre-activations of the batch, the kept values)."""
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k·N largest ReLU pre-activations of the batch, as padded per-row indices.
+
+    Returns (indices [N, kmax], mask [N, kmax] of real slots, the kept values [k·N]); kmax is the
+    largest count any row got. Rows are sorted by latent; a padded slot gets an index spread over
+    the latents (so no single latent's segment collects every pad in the backward) and its value
+    must be zeroed by the caller (`mask`). Costs one host sync (kmax).
+    """
+    N, n = pre.shape
     flat = pre.relu().flatten()
-    keep = min(k * pre.shape[0], flat.numel())
-    values, indices = flat.topk(keep, sorted=False)
-    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre), values
+    keep = min(k * N, flat.numel())
+    kept, chosen = flat.topk(keep, sorted=False)
+    chosen = chosen.sort().values  # by row (flat = row·n + latent), then by latent
+    rows, cols = chosen // n, chosen % n
+    counts = torch.bincount(rows, minlength=N)
+    kmax = max(int(counts.max()), 1) if keep else 1
+    slot = torch.arange(keep, device=pre.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    spread = torch.arange(N * kmax, device=pre.device).view(N, kmax) % n
+    indices = spread.index_put_((rows, slot), cols)
+    mask = torch.zeros(N, kmax, dtype=torch.bool, device=pre.device).index_put_(
+        (rows, slot), torch.ones_like(rows, dtype=torch.bool)
+    )
+    return indices, mask, kept
 
 
 class BatchTopKSAE(Dictionary):
@@ -56,7 +76,7 @@ class BatchTopKSAE(Dictionary):
         return pre * (pre > self.threshold).to(pre.dtype)  # compared in fp32
 
     def reconstruction_loss(
-        self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor, total_variance: torch.Tensor
+        self, x: torch.Tensor, target: torch.Tensor, z: Codes, total_variance: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, ŷ, logged terms): plain FVU here; Matryoshka sums it over prefixes."""
         x_hat = self.reconstruct(x, z)
@@ -70,15 +90,19 @@ class BatchTopKSAE(Dictionary):
         dead_mask: torch.Tensor | None,
         sparsity_multiplier: float = 1.0,
     ) -> TrainOutput:
-        pre = self.pre_activations(x)
-        z, kept = batch_topk(pre, self.k)
+        x_in = self.encoder_input(x)
+        with torch.no_grad():  # the one dense product; its backward is sparse (encode_gather)
+            pre = x_in @ self.W_enc + self.b_enc
+            indices, mask, kept = batch_topk(pre, self.k)
+            aux = select_dead(pre, dead_mask, self.aux_k) if self.aux_k_coefficient > 0 else None
+        values, aux_values = gather_codes(self, x_in, pre, indices, aux)
+        z = SparseCodes(indices, values * mask)
         variance = total_variance(target)
         loss, x_hat, terms = self.reconstruction_loss(x, target, z, variance)
-        if self.aux_k_coefficient > 0:
-            aux = auxk_loss(self, pre, target - x_hat, variance, dead_mask, self.aux_k)
-            if aux is not None:
-                loss = loss + self.aux_k_coefficient * aux
-                terms["auxk"] = aux.detach()
+        if aux is not None:
+            aux_term = auxk_loss(self, aux, aux_values, target - x_hat, variance)
+            loss = loss + self.aux_k_coefficient * aux_term
+            terms["auxk"] = aux_term.detach()
         # The smallest activation the selection kept (zeros pad the selection when fewer than
         # k·N pre-activations are positive).
         positive = kept[kept > 0]

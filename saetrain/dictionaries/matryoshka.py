@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from saetrain.config import ConfigError, DictionaryConfig
+from saetrain.dictionaries.base import Codes, SparseCodes
 from saetrain.dictionaries.batchtopk import BatchTopKSAE
+from saetrain.kernels.ops import sparse_decode
 
 
 def default_prefixes(n_latents: int, levels: int = 5) -> list[int]:
@@ -45,19 +47,27 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.prefixes = prefixes
 
     def reconstruction_loss(
-        self, x: torch.Tensor, target: torch.Tensor, z: torch.Tensor, total_variance: torch.Tensor
+        self, x: torch.Tensor, target: torch.Tensor, z: Codes, total_variance: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        partial = self.b_dec.expand(z.shape[0], -1)
+        partial = self.b_dec.expand(x.shape[0], -1)
         if self.W_skip is not None:
             partial = partial + x @ self.W_skip.T
-        loss = z.new_zeros(())
+        loss = partial.new_zeros(())
         start = 0
         for end in self.prefixes:
-            partial = partial + z[:, start:end] @ self.W_dec[start:end]
+            partial = partial + self._decode_range(z, start, end)
             fvu = (target - partial).pow(2).sum() / total_variance
             loss = loss + fvu
             start = end
         return loss, partial, {"fvu": fvu.detach(), "fvu_sum_prefixes": loss.detach()}
+
+    def _decode_range(self, z: Codes, start: int, end: int) -> torch.Tensor:
+        """The latents start..end-1's part of the decoder output (sparse codes stay sparse: the
+        other entries' values are masked to 0, so each level costs one O(N·kmax·d) decode)."""
+        if isinstance(z, SparseCodes):
+            in_range = (z.indices >= start) & (z.indices < end)
+            return sparse_decode(z.indices, z.values * in_range, self.W_dec)
+        return z[:, start:end] @ self.W_dec[start:end]
 
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:

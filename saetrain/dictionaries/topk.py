@@ -7,27 +7,29 @@ residual, so dead latents receive gradient and come back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, fvu_loss
-from saetrain.kernels.reference import sparse_decode
+from saetrain.kernels.ops import encode_gather, sparse_decode
 
 
-def auxk_loss(
-    dictionary: Dictionary,
-    pre: torch.Tensor,
-    residual: torch.Tensor,
-    total_variance: torch.Tensor,
-    dead_mask: torch.Tensor | None,
-    aux_k: int,
-) -> torch.Tensor | None:
-    """AuxK (Gao et al.): dead latents' top pre-activations model the (detached) residual.
+class AuxSelection(NamedTuple):
+    """The dead latents AuxK uses: their indices [N, k_aux] and the term's weight."""
 
-    Normalised like the main FVU loss. With fewer dead latents than aux_k the term is weakened in
-    proportion, so a handful of dead latents cannot dominate. None when no latent is dead.
+    indices: torch.Tensor
+    scale: float
+
+
+def select_dead(
+    pre: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int
+) -> AuxSelection | None:
+    """The top `aux_k` pre-activations among dead latents (None when no latent is dead).
+
+    With fewer dead latents than aux_k the term is weakened in proportion, so a handful of dead
+    latents cannot dominate.
     """
     if dead_mask is None:
         return None
@@ -35,10 +37,42 @@ def auxk_loss(
     if n_dead == 0:
         return None
     k = min(aux_k, n_dead)
-    values, indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k, dim=-1, sorted=False)
-    e_hat = sparse_decode(indices, values.relu(), dictionary.W_dec)
-    scale = min(n_dead / aux_k, 1.0)
-    return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+    indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    return AuxSelection(indices, min(n_dead / aux_k, 1.0))
+
+
+def auxk_loss(
+    dictionary: Dictionary,
+    aux: AuxSelection,
+    values: torch.Tensor,
+    residual: torch.Tensor,
+    total_variance: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK (Gao et al.): dead latents' top pre-activations model the (detached) residual.
+
+    `values` are the ReLU'd pre-activations at aux.indices, gathered with a sparse backward like
+    the main codes. Normalised like the main FVU loss.
+    """
+    e_hat = sparse_decode(aux.indices, values, dictionary.W_dec)
+    return aux.scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+
+
+def gather_codes(
+    dictionary: Dictionary,
+    x_in: torch.Tensor,
+    pre: torch.Tensor,
+    indices: torch.Tensor,
+    aux: AuxSelection | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ReLU'd pre at indices, ReLU'd pre at the AuxK indices or None) in one sparse gather.
+
+    One gather (and one backward: one sort, one segmented reduction) for the kept and the AuxK
+    entries together: the encoder gradient is non-zero only there.
+    """
+    both = indices if aux is None else torch.cat([indices, aux.indices], dim=1)
+    gathered = encode_gather(x_in, dictionary.W_enc, dictionary.b_enc, both, pre).relu()
+    k = indices.shape[1]
+    return gathered[:, :k], (None if aux is None else gathered[:, k:])
 
 
 class TopKSAE(Dictionary):
@@ -74,16 +108,20 @@ class TopKSAE(Dictionary):
         dead_mask: torch.Tensor | None,
         sparsity_multiplier: float = 1.0,
     ) -> TrainOutput:
-        pre = self.pre_activations(x)
-        codes = self._select(pre)
+        x_in = self.encoder_input(x)
+        with torch.no_grad():  # the one dense product; its backward is sparse (encode_gather)
+            pre = x_in @ self.W_enc + self.b_enc
+            indices = pre.topk(self.k, dim=-1, sorted=False).indices
+            aux = select_dead(pre, dead_mask, self.aux_k) if self.aux_k_coefficient > 0 else None
+        values, aux_values = gather_codes(self, x_in, pre, indices, aux)
+        codes = SparseCodes(indices, values)
         x_hat = self.reconstruct(x, codes)
         fvu, total_variance = fvu_loss(target, x_hat)
         loss, terms = fvu, {"fvu": fvu.detach()}
-        if self.aux_k_coefficient > 0:
-            aux = auxk_loss(self, pre, target - x_hat, total_variance, dead_mask, self.aux_k)
-            if aux is not None:
-                loss = loss + self.aux_k_coefficient * aux
-                terms["auxk"] = aux.detach()
+        if aux is not None:
+            aux_term = auxk_loss(self, aux, aux_values, target - x_hat, total_variance)
+            loss = loss + self.aux_k_coefficient * aux_term
+            terms["auxk"] = aux_term.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, codes=codes, terms=terms)
 
     def saelens_architecture(self) -> str:
