@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from saetrain import config_dir
+from saetrain.activations.cache import CacheError
 from saetrain.activations.sites import SiteError
 from saetrain.config import ConfigError, register_configs, to_config
 
@@ -23,7 +24,7 @@ def _main(node: DictConfig) -> dict[str, float]:
         cfg = to_config(node)
         output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
         return run(cfg, output_dir).metrics
-    except (ConfigError, SiteError, FileNotFoundError) as e:
+    except (ConfigError, SiteError, CacheError, FileNotFoundError) as e:
         print(f"saetrain: error: {e}", file=sys.stderr)
         sys.exit(2)
 

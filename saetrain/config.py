@@ -8,12 +8,15 @@ relations between fields, and names the field, the value and the valid choices.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,14 @@ class DataConfig:
     sample_by: str = "document"
     # Column holding each document's text.
     text_column: str = "text"
+    # Column of an already-tokenized dataset (lists of token ids, used as they are after a check
+    # that they decode and re-encode with the model's tokenizer). Null: `input_ids` or `tokens`
+    # is used when the dataset has no `text_column`.
+    token_column: str | None = None
+    # How documents become contexts: concat (documents joined by the EOS separator and cut into
+    # full contexts; no padding) | document (one document per context, truncated to context_size;
+    # shorter ones padded with a special token that is masked out).
+    packing: str = "concat"
     # Tokens per context, BOS included.
     context_size: int = 128
     # Put the tokenizer's BOS token at the start of every context (masked out of training).
@@ -98,8 +109,24 @@ class BufferConfig:
     size_tokens: int = 16384
     # Contexts per LM forward while filling.
     lm_batch_contexts: int = 16
-    # Storage dtype of buffered activations: float32 | bfloat16 | float16.
+    # Storage dtype of buffered activations: float32 | bfloat16 | float16. Dictionaries still
+    # compute in dictionary.dtype (float32 by default).
     dtype: str = "float32"
+    # LM batches computed ahead in a background thread (on a CUDA side stream on a GPU), so the
+    # next refill overlaps with dictionary steps. 0 computes them in the training loop.
+    prefetch_batches: int = 2
+
+
+@dataclass
+class CacheConfig:
+    """An on-disk cache of activations: written once, read by any later run with the same key."""
+
+    # Root folder; null disables the cache. Each key gets its own subfolder.
+    dir: str | None = None
+    # Activations per shard file (tokens).
+    shard_tokens: int = 65536
+    # Check every shard's sha256 against the manifest before reading it.
+    verify: bool = True
 
 
 @dataclass
@@ -216,6 +243,26 @@ class PublishConfig:
 
 
 @dataclass
+class DictionarySpec:
+    """One of several dictionaries trained on the same activation stream (see Config.dictionaries).
+
+    Each field overrides the run's own group of the same name; what is left out is inherited.
+    """
+
+    # Output folder name; null: the site (with the entry's index when several share a site).
+    name: str | None = None
+    # Overrides of `site` (input, target).
+    site: Any = None
+    # Overrides of `dictionary` (architecture, k, n_latents, sparsity_coefficient, ...).
+    dictionary: Any = None
+    # Overrides of `trainer`; total_tokens, batch_tokens and init_batches belong to the stream
+    # and are shared.
+    trainer: Any = None
+    # Seed of this dictionary's initialisation; null: the run's seed.
+    seed: int | None = None
+
+
+@dataclass
 class Config:
     """One run: which LM, which data, which site, which dictionary, how to train and evaluate."""
 
@@ -223,11 +270,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    # Several dictionaries trained from one LM pass: each entry overrides site / dictionary /
+    # trainer / seed of the run (empty: the run's one dictionary). Sites are read together.
+    dictionaries: list[DictionarySpec] = field(default_factory=list)
     # Seed for every random draw (data order, init, buffer shuffling).
     seed: int = 0
     # Where the run's folder goes; null means Hydra's output folder for this job.
@@ -242,6 +293,9 @@ def register_configs() -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 SAMPLE_BY = ("document", "paragraph", "line")
+PACKINGS = ("concat", "document")
+# Trainer fields that belong to the shared stream, not to one dictionary.
+STREAM_TRAINER_FIELDS = ("total_tokens", "batch_tokens", "init_batches")
 LOGGERS = ("console", "wandb")
 
 
@@ -266,7 +320,80 @@ def _forward_position(site: Any) -> tuple[int, int]:
 
 
 def validate(cfg: Config) -> None:
-    """Check choices and ranges that the types alone cannot express."""
+    """Check choices and ranges that the types alone cannot express (every dictionary's too)."""
+    _validate_one(cfg)
+    if cfg.dictionaries:
+        names: dict[str, int] = {}
+        for i, (name, sub) in enumerate(dictionary_configs(cfg)):
+            try:
+                _validate_one(sub)
+            except ConfigError as e:
+                raise ConfigError(f"dictionaries[{i}]: {e}") from None
+            if name in names:
+                raise ConfigError(
+                    f"dictionaries[{i}] and dictionaries[{names[name]}] both write to folder "
+                    f"{name!r}; give one of them a `name`"
+                )
+            names[name] = i
+
+
+def site_folder(site: SiteConfig) -> str:
+    """The output folder of a dictionary on `site`: the site, or `input-target` for transcoders."""
+    target = site.target or site.input
+    return site.input if target == site.input else f"{site.input}-{target}"
+
+
+def _merged(base: Any, overrides: Any, where: str) -> Any:
+    """`base` (a dataclass) with `overrides` (a mapping) applied, type-checked by OmegaConf."""
+    if overrides is None:
+        return copy.deepcopy(base)
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(base), overrides)
+        return OmegaConf.to_object(node)
+    except (OmegaConfBaseException, ValueError) as e:
+        message = str(e).split("\n")[0]
+        raise ConfigError(f"{where}: {message}") from None
+
+
+def dictionary_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """(output folder name, full config) of every dictionary the run trains.
+
+    Without `dictionaries` that is the run's own config; otherwise each entry's overrides applied
+    to the run's site / dictionary / trainer / seed.
+    """
+    if not cfg.dictionaries:
+        return [(site_folder(cfg.site), cfg)]
+    subs: list[tuple[str | None, Config]] = []
+    for i, spec in enumerate(cfg.dictionaries):
+        where = f"dictionaries[{i}]"
+        if isinstance(spec, dict):
+            spec = _merged(DictionarySpec(), spec, where)
+        trainer = _merged(cfg.trainer, spec.trainer, f"{where}.trainer")
+        for name in STREAM_TRAINER_FIELDS:
+            if getattr(trainer, name) != getattr(cfg.trainer, name):
+                raise ConfigError(
+                    f"{where}.trainer.{name}={getattr(trainer, name)!r}: all dictionaries of a "
+                    f"run share one activation stream; set trainer.{name} for the whole run"
+                )
+        sub = dataclasses.replace(
+            cfg,
+            site=_merged(cfg.site, spec.site, f"{where}.site"),
+            dictionary=_merged(cfg.dictionary, spec.dictionary, f"{where}.dictionary"),
+            trainer=trainer,
+            seed=cfg.seed if spec.seed is None else spec.seed,
+            dictionaries=[],
+        )
+        subs.append((spec.name, sub))
+    folders = [site_folder(sub.site) for _, sub in subs]
+    out: list[tuple[str, Config]] = []
+    for i, (name, sub) in enumerate(subs):
+        if name is None:
+            name = folders[i] if folders.count(folders[i]) == 1 else f"{folders[i]}-{i}"
+        out.append((name, sub))
+    return out
+
+
+def _validate_one(cfg: Config) -> None:
     from saetrain.dictionaries import ARCHITECTURES
 
     _choice("model.dtype", cfg.model.dtype, DTYPES)
@@ -276,6 +403,9 @@ def validate(cfg: Config) -> None:
     _choice("dictionary.b_dec_init", cfg.dictionary.b_dec_init, B_DEC_INITS)
     _choice("logger.name", cfg.logger.name, LOGGERS)
     _choice("data.sample_by", cfg.data.sample_by, SAMPLE_BY)
+    _choice("data.packing", cfg.data.packing, PACKINGS)
+    _positive("buffer.prefetch_batches", cfg.buffer.prefetch_batches, allow_zero=True)
+    _positive("cache.shard_tokens", cfg.cache.shard_tokens)
     if cfg.model.device not in ("auto", "cpu") and not cfg.model.device.startswith("cuda"):
         raise ConfigError(
             f"model.device={cfg.model.device!r} is not valid; choose one of: auto, cpu, cuda, "

@@ -16,33 +16,63 @@ from typing import Any
 import torch
 
 from saetrain.activations.buffer import ActivationBuffer
+from saetrain.activations.cache import ActivationCache, activation_key_fields
 from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
+from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-from saetrain.config import Config, ConfigError, validate
-from saetrain.dictionaries import Dictionary
+from saetrain.config import Config, ConfigError, dictionary_configs, validate
 from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.export.saelens import save_dictionary
-from saetrain.training.fit import fit_dictionary
+from saetrain.training.fit import fold, prepare_trainer, train_together
 from saetrain.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunResult:
-    output_dir: Path
+class DictionaryResult:
+    name: str
     dictionary_dir: Path
     metrics: dict[str, float]
 
 
+@dataclass
+class RunResult:
+    output_dir: Path
+    dictionary_dir: Path  # the first dictionary's folder
+    metrics: dict[str, float]  # the first dictionary's held-out metrics
+    dictionaries: list[DictionaryResult]
+
+
+@dataclass
+class _Job:
+    """One dictionary of the run: its config, where its columns sit in the stream, its trainer."""
+
+    name: str
+    cfg: Config
+    input_site: str
+    target_site: str
+    columns: list[slice]
+    trainer: Trainer | None = None
+
+    @property
+    def transcoder(self) -> bool:
+        return self.target_site != self.input_site
+
+    def view(self, rows: torch.Tensor) -> torch.Tensor:
+        """This dictionary's raw rows ([x] or [x, y]) out of the stream's rows."""
+        if len(self.columns) == 1:
+            return rows[:, self.columns[0]]
+        return torch.cat([rows[:, c] for c in self.columns], dim=-1)
+
+
 def run(cfg: Config, output_dir: str | Path) -> RunResult:
-    """Train, evaluate and save one dictionary as `cfg` describes, under `output_dir`."""
+    """Train, evaluate and save every dictionary `cfg` describes, from one LM pass."""
     validate(cfg)
     started = time.time()
     output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
     if cfg.data.path in LOCAL_BUILDERS:
         expand_data_files(list(cfg.data.data_files))  # a missing file fails before the LM loads
@@ -54,12 +84,20 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
             f"data.context_size={cfg.data.context_size} exceeds the model's "
             f"max_position_embeddings={positions}"
         )
-    input_site = cfg.site.input
-    target_site = cfg.site.target or input_site
-    transcoder = target_site != input_site
-    sites = [input_site, target_site] if transcoder else [input_site]
+    configs = dictionary_configs(cfg)
+    sites: list[str] = []
+    for _, sub in configs:
+        for site in (sub.site.input, sub.site.target or sub.site.input):
+            if site not in sites:
+                sites.append(site)
     source = ActivationSource(model, sites)  # unknown site / layer out of range fail here
-    d_in = d_out = source.d_model
+    d = source.d_model
+    column = {site: slice(i * d, (i + 1) * d) for i, site in enumerate(sites)}
+    jobs: list[_Job] = []
+    for name, sub in configs:
+        target = sub.site.target or sub.site.input
+        cols = [column[sub.site.input]] + ([column[target]] if target != sub.site.input else [])
+        jobs.append(_Job(name, sub, sub.site.input, target, cols))
 
     tokens = TokenSource(cfg.data, tokenizer, cfg.seed)
     n_eval_contexts = max(math.ceil(cfg.eval.n_tokens / cfg.data.context_size), 1)
@@ -68,79 +106,161 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         cfg.eval.batch_contexts,
     )
     buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
-    rows = source.rows(tokens.training(cfg.buffer.lm_batch_contexts), sites, buffer_dtype)
-    width = d_in + d_out if transcoder else d_in
-    buffer = ActivationBuffer(rows, cfg.buffer.size_tokens, width, buffer_dtype, device, generator)
-
-    samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens)
-
-    def announce(dictionary: Dictionary, trainer: Trainer) -> None:
-        log.info(
-            "dictionary: %s %s, %s → %s, %d latents; normalisation scales %.4g / %.4g",
-            dictionary.architecture,
-            "transcoder" if transcoder else "SAE",
-            input_site,
-            target_site,
-            dictionary.n_latents,
-            trainer.scale,
-            trainer.target_scale,
+    cache = None
+    if cfg.cache.dir is not None:
+        cache = ActivationCache(
+            cfg.cache.dir,
+            activation_key_fields(cfg, sites),
+            dict.fromkeys(sites, d),
+            buffer_dtype,
+            cfg.cache.shard_tokens,
+            cfg.cache.verify,
         )
-        log.info(
-            "training on %d tokens: %d steps of %d, lr %.3g",
-            trainer.total_steps * cfg.trainer.batch_tokens,
-            trainer.total_steps,
-            cfg.trainer.batch_tokens,
-            trainer.base_lr,
-        )
-
-    train_start = time.time()
-    fitted = fit_dictionary(
-        cfg.dictionary,
-        cfg.trainer,
-        buffer.next_batch,
-        samples,
-        d_in,
-        d_out,
-        transcoder,
-        device,
-        generator,
-        cfg.logger.log_every,
-        on_ready=announce,
-    )
-    train_seconds = time.time() - train_start
-    exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
-
-    log.info("evaluating on %d held-out contexts", sum(len(b) for b in held_out))
-    metrics = evaluate_dictionary(
+    stream = TrainingStream(
         source,
-        exported,
-        held_out,
-        input_site,
-        target_site,
-        cfg.eval.compute_ce,
-        cfg.eval.ce_contexts,
+        tokens,
+        sites,
+        buffer_dtype,
+        cfg.buffer.lm_batch_contexts,
+        cache,
+        cfg.buffer.prefetch_batches,
+        torch.Generator().manual_seed(cfg.seed + 1),
+        limit_tokens=ActivationBuffer.rows_needed(
+            cfg.buffer.size_tokens,
+            cfg.trainer.batch_tokens,
+            max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1),
+        ),
     )
-    metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
-
-    sae_metadata = saelens_metadata(cfg, source, exported.architecture)
-    run_info = {
-        "config": dataclasses.asdict(cfg),
-        "versions": package_versions(),
-        "git_revision": git_revision(),
-        "device": str(device),
-        "tokens_seen": state.tokens,
-        "steps": state.step,
-        "normalization_scale": fitted.scale_in,
-        "target_normalization_scale": fitted.scale_out,
+    try:
+        buffer = ActivationBuffer(
+            stream,
+            cfg.buffer.size_tokens,
+            d * len(sites),
+            buffer_dtype,
+            device,
+            torch.Generator().manual_seed(cfg.seed),
+        )
+        log.info(
+            "buffer: %d tokens × %d sites × %d (%s) = %.1f MiB on %s",
+            cfg.buffer.size_tokens,
+            len(sites),
+            d,
+            cfg.buffer.dtype,
+            buffer.storage_bytes() / 2**20,
+            device,
+        )
+        samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens)
+        for job in jobs:
+            job.trainer = prepare_trainer(
+                job.cfg.dictionary,
+                job.cfg.trainer,
+                job.view(samples),
+                d,
+                d,
+                job.transcoder,
+                device,
+                torch.Generator().manual_seed(job.cfg.seed),
+                name=job.name if len(jobs) > 1 else "",
+            )
+            _announce(job)
+        train_start = time.time()
+        trainers = [job.trainer for job in jobs if job.trainer is not None]
+        train_together(
+            trainers, [job.view for job in jobs], buffer.next_batch, cfg.logger.log_every
+        )
+        train_seconds = time.time() - train_start
+    finally:
+        stream.close()
+    stream_info = {
+        "sites": sites,
+        "buffer_tokens": cfg.buffer.size_tokens,
+        "buffer_bytes": buffer.storage_bytes(),
+        "lm_tokens": stream.lm_tokens,
+        "lm_contexts": stream.lm_contexts,
+        "cached_tokens": stream.cached_tokens,
+        "cache_dir": str(cache.folder) if cache is not None else None,
         "train_seconds": train_seconds,
-        "total_seconds": time.time() - started,
-        "final_metrics": metrics,
-        "train_log": state.history,
+        "tokens_per_s": trainers[0].state.tokens / max(train_seconds, 1e-9),
     }
-    folder = f"{input_site}-{target_site}" if transcoder else input_site
-    dictionary_dir = save_dictionary(exported, output_dir / folder, sae_metadata, run_info)
-    print_summary(metrics, dictionary_dir)
-    return RunResult(output_dir, dictionary_dir, metrics)
+    log.info(
+        "trained %d dictionar%s on %d tokens in %.1f s (%.0f tok/s; LM on %d tokens, %d from "
+        "the cache)",
+        len(jobs),
+        "y" if len(jobs) == 1 else "ies",
+        trainers[0].state.tokens,
+        train_seconds,
+        stream_info["tokens_per_s"],
+        stream.lm_tokens,
+        stream.cached_tokens,
+    )
+
+    results: list[DictionaryResult] = []
+    for job in jobs:
+        assert job.trainer is not None
+        fitted = fold(job.trainer)
+        exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
+        log.info("%sevaluating on %d held-out contexts", _tag(job, jobs), _n_contexts(held_out))
+        metrics = evaluate_dictionary(
+            source,
+            exported,
+            held_out,
+            job.input_site,
+            job.target_site,
+            cfg.eval.compute_ce,
+            cfg.eval.ce_contexts,
+        )
+        metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
+        run_info = {
+            "config": dataclasses.asdict(job.cfg),
+            "run_config": dataclasses.asdict(cfg) if len(jobs) > 1 else None,
+            "name": job.name,
+            "versions": package_versions(),
+            "git_revision": git_revision(),
+            "device": str(device),
+            "tokens_seen": state.tokens,
+            "steps": state.step,
+            "normalization_scale": fitted.scale_in,
+            "target_normalization_scale": fitted.scale_out,
+            "stream": stream_info,
+            "train_seconds": train_seconds,
+            "total_seconds": time.time() - started,
+            "final_metrics": metrics,
+            "train_log": state.history,
+        }
+        sae_metadata = saelens_metadata(job.cfg, source, exported.architecture)
+        folder = save_dictionary(exported, output_dir / job.name, sae_metadata, run_info)
+        print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
+        results.append(DictionaryResult(job.name, folder, metrics))
+    return RunResult(output_dir, results[0].dictionary_dir, results[0].metrics, results)
+
+
+def _tag(job: _Job, jobs: list[_Job]) -> str:
+    return f"[{job.name}] " if len(jobs) > 1 else ""
+
+
+def _n_contexts(batches: list) -> int:
+    return sum(len(b) for b in batches)
+
+
+def _announce(job: _Job) -> None:
+    trainer = job.trainer
+    assert trainer is not None
+    dictionary = trainer.dictionary
+    log.info(
+        "dictionary %s: %s %s, %s → %s, %d latents; normalisation scales %.4g / %.4g; "
+        "%d steps of %d tokens, lr %.3g",
+        job.name,
+        dictionary.architecture,
+        "transcoder" if job.transcoder else "SAE",
+        job.input_site,
+        job.target_site,
+        dictionary.n_latents,
+        trainer.scale,
+        trainer.target_scale,
+        trainer.total_steps,
+        trainer.cfg.batch_tokens,
+        trainer.base_lr,
+    )
 
 
 def saelens_metadata(cfg: Config, source: ActivationSource, architecture: str) -> dict[str, Any]:
@@ -195,8 +315,8 @@ def git_revision() -> str | None:
     return rev.stdout.strip() or None if rev.returncode == 0 else None
 
 
-def print_summary(metrics: dict[str, Any], folder: Path) -> None:
-    lines = ["", "held-out evaluation:"]
+def print_summary(metrics: dict[str, Any], folder: Path, name: str | None = None) -> None:
+    lines = ["", f"held-out evaluation{f' of {name}' if name else ''}:"]
     for key in (
         "fvu",
         "fvu_zero_baseline",

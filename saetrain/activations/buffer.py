@@ -33,6 +33,31 @@ class ActivationBuffer:
         self.tokens_served = 0
         self.refills = 0
 
+    @staticmethod
+    def rows_needed(size: int, batch: int, steps: int) -> int:
+        """How many rows the source must supply for `steps` draws of `batch` (no more is read,
+        so a stream can stop the LM — and the cache — exactly there)."""
+        total, pos = size, 0
+        for _ in range(steps):
+            if pos + batch > size // 2:
+                total += pos
+                pos = 0
+            pos += batch
+        return total
+
+    def storage_bytes(self) -> int:
+        """Bytes of the buffer's storage: the bound the config sets (buffer.size_tokens × width)."""
+        return self.storage.numel() * self.storage.element_size()
+
+    def resident_bytes(self) -> int:
+        """Bytes of every activation the buffer holds or has had computed for it: the storage,
+        the leftover of the last chunk, and what a prefetching source computed ahead."""
+        held = [self._leftover] if self._leftover is not None else []
+        queued = getattr(self._chunks, "queued", None)
+        if queued is not None:
+            held += queued()
+        return self.storage_bytes() + sum(t.numel() * t.element_size() for t in held)
+
     def _take(self, n: int) -> torch.Tensor:
         """The next n activations from the source, carrying leftovers between calls."""
         parts: list[torch.Tensor] = []

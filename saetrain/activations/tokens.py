@@ -2,7 +2,9 @@
 
 Documents come from HF `datasets` (streaming), are split into training and held-out documents by a
 hash of their text (so no held-out document is ever trained on, whatever the order or the epoch),
-tokenized, joined with a separator token and cut into contexts that start with BOS. A mask marks
+tokenized (or taken as token ids from an already-tokenized dataset, after a check that the model's
+tokenizer made them), joined with a separator token and cut into contexts that start with BOS —
+or one document per context, padded. A mask marks
 the positions that hold special tokens (BOS, the separator, ...): they are excluded from training
 and from every metric.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -50,13 +53,42 @@ def expand_data_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def is_held_out(text: str, percent: float) -> bool:
-    """Whether a document belongs to the held-out split (a stable hash of its text)."""
-    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+# A document: its text, or its token ids when the dataset is already tokenized.
+Document = str | list[int]
+TOKEN_COLUMNS = ("input_ids", "tokens")
+
+
+def is_held_out(doc: Document, percent: float) -> bool:
+    """Whether a document belongs to the held-out split (a stable hash of its text or ids)."""
+    if isinstance(doc, str):
+        data = doc.encode("utf-8", "replace")
+    else:
+        data = b"".join(int(i).to_bytes(4, "little", signed=True) for i in doc)
+    digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest, "little") % 10_000 < percent * 100
 
 
-def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[str]:
+def _document_column(cfg: DataConfig, row: dict) -> tuple[str, bool]:
+    """(column, is_tokenized) of a dataset's rows; a clear error when none fits."""
+    if cfg.token_column is not None:
+        if cfg.token_column not in row:
+            raise ConfigError(
+                f"data.token_column={cfg.token_column!r} is not a column of {cfg.path!r}; "
+                f"columns are: {', '.join(row)}"
+            )
+        return cfg.token_column, True
+    if cfg.text_column in row:
+        return cfg.text_column, False
+    for name in TOKEN_COLUMNS:
+        if name in row:
+            return name, True
+    raise ConfigError(
+        f"data.text_column={cfg.text_column!r} is not a column of {cfg.path!r} (nor a token "
+        f"column {' or '.join(TOKEN_COLUMNS)}); columns are: {', '.join(row)}"
+    )
+
+
+def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[Document]:
     """One pass over the dataset's documents, shuffled with (seed, epoch)."""
     from datasets import load_dataset
 
@@ -73,15 +105,41 @@ def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[str]:
             ds = ds.shuffle(seed=seed + epoch, buffer_size=cfg.shuffle_buffer)
         else:
             ds = ds.shuffle(seed=seed + epoch)
+    column: str | None = None
+    tokenized = False
     for row in ds:
-        if cfg.text_column not in row:
-            raise ConfigError(
-                f"data.text_column={cfg.text_column!r} is not a column of {cfg.path!r}; "
-                f"columns are: {', '.join(row)}"
-            )
-        text = row[cfg.text_column]
-        if text:
-            yield text
+        if column is None:
+            column, tokenized = _document_column(cfg, row)
+        doc = row[column]
+        if tokenized:
+            doc = [int(i) for i in doc]
+        if doc:
+            yield doc
+
+
+def check_token_ids(ids: list[int], tokenizer, where: str = "data") -> None:
+    """Refuse token ids that were not made by `tokenizer`: ids beyond its vocabulary, or text
+    that does not re-encode to (nearly) the same ids."""
+    vocab = len(tokenizer)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ConfigError(
+            f"{where}: the dataset's token ids include {bad[0]}, outside the model's tokenizer "
+            f"(vocabulary of {vocab}); it was tokenized for another model"
+        )
+    special = set(tokenizer.all_special_ids)
+    sample = [i for i in ids if i not in special][:64]
+    if len(sample) < 8:
+        return
+    again = tokenizer(tokenizer.decode(sample), add_special_tokens=False)["input_ids"]
+    n = min(len(sample), len(again)) - 1  # the last token may merge differently when cut
+    agree = sum(a == b for a, b in zip(sample[:n], again[:n], strict=True)) / max(n, 1)
+    if agree < 0.9:
+        raise ConfigError(
+            f"{where}: the dataset's token ids do not match the model's tokenizer (decoding and "
+            f"re-encoding agrees on {agree:.0%} of tokens); tokenize with the model's tokenizer "
+            "or use the text column"
+        )
 
 
 class ContextPacker:
@@ -92,11 +150,20 @@ class ContextPacker:
     where one ends.
     """
 
-    def __init__(self, tokenizer, context_size: int, prepend_bos: bool, tokenize_batch: int = 32):
+    def __init__(
+        self,
+        tokenizer,
+        context_size: int,
+        prepend_bos: bool,
+        tokenize_batch: int = 32,
+        packing: str = "concat",
+    ):
         self.tokenizer = tokenizer
         self.context_size = context_size
         self.prepend_bos = prepend_bos
         self.tokenize_batch = tokenize_batch
+        self.packing = packing
+        self._checked = False
         bos = tokenizer.bos_token_id
         eos = tokenizer.eos_token_id
         if bos is None:
@@ -108,16 +175,54 @@ class ContextPacker:
             )
         self.bos_id = bos
         self.separator_id = eos if eos is not None else bos
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.separator_id
+        if packing == "document" and self.pad_id is None:
+            raise ConfigError(
+                "data.packing=document pads short documents with a special token, but the "
+                "tokenizer has no pad, EOS or BOS token; use data.packing=concat"
+            )
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
 
-    def contexts(self, documents: Iterable[str]) -> Iterator[torch.Tensor]:
+    def _encode(self, batch: list[Document]) -> list[list[int]]:
+        """Token ids of each document: text is tokenized, ids are checked once and kept."""
+        texts = [d for d in batch if isinstance(d, str)]
+        encoded = iter(
+            self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        )
+        out: list[list[int]] = []
+        for doc in batch:
+            if isinstance(doc, str):
+                out.append(next(encoded))
+                continue
+            if not self._checked:
+                check_token_ids(doc, self.tokenizer)
+                self._checked = True
+            if self.prepend_bos and doc and doc[0] == self.bos_id:
+                doc = doc[1:]  # pre-tokenized with BOS already: the packer adds its own
+            out.append(doc)
+        return out
+
+    def _one_per_context(self, ids: list[int], body: int) -> torch.Tensor:
+        chunk = ids[:body]
+        chunk = chunk + [self.pad_id] * (body - len(chunk))
+        if self.prepend_bos:
+            chunk = [self.bos_id, *chunk]
+        return torch.tensor(chunk, dtype=torch.long)
+
+    def contexts(self, documents: Iterable[Document]) -> Iterator[torch.Tensor]:
         """Yield 1-D int64 tensors of length context_size."""
         body = self.context_size - 1 if self.prepend_bos else self.context_size
         pending: list[int] = []
-        batch: list[str] = []
+        batch: list[Document] = []
 
         def drain() -> Iterator[torch.Tensor]:
-            encoded = self.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            encoded = self._encode(batch)
+            if self.packing == "document":
+                for ids in encoded:
+                    if ids:
+                        yield self._one_per_context(ids, body)
+                return
             for ids in encoded:
                 pending.extend(ids)
                 if self.separator_id is not None:
@@ -169,10 +274,12 @@ class TokenSource:
         self.cfg = cfg
         self.seed = seed
         self.holdout_percent = cfg.holdout_percent
-        self.packer = ContextPacker(tokenizer, cfg.context_size, cfg.prepend_bos)
+        self.packer = ContextPacker(
+            tokenizer, cfg.context_size, cfg.prepend_bos, packing=cfg.packing
+        )
         self.epoch = 0
 
-    def _docs(self, held_out: bool, epoch: int) -> Iterator[str]:
+    def _docs(self, held_out: bool, epoch: int) -> Iterator[Document]:
         for text in iter_documents(self.cfg, self.seed, epoch):
             if is_held_out(text, self.holdout_percent) == held_out:
                 yield text
@@ -199,14 +306,21 @@ class TokenSource:
             )
         return list(batched(iter(contexts), batch_size, self.packer))
 
-    def training(self, batch_size: int) -> Iterator[TokenBatch]:
-        """Endless training batches, epoch after epoch."""
+    def training(self, batch_size: int, skip_contexts: int = 0) -> Iterator[TokenBatch]:
+        """Endless training batches, epoch after epoch.
+
+        The first `skip_contexts` contexts are packed but not returned: a resumed run, or one that
+        read them from the activation cache, continues the same stream where it stopped.
+        """
+        contexts = itertools.islice(self._training_contexts(), skip_contexts, None)
+        yield from batched(contexts, batch_size, self.packer)
+
+    def _training_contexts(self) -> Iterator[torch.Tensor]:
         while True:
             produced = False
-            contexts = self.packer.contexts(self._docs(held_out=False, epoch=self.epoch))
-            for batch in batched(contexts, batch_size, self.packer):
+            for ctx in self.packer.contexts(self._docs(held_out=False, epoch=self.epoch)):
                 produced = True
-                yield batch
+                yield ctx
             if not produced:
                 raise ConfigError(
                     f"data: {self._describe()} yielded no full training context of "

@@ -8,6 +8,7 @@ folded into a copy that works on raw activations.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,65 @@ class Fitted:
     scale_out: float
 
 
+def prepare_trainer(
+    dict_cfg: DictionaryConfig,
+    trainer_cfg: TrainerConfig,
+    samples: torch.Tensor,
+    d_in: int,
+    d_out: int,
+    transcoder: bool,
+    device: torch.device,
+    generator: torch.Generator,
+    name: str = "",
+) -> Trainer:
+    """A new dictionary, its normalisation scales and b_dec set from `samples`, and its trainer.
+
+    `samples` are raw rows ([x, y] side by side for a transcoder).
+    """
+    samples = samples.float()
+    x, y = (samples[:, :d_in], samples[:, d_in:]) if transcoder else (samples, samples)
+    normalize = dict_cfg.normalize_activations
+    scale_in = normalization_scale(x) if normalize else 1.0
+    scale_out = normalization_scale(y) if normalize and transcoder else scale_in
+    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder)
+    with torch.no_grad():
+        b_dec = initial_b_dec(y.to(device) * scale_out, dict_cfg.b_dec_init)
+        dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
+    total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
+    return Trainer(
+        dictionary, trainer_cfg, scale_in, total_steps, target_scale=scale_out, name=name
+    )
+
+
+def train_together(
+    trainers: list[Trainer],
+    views: list[Callable[[torch.Tensor], torch.Tensor]],
+    next_batch: Callable[[int], torch.Tensor],
+    log_every: int,
+) -> None:
+    """Train several dictionaries on the same batches: one draw from the stream per step.
+
+    `views[i]` picks trainer i's columns (its sites) out of the shared batch.
+    """
+    if not trainers:
+        return
+    total_steps = trainers[0].total_steps
+    batch_tokens = trainers[0].cfg.batch_tokens
+    start = time.perf_counter()
+    for _ in range(total_steps):
+        batch = next_batch(batch_tokens)
+        for trainer, view in zip(trainers, views, strict=True):
+            y, out = trainer.step(view(batch))
+            trainer.maybe_log(y, out, log_every, time.perf_counter() - start)
+
+
+def fold(trainer: Trainer) -> Fitted:
+    """A copy of the trained dictionary with the normalisation folded in (works on raw input)."""
+    exported = copy.deepcopy(trainer.dictionary).eval()
+    exported.fold_input_scale(trainer.scale, trainer.target_scale)
+    return Fitted(exported, trainer, trainer.state, trainer.scale, trainer.target_scale)
+
+
 def fit_dictionary(
     dict_cfg: DictionaryConfig,
     trainer_cfg: TrainerConfig,
@@ -41,24 +101,11 @@ def fit_dictionary(
     log_every: int,
     on_ready: Callable[[Dictionary, Trainer], None] | None = None,
 ) -> Fitted:
-    """Train on `next_batch(n)` (raw rows; [x, y] side by side for a transcoder).
-
-    `samples` are raw rows used for the normalisation scales and b_dec's initial value.
-    """
-    samples = samples.float()
-    x, y = (samples[:, :d_in], samples[:, d_in:]) if transcoder else (samples, samples)
-    normalize = dict_cfg.normalize_activations
-    scale_in = normalization_scale(x) if normalize else 1.0
-    scale_out = normalization_scale(y) if normalize and transcoder else scale_in
-    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder)
-    with torch.no_grad():
-        b_dec = initial_b_dec(y.to(device) * scale_out, dict_cfg.b_dec_init)
-        dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
-    total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
-    trainer = Trainer(dictionary, trainer_cfg, scale_in, total_steps, target_scale=scale_out)
+    """Initialise, train on `next_batch(n)` and fold one dictionary."""
+    trainer = prepare_trainer(
+        dict_cfg, trainer_cfg, samples, d_in, d_out, transcoder, device, generator
+    )
     if on_ready is not None:
-        on_ready(dictionary, trainer)
-    state = trainer.train(next_batch, log_every)
-    exported = copy.deepcopy(dictionary).eval()
-    exported.fold_input_scale(scale_in, scale_out)
-    return Fitted(exported, trainer, state, scale_in, scale_out)
+        on_ready(trainer.dictionary, trainer)
+    trainer.train(next_batch, log_every)
+    return fold(trainer)

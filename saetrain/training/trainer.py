@@ -38,8 +38,10 @@ class Trainer:
         scale: float,
         total_steps: int,
         target_scale: float | None = None,
+        name: str = "",
     ):
         self.dictionary = dictionary
+        self.name = name  # prefixes progress lines when several dictionaries train together
         self.cfg = cfg
         self.scale = scale
         self.target_scale = scale if target_scale is None else target_scale
@@ -108,44 +110,51 @@ class Trainer:
     ) -> TrainState:
         """Run `total_steps` steps, logging progress every `log_every` steps."""
         start = time.perf_counter()
-        batch_tokens = self.cfg.batch_tokens
         for _ in range(self.total_steps):
-            x, out = self.step(next_batch(batch_tokens))
-            step = self.state.step
-            if step % log_every == 0 or step == self.total_steps:
-                metrics = reconstruction_metrics(
-                    x, out.x_hat.detach(), out.codes, self.dictionary.n_latents
-                )
-                elapsed = time.perf_counter() - start
-                rate = self.state.tokens / max(elapsed, 1e-9)
-                eta = (self.total_steps - step) * batch_tokens / max(rate, 1e-9)
-                dead = float(self.dead_mask().double().mean())
-                row = {
-                    "step": step,
-                    "tokens": self.state.tokens,
-                    "tokens_per_s": rate,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "loss": float(out.loss.detach()),
-                    **{k: float(v) for k, v in out.terms.items()},
-                    "fvu": metrics["fvu"],
-                    "l0": metrics["l0"],
-                    "dead_fraction": dead,
-                }
-                self.state.history.append(row)
-                log.info(
-                    "step %d/%d | %s tokens | %s tok/s | eta %s | loss %.4f | fvu %.4f | "
-                    "l0 %.1f | dead %.1f%%",
-                    step,
-                    self.total_steps,
-                    _human(self.state.tokens),
-                    _human(rate),
-                    _duration(eta),
-                    row["loss"],
-                    row["fvu"],
-                    row["l0"],
-                    100 * dead,
-                )
+            y, out = self.step(next_batch(self.cfg.batch_tokens))
+            self.maybe_log(y, out, log_every, time.perf_counter() - start)
         return self.state
+
+    def maybe_log(
+        self, y: torch.Tensor, out: TrainOutput, log_every: int, elapsed: float
+    ) -> dict[str, float] | None:
+        """After a step: every `log_every` steps (and the last), record and print a progress row."""
+        step = self.state.step
+        if step % log_every != 0 and step != self.total_steps:
+            return None
+        metrics = reconstruction_metrics(
+            y, out.x_hat.detach(), out.codes, self.dictionary.n_latents
+        )
+        rate = self.state.tokens / max(elapsed, 1e-9)
+        eta = (self.total_steps - step) * self.cfg.batch_tokens / max(rate, 1e-9)
+        dead = float(self.dead_mask().double().mean())
+        row = {
+            "step": step,
+            "tokens": self.state.tokens,
+            "tokens_per_s": rate,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "loss": float(out.loss.detach()),
+            **{k: float(v) for k, v in out.terms.items()},
+            "fvu": metrics["fvu"],
+            "l0": metrics["l0"],
+            "dead_fraction": dead,
+        }
+        self.state.history.append(row)
+        log.info(
+            "%sstep %d/%d | %s tokens | %s tok/s | eta %s | loss %.4f | fvu %.4f | "
+            "l0 %.1f | dead %.1f%%",
+            f"[{self.name}] " if self.name else "",
+            step,
+            self.total_steps,
+            _human(self.state.tokens),
+            _human(rate),
+            _duration(eta),
+            row["loss"],
+            row["fvu"],
+            row["l0"],
+            100 * dead,
+        )
+        return row
 
 
 def _human(n: float) -> str:

@@ -1,0 +1,244 @@
+"""An on-disk cache of activations, so a sweep never runs the LM twice on the same tokens.
+
+A cache folder is named by a hash of everything that determines the activations (model, revision,
+dtype, dataset and its files, packing, seed, sites, storage dtype): any later run with the same
+key reads it instead of running the LM. It holds safetensors shards (one tensor per site) and a
+manifest with each shard's token and context counts and sha256. Writes are atomic per shard: a
+shard appears in the manifest only after its file is complete and renamed into place, so a run
+killed while writing leaves nothing a reader trusts, and the next run continues the stream from
+the contexts the manifest records. A shard whose bytes do not match its checksum is reported,
+never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
+
+from saetrain.activations.tokens import LOCAL_BUILDERS, expand_data_files
+from saetrain.config import Config
+from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+LOCK = "writer.lock"
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be trusted (corrupted shard, manifest of another key)."""
+
+
+def _file_fingerprint(path: str) -> list[Any]:
+    st = os.stat(path)
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def activation_key_fields(cfg: Config, sites: list[str]) -> dict[str, Any]:
+    """Everything that determines the training stream's activations, as plain JSON values."""
+    data = dataclasses.asdict(cfg.data)
+    if cfg.data.path in LOCAL_BUILDERS:
+        data["data_files"] = [
+            _file_fingerprint(f) for f in expand_data_files(list(cfg.data.data_files))
+        ]
+    model = dataclasses.asdict(cfg.model)
+    model.pop("device")  # the same weights give the same activations to rounding on any device
+    return {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "data": data,
+        "seed": cfg.seed,
+        "sites": list(sites),
+        "dtype": cfg.buffer.dtype,
+    }
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ActivationCache:
+    """One key's folder: the manifest, the shards, and a writer lock."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        fields: dict[str, Any],
+        widths: dict[str, int],
+        dtype: torch.dtype,
+        shard_tokens: int,
+        verify: bool = True,
+    ):
+        self.key = cache_key(fields)
+        self.folder = Path(root).expanduser() / self.key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fields = fields
+        self.sites = list(fields["sites"])
+        self.widths = widths
+        self.dtype = dtype
+        self.shard_tokens = shard_tokens
+        self.verify = verify
+        self.manifest = self._load_manifest()
+        self._drop_strays()
+        self._pending: list[torch.Tensor] = []
+        self._pending_tokens = 0
+        self._pending_contexts = 0
+        self._lock_held = False
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.manifest["shards"]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+    @property
+    def contexts(self) -> int:
+        """Training contexts the shards cover, from the start of the stream."""
+        return sum(s["contexts"] for s in self.shards)
+
+    def _load_manifest(self) -> dict[str, Any]:
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return {"format": CACHE_FORMAT, "key": self.key, "fields": self.fields, "shards": []}
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"activation cache manifest {path} is unreadable ({e})") from None
+        stored = json.loads(json.dumps(manifest.get("fields"), sort_keys=True, default=str))
+        wanted = json.loads(json.dumps(self.fields, sort_keys=True, default=str))
+        if stored != wanted:
+            raise CacheError(
+                f"activation cache {self.folder} was written for other settings than this run's "
+                "(its manifest's fields differ from the key's); remove the folder"
+            )
+        return manifest
+
+    def _drop_strays(self) -> None:
+        """Remove files a killed writer left that the manifest does not list."""
+        listed = {s["file"] for s in self.shards} | {MANIFEST, LOCK}
+        for path in self.folder.iterdir():
+            if path.name not in listed:
+                log.warning("activation cache: removing %s, not in the manifest", path)
+                path.unlink(missing_ok=True)
+
+    def read_shard(self, entry: dict[str, Any]) -> torch.Tensor:
+        """One shard's rows, the sites side by side; checksum verified first."""
+        path = self.folder / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(
+                f"activation cache shard {path} is listed in the manifest but missing; remove "
+                f"{self.folder} to rebuild the cache"
+            ) from None
+        if self.verify and _sha256(data) != entry["sha256"]:
+            raise CacheError(
+                f"activation cache shard {path} is corrupted (its sha256 differs from the "
+                f"manifest's); remove {self.folder} to rebuild the cache"
+            )
+        tensors = safetensors_load(data)
+        return torch.cat([tensors[site] for site in self.sites], dim=-1)
+
+    def read(self, generator: torch.Generator, chunk: int = 4096) -> Iterator[torch.Tensor]:
+        """Every shard once, in a seeded random order, in chunks of `chunk` rows."""
+        order = torch.randperm(len(self.shards), generator=generator).tolist()
+        for i in order:
+            rows = self.read_shard(self.shards[i]).to(self.dtype)
+            yield from rows.split(chunk)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def acquire(self) -> bool:
+        """Become this key's writer; False when another live process on this host writes it."""
+        path = self.folder / LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    owner = {}
+                if owner.get("host") == me["host"] and not _alive(owner.get("pid", -1)):
+                    log.warning("activation cache: taking over the lock of dead pid %s", owner)
+                    path.unlink(missing_ok=True)
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._lock_held = True
+            return True
+        return False
+
+    def add(self, rows: torch.Tensor, contexts: int) -> None:
+        """Rows of `contexts` consecutive training contexts; a shard is written when full."""
+        self._pending.append(rows.detach().to("cpu", self.dtype))
+        self._pending_tokens += rows.shape[0]
+        self._pending_contexts += contexts
+        if self._pending_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending as one shard, then the manifest that lists it."""
+        if not self._pending_tokens:
+            return
+        rows = torch.cat(self._pending)
+        tensors: dict[str, torch.Tensor] = {}
+        start = 0
+        for site in self.sites:
+            width = self.widths[site]
+            tensors[site] = rows[:, start : start + width].contiguous()
+            start += width
+        data = safetensors_bytes(tensors)
+        name = f"shard-{len(self.shards):06d}.safetensors"
+        atomic_write_bytes(self.folder / name, data)
+        self.shards.append(
+            {
+                "file": name,
+                "tokens": int(rows.shape[0]),
+                "contexts": self._pending_contexts,
+                "sha256": _sha256(data),
+            }
+        )
+        atomic_write_json(self.folder / MANIFEST, self.manifest)
+        self._pending, self._pending_tokens, self._pending_contexts = [], 0, 0
+
+    def release(self) -> None:
+        """Write the last partial shard and give up the lock."""
+        if not self._lock_held:
+            return
+        self.flush()
+        (self.folder / LOCK).unlink(missing_ok=True)
+        self._lock_held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0

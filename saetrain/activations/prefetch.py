@@ -1,0 +1,105 @@
+"""Compute the next LM batches in a background thread while the dictionaries train.
+
+The LM forward is most of a run's cost. Run in the training loop, it leaves the dictionary idle
+while the LM works and the LM idle while the dictionary works; run `depth` batches ahead in a
+thread (on its own CUDA stream on a GPU), the two overlap. Torch releases the GIL inside its
+kernels, so the overlap is real on CPU as well when there are spare cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetcher:
+    """Iterates `items` in a background thread, at most `depth` items ahead of the consumer.
+
+    Items arrive in the source's order, so a run is as deterministic as without the thread; an
+    exception in the source is raised in the consumer at the same point of the stream.
+    """
+
+    def __init__(self, items: Iterator[torch.Tensor], depth: int, device: torch.device):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._items = items
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._cuda = device.type == "cuda"
+        self._device = device
+        self._thread = threading.Thread(target=self._produce, name="saetrain-lm", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        """Blocks while the queue is full; False once the consumer has closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        stream = torch.cuda.Stream(self._device) if self._cuda else None
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        try:
+            with ctx, torch.no_grad():
+                for item in self._items:
+                    event = None
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not self._put((item, event)):
+                        return
+        except BaseException as e:  # re-raised in the consumer
+            self._put(_Failure(e))
+            return
+        self._put(_END)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._finished = True
+            raise item.error
+        tensor, event = item
+        if event is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(event)
+            tensor.record_stream(current)
+        return tensor
+
+    def queued(self) -> list[torch.Tensor]:
+        """The items computed but not yet consumed (for memory accounting)."""
+        with self._queue.mutex:
+            items = list(self._queue.queue)
+        return [i[0] for i in items if isinstance(i, tuple)]
+
+    def close(self) -> None:
+        """Stop the thread and drop what it computed ahead."""
+        self._stop.set()
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._finished = True
