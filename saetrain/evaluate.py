@@ -1,0 +1,410 @@
+"""`python -m saetrain.evaluate path=<dictionary folder> [overrides]`: evaluate a saved dictionary.
+
+Works on any folder in the SAELens layout (cfg.json + sae_weights.safetensors): saetrain's own, or
+another tool's standard / gated / topk / jumprelu SAEs and transcoders. What to evaluate on comes
+from the folder unless overridden: a saetrain folder's saetrain_run.json gives the model, data,
+sites, eval settings and seed of its run (so the held-out tokens, and the numbers, are the run's);
+another tool's cfg.json gives the model (`model_name`), the site (TransformerLens `hook_name`, and
+`hook_name_out` for a transcoder) and the context size. Writes `metrics.json`,
+`feature_frequencies.safetensors` and `feature_density.png` to `<path>/eval` (or `output_dir`).
+
+Overrides are Hydra's, typed by `EvaluateConfig` (ConfigStore name `saetrain_evaluate`):
+`model.device=cpu`, `eval.n_tokens=65536`, `data.data_files=[/data/*.txt]`, `site.input=mlp_in.3`.
+Only the fields named on the command line replace the folder's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from safetensors.torch import save as safetensors_bytes
+
+from saetrain.activations.sites import _TL_HOOK_NAMES, SiteError
+from saetrain.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    SiteConfig,
+)
+from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
+from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
+from saetrain.export.saelens import CFG_FILE, RUN_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "saetrain_evaluate"
+METRICS_FILE = "metrics.json"
+DENSITY_PNG = "feature_density.png"
+FREQUENCIES_FILE = "feature_frequencies.safetensors"
+
+
+@dataclass
+class EvaluateConfig:
+    """What to evaluate and on what.
+
+    The groups model, data, site and eval start from the dictionary's folder: a saetrain folder's
+    saetrain_run.json (its run's settings, hence its held-out tokens), or another tool's cfg.json
+    (model_name, hook_name / hook_name_out, context_size, dataset_path). Only the fields set
+    explicitly (on the command line, or listed in `evaluate(..., explicit=)`) replace those; the
+    defaults below are used only where the folder says nothing.
+    """
+
+    # The dictionary's folder (cfg.json + sae_weights.safetensors). Required.
+    path: str | None = None
+    # The LM (a folder with cfg.json only: model_name, loaded as a hub id or folder).
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(gguf_package=None))
+    # Text for the held-out tokens (another tool's folder: its dataset_path when that is a hub
+    # dataset, else these defaults).
+    data: DataConfig = field(default_factory=DataConfig)
+    # Where the dictionary reads / what it predicts (another tool's folder: its TransformerLens
+    # hook_name and hook_name_out translated to saetrain sites).
+    site: SiteConfig = field(default_factory=SiteConfig)
+    # Held-out tokens and CE contexts.
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Seed of the data order (it decides which held-out contexts come first); null: the run's, or 0.
+    seed: int | None = None
+    # Where metrics.json and feature_density.png go; null: <path>/eval.
+    output_dir: str | None = None
+    # A latent firing on more than this fraction of tokens counts as dense (reported, not judged):
+    # one token in ten is no longer sparse, and such latents tend to encode position or bias.
+    dense_threshold: float = DEFAULT_DENSE_THRESHOLD
+
+
+def register_configs() -> None:
+    """The evaluation schema in Hydra's ConfigStore, under its own name."""
+    ConfigStore.instance().store(name=CONFIG_NAME, node=EvaluateConfig)
+
+
+# TransformerLens hook names → our site kinds (the inverse of sites._TL_HOOK_NAMES).
+_TL_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile("^" + re.escape(tl).replace(re.escape("{L}"), r"(\d+)") + "$"), kind)
+    for kind, tl in _TL_HOOK_NAMES.items()
+]
+
+
+def site_from_tl_hook(hook_name: str) -> str:
+    """`blocks.6.hook_resid_post` → `resid_post.6`; an unknown hook is a SiteError naming forms."""
+    for pattern, kind in _TL_PATTERNS:
+        match = pattern.match(hook_name)
+        if match:
+            return f"{kind}.{int(match.group(1))}"
+    forms = ", ".join(tl.format(L="L") for tl in _TL_HOOK_NAMES.values())
+    raise SiteError(
+        f"hook_name={hook_name!r} has no saetrain site; known TransformerLens hooks: {forms}. "
+        "Set site.input=<kind>.<layer> (and site.target for a transcoder) to say where it reads"
+    )
+
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """A config dataclass from a saved dict; keys this version does not know are dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        log.warning("ignoring saved %s fields this version lacks: %s", cls.__name__, unknown)
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _with_overrides(base: T, given: T, explicit: AbstractSet[str], group: str) -> T:
+    """`base` with the fields of `given` that the user set explicitly (`group.field` keys)."""
+    if group in explicit:  # the whole group given at once
+        return given
+    keys = {k.split(".")[1] for k in explicit if k.startswith(group + ".")}
+    return dataclasses.replace(base, **{k: getattr(given, k) for k in keys})  # type: ignore
+
+
+@dataclass
+class ResolvedEvaluation:
+    """Everything the evaluation runs on, after defaults from the folder and the overrides."""
+
+    folder: Path
+    model: ModelConfig
+    data: DataConfig
+    eval: EvalConfig
+    input_site: str
+    target_site: str
+    seed: int
+    output_dir: Path
+    dense_threshold: float
+    source: str  # where the defaults came from: "saetrain_run.json" or "cfg.json"
+
+
+def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> ResolvedEvaluation:
+    """The folder's settings, with the fields of `cfg` named in `explicit` on top."""
+    if not cfg.path:
+        raise ConfigError("path is required: python -m saetrain.evaluate path=<dictionary folder>")
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"path={cfg.path!r}: no such folder")
+    for name in (CFG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise ConfigError(
+                f"path={cfg.path!r} holds no {name}; a dictionary folder in the SAELens layout "
+                f"has {CFG_FILE} and {WEIGHTS_FILE}"
+            )
+    if not 0.0 < cfg.dense_threshold <= 1.0:
+        raise ConfigError(f"dense_threshold={cfg.dense_threshold} must be in (0, 1]")
+    try:
+        sae_cfg = json.loads((folder / CFG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"path={cfg.path!r}: {CFG_FILE} is not valid JSON: {e}") from None
+    meta = {**sae_cfg, **(sae_cfg.get("metadata") or {})}  # older SAELens: top-level fields
+
+    run_cfg: dict[str, Any] = {}
+    if (folder / RUN_FILE).is_file():
+        run_cfg = json.loads((folder / RUN_FILE).read_text()).get("config", {})
+    if run_cfg:
+        source = RUN_FILE
+        model = _from_dict(ModelConfig, run_cfg["model"])
+        data = _from_dict(DataConfig, run_cfg["data"])
+        site = _from_dict(SiteConfig, run_cfg["site"])
+        eval_cfg = _from_dict(EvalConfig, run_cfg.get("eval", {}))
+        seed = int(run_cfg.get("seed", 0))
+    else:
+        source = CFG_FILE
+        if not meta.get("model_name"):
+            raise ConfigError(
+                f"path={cfg.path!r}: {CFG_FILE} names no model_name; set model.name=<hub id or "
+                "folder>"
+            )
+        model = dataclasses.replace(cfg.model, name=meta["model_name"], gguf_package=None)
+        data = DataConfig()
+        dataset = meta.get("dataset_path")
+        if dataset and dataset != "local text files" and not Path(dataset).exists():
+            data = DataConfig(path=dataset, data_files=[])
+        data = dataclasses.replace(
+            data,
+            context_size=int(meta.get("context_size") or data.context_size),
+            prepend_bos=bool(meta.get("prepend_bos", data.prepend_bos)),
+        )
+        try:
+            site = SiteConfig(
+                input=meta.get("saetrain_site") or site_from_tl_hook(str(meta.get("hook_name"))),
+                target=meta.get("saetrain_target_site")
+                or (
+                    site_from_tl_hook(meta["hook_name_out"]) if meta.get("hook_name_out") else None
+                ),
+            )
+        except SiteError:
+            if "site.input" not in explicit and "site" not in explicit:
+                raise
+            site = SiteConfig(input=cfg.site.input)  # the user says where; replaced below
+        eval_cfg = EvalConfig()
+        seed = 0
+
+    model = _with_overrides(model, cfg.model, explicit, "model")
+    data = _with_overrides(data, cfg.data, explicit, "data")
+    site = _with_overrides(site, cfg.site, explicit, "site")
+    eval_cfg = _with_overrides(eval_cfg, cfg.eval, explicit, "eval")
+    if cfg.seed is not None:
+        seed = cfg.seed
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "eval"
+    return ResolvedEvaluation(
+        folder=folder,
+        model=model,
+        data=data,
+        eval=eval_cfg,
+        input_site=site.input,
+        target_site=site.target or site.input,
+        seed=seed,
+        output_dir=output_dir,
+        dense_threshold=cfg.dense_threshold,
+        source=source,
+    )
+
+
+@dataclass
+class EvaluationReport:
+    """What an evaluation found, and where it was written."""
+
+    metrics: dict[str, float]
+    frequencies: torch.Tensor
+    metrics_path: Path
+    plot_path: Path | None
+    resolved: ResolvedEvaluation = field(repr=False)
+
+
+def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> EvaluationReport:
+    """Evaluate the dictionary at `cfg.path`; `explicit` holds the dotted keys (`model.device`,
+    or a whole group `eval`) whose values in `cfg` replace the folder's settings."""
+    from saetrain.activations.model import load_lm, resolve_device
+    from saetrain.activations.source import ActivationSource
+    from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
+    from saetrain.config import Config, validate
+    from saetrain.evaluation.density import count_firing
+    from saetrain.evaluation.evaluate import evaluate_dictionary
+    from saetrain.export.saelens import load_dictionary
+
+    r = resolve(cfg, explicit)
+    # The shared validation, on a run config holding the evaluation's groups.
+    validate(Config(model=r.model, data=r.data, eval=r.eval, site=SiteConfig(r.input_site,
+                    r.target_site if r.target_site != r.input_site else None)))  # fmt: skip
+    torch.manual_seed(r.seed)
+    device = resolve_device(r.model.device)
+    if r.data.path in LOCAL_BUILDERS:
+        expand_data_files(list(r.data.data_files))  # a missing file fails before the LM loads
+    try:
+        dictionary = load_dictionary(r.folder, device)
+    except ValueError as e:
+        raise ConfigError(f"path={str(r.folder)!r}: {e}") from None
+    transcoder = r.target_site != r.input_site
+    if transcoder != dictionary.transcoder:
+        raise ConfigError(
+            f"path={str(r.folder)!r} holds {'a transcoder' if dictionary.transcoder else 'an SAE'}"
+            f" but the sites are input={r.input_site!r}, target={r.target_site!r}; set site.target"
+        )
+    log.info(
+        "evaluating %s (%s, %d latents) on %s at %s%s; settings from %s",
+        r.folder,
+        dictionary.architecture,
+        dictionary.n_latents,
+        r.model.name,
+        r.input_site,
+        f" → {r.target_site}" if transcoder else "",
+        r.source,
+    )
+    model, tokenizer = load_lm(r.model, device)
+    sites = [r.input_site, r.target_site] if transcoder else [r.input_site]
+    source = ActivationSource(model, sites)
+    if source.d_model != dictionary.d_in:
+        raise ConfigError(
+            f"model.name={r.model.name!r} has d_model={source.d_model} but the dictionary's d_in "
+            f"is {dictionary.d_in}; is this the model it was trained on?"
+        )
+
+    # The held-out contexts exactly as run() draws them, so a run's folder gives the run's numbers.
+    tokens = TokenSource(r.data, tokenizer, r.seed)
+    n_contexts = max(math.ceil(r.eval.n_tokens / r.data.context_size), 1)
+    held_out = tokens.held_out(
+        max(n_contexts, r.eval.ce_contexts if r.eval.compute_ce else 0), r.eval.batch_contexts
+    )
+    metrics = evaluate_dictionary(
+        source,
+        dictionary,
+        held_out,
+        r.input_site,
+        r.target_site,
+        r.eval.compute_ce,
+        r.eval.ce_contexts,
+    )
+    # Densities in a pass of their own (the LM stops at the input site): codes of the same tokens.
+    dtype = dictionary.W_enc.dtype
+    with torch.no_grad():
+        codes = (
+            dictionary.encode(row[:, : dictionary.d_in].to(dictionary.W_enc.device))
+            for row in source.rows(iter(held_out), [r.input_site], dtype)
+        )
+        counter = count_firing(codes, dictionary.n_latents)
+    frequencies = counter.frequencies()
+    metrics |= density_summary(frequencies, r.dense_threshold)
+
+    r.output_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "path": str(r.folder),
+        "architecture": dictionary.architecture,
+        "d_in": dictionary.d_in,
+        "d_sae": dictionary.n_latents,
+        "model": r.model.name,
+        "input_site": r.input_site,
+        "target_site": r.target_site,
+        "settings_from": r.source,
+        "seed": r.seed,
+        "dense_threshold": r.dense_threshold,
+        "data": dataclasses.asdict(r.data),
+        "eval": dataclasses.asdict(r.eval),
+        "metrics": metrics,
+    }
+    metrics_path = r.output_dir / METRICS_FILE
+    atomic_write_json(metrics_path, report)
+    atomic_write_bytes(
+        r.output_dir / FREQUENCIES_FILE, safetensors_bytes({"frequencies": frequencies.float()})
+    )
+    title = f"{r.folder.name}: {dictionary.architecture}, {dictionary.n_latents} latents, "
+    title += f"{counter.rows} tokens"
+    plot_path = plot_density(frequencies, r.output_dir / DENSITY_PNG, title, r.dense_threshold)
+    print_metrics(metrics, metrics_path, plot_path)
+    return EvaluationReport(metrics, frequencies, metrics_path, plot_path, r)
+
+
+def print_metrics(metrics: dict[str, float], metrics_path: Path, plot_path: Path | None) -> None:
+    lines = ["", "evaluation:"]
+    lines += [f"  {k:<22} {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int)]
+    lines.append(f"metrics saved to {metrics_path}")
+    if plot_path is not None:
+        lines.append(f"feature density plot saved to {plot_path}")
+    print("\n".join(lines), flush=True)
+
+
+def compose_config(overrides: Sequence[str]) -> tuple[EvaluateConfig, set[str]]:
+    """Hydra-compose the schema with command-line overrides; also return the keys they set."""
+    from hydra import compose, initialize
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    register_configs()
+    overrides = list(overrides)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    explicit = {o.key_or_group for o in parsed}
+    GlobalHydra.instance().clear()
+    with initialize(version_base=None, config_path=None):
+        node = compose(config_name=CONFIG_NAME, overrides=overrides)
+    cfg = OmegaConf.to_object(node)
+    assert isinstance(cfg, EvaluateConfig)
+    return cfg, explicit
+
+
+USAGE = """usage: python -m saetrain.evaluate path=<dictionary folder> [key=value ...]
+
+Evaluates a saved dictionary (SAELens layout): FVU, MSE, L0, dead / dense latents, CE with the
+dictionary spliced in, KL; writes metrics.json and feature_density.png to <path>/eval.
+Keys: path, output_dir, seed, dense_threshold, model.*, data.*, site.*, eval.* (see
+saetrain/evaluate.py's EvaluateConfig and saetrain/config.py).
+"""
+
+
+def evaluate_path(path: str | Path, overrides: Sequence[str] = ()) -> EvaluationReport:
+    """In-process equivalent of `python -m saetrain.evaluate path=<path> <overrides>`."""
+    cfg, explicit = compose_config([f"path={path}", *overrides])
+    return evaluate(cfg, explicit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 on success, 2 on bad input (a message, no traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg, explicit = compose_config(argv)
+        evaluate(cfg, explicit)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"saetrain.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, SiteError, FileNotFoundError) as e:
+        print(f"saetrain.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

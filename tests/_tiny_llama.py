@@ -1,0 +1,49 @@
+"""A tiny randomly initialised Llama and a word-level tokenizer in a local folder, plus a corpus.
+
+Shared by tests that run the whole pipeline (run(), the evaluation CLI, sweeps) in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """Save a 3-layer, d_model 32 Llama and its tokenizer into `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def build_corpus(folder: Path, n_docs: int = 120, words_per_doc: int = 60) -> Path:
+    """`n_docs` text files of random words from the tiny vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_docs):
+        ids = torch.randint(0, len(WORDS), (words_per_doc,), generator=g).tolist()
+        (folder / f"doc{i}.txt").write_text(" ".join(WORDS[j] for j in ids))
+    return folder
