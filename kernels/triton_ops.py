@@ -22,14 +22,16 @@ a GPU measurement should check (scripts/bench_kernels.py).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from saetrain.kernels.reference import SortPlan
-from triton import knobs
 
-# Whether these kernels were built as interpreted Python (they then run on CPU tensors).
-INTERPRETED: bool = bool(knobs.runtime.interpret)
+# Whether these kernels were built as interpreted Python (they then run on CPU tensors); Triton
+# decides it from the same variable when the decorators below run.
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _block(n: int, cap: int) -> int:
