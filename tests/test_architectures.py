@@ -433,7 +433,7 @@ def test_batchtopk_training_codes_keep_the_k_n_largest_of_the_batch():
     sae, k, N = _batchtopk(k=3), 3, 16
     # Rows of very different sizes: big rows take more than k latents, small rows fewer.
     x = _rows(N, 8, seed=8) * torch.logspace(-1, 1, N)[:, None]
-    z = sae.training_forward(x, x, None).codes
+    z = _dense(sae.training_forward(x, x, None).codes, 32)
     p = _p64(sae)
     relu = ((x.double() - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).relu()
     assert int((relu > 0).sum()) > k * N
@@ -453,7 +453,7 @@ def test_batchtopk_keeps_only_positive_values_when_too_few():
     with torch.no_grad():
         sae.b_enc.fill_(-2.5)  # few positive pre-activations
     x = _rows(16, 8, seed=9)
-    z = sae.training_forward(x, x, None).codes
+    z = _dense(sae.training_forward(x, x, None).codes, 32)
     relu = sae.pre_activations(x).detach().relu()
     assert 0 < int((relu > 0).sum()) < 3 * 16
     assert torch.equal(z != 0, relu > 0)
@@ -522,7 +522,7 @@ def test_matryoshka_loss_is_the_sum_of_prefix_fvus(prefixes, skip):
     x = _rows(32, 8, seed=11)
     y = _rows(32, 6, seed=12) + x[:, :6] if skip else x
     out = sae.training_forward(x, y, None)
-    z, p, y64 = out.codes.detach().double(), _p64(sae), y.double()
+    z, p, y64 = _dense(out.codes.detach(), 32).double(), _p64(sae), y.double()
     base = p["b_dec"] + (x.double() @ p["W_skip"].T if skip else 0.0)
     sizes = prefixes or [2, 4, 8, 16, 32]
     assert sae.prefixes == sizes
@@ -581,7 +581,7 @@ def _recon_grad_wrt_output(d, x, y, out):
     """dL/dŷ of the reconstruction loss, from the formulas (AuxK off)."""
     y64, N = y.double(), y.shape[0]
     if isinstance(d, MatryoshkaSAE):
-        z, p = out.codes.detach().double(), _p64(d)
+        z, p = _dense(out.codes.detach(), d.n_latents).double(), _p64(d)
         partial = p["b_dec"] + x.double() @ p["W_skip"].T
         total_var = (y64 - y64.mean(0)).pow(2).sum()
         grad, start = torch.zeros_like(y64), 0
