@@ -6,6 +6,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,31 @@ def _wandb_records(path: Path) -> list[Any]:
     return out
 
 
+def _finished_records(path: Path, timeout: float = 20.0) -> list[Any]:
+    """The run's records once its log is complete: wandb-core (a separate process) may still be
+    writing the file's tail for a moment after `finish()` returns."""
+    deadline = time.monotonic() + timeout
+    kinds: list[str | None] = []
+    while True:
+        try:
+            records = _wandb_records(path)
+            kinds = [r.WhichOneof("record_type") for r in records]
+            if "run" in kinds and "exit" in kinds:
+                return records
+        except Exception:  # a chunk still being written
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never held a complete run: {kinds}")
+        time.sleep(0.1)
+
+
 def _offline_run(wandb_dir: Path) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
     """(run record, history rows, summary) of the single offline run under `wandb_dir`."""
     files = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     run, history, summary = None, [], {}
-    for record in _wandb_records(files[0]):
+    for record in _finished_records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
