@@ -39,6 +39,7 @@ class FakeHub:
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, auth header
         self.created: list[dict[str, Any]] = []
         self.validated: list[dict[str, Any]] = []
+        self.branches: list[str] = []
         self.preupload: list[dict[str, Any]] = []
         self.commits: list[dict[str, Any]] = []  # {"header": ..., "files": {path: bytes}}
         self.fail_commit_with: int | None = None
@@ -87,6 +88,9 @@ def _handler(hub: FakeHub, base_url: list[str]) -> type[BaseHTTPRequestHandler]:
             elif path == "/api/repos/create":
                 hub.created.append(json.loads(body))
                 self._reply(200, {"url": f"{base_url[0]}/{REPO}"})
+            elif path.startswith(prefix + "branch/"):
+                hub.branches.append(path.rsplit("/", 1)[1])
+                self._reply(200, {})
             elif path.startswith(prefix + "preupload/"):
                 payload = json.loads(body)
                 hub.preupload.append(payload)
@@ -186,7 +190,7 @@ def test_publish_uploads_exactly_the_folder(fake_hub, dictionary_folder):
         "resid_post.1/README.md",
     }
     assert hub.commits[0]["files"] == local  # identical bytes, nothing else
-    assert hub.commits[0]["revision"] == "main"
+    assert hub.commits[0]["revision"] == "main" and hub.branches == []  # main exists already
     assert hub.validated == [
         {"content": local["resid_post.1/README.md"].decode(), "repoType": "model"}
     ]
@@ -207,6 +211,14 @@ def test_token_from_hf_token_environment(fake_hub, dictionary_folder, monkeypatc
     publish_folder(dictionary_folder, PublishConfig(repo_id=REPO, endpoint=url), METRICS)
     assert hub.created[0]["visibility"] == "public"
     assert {auth for _, _, auth in hub.requests} == {"Bearer hf_from_env"}
+
+
+def test_upload_to_another_branch_creates_it(fake_hub, dictionary_folder):
+    hub, url = fake_hub
+    cfg = PublishConfig(repo_id=REPO, token=TOKEN, endpoint=url, revision="sweep-1")
+    assert publish_folder(dictionary_folder, cfg, METRICS).endswith("/tree/sweep-1/resid_post.1")
+    assert hub.branches == ["sweep-1"]
+    assert hub.commits[0]["revision"] == "sweep-1" and len(hub.commits[0]["files"]) == 4
 
 
 def test_no_token_is_a_clear_error_and_files_are_kept(online, dictionary_folder):

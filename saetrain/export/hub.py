@@ -65,6 +65,8 @@ def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, An
         repo_url = api.create_repo(
             cfg.repo_id, repo_type="model", private=cfg.private, exist_ok=True
         )
+        if cfg.revision != "main":  # upload_folder needs the branch to exist
+            api.create_branch(cfg.repo_id, branch=cfg.revision, repo_type="model", exist_ok=True)
         api.upload_folder(
             folder_path=folder,
             repo_id=cfg.repo_id,
