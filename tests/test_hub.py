@@ -23,7 +23,7 @@ import torch
 
 from saetrain.config import PublishConfig
 from saetrain.dictionaries import TopKSAE
-from saetrain.export.hub import PublishError, publish_folder
+from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.model_card import render_model_card
 from saetrain.export.saelens import load_dictionary, save_dictionary
 
@@ -264,6 +264,14 @@ def test_offline_mode_is_named(dictionary_folder, monkeypatch):
 def test_bad_repo_id(dictionary_folder, repo_id):
     with pytest.raises(PublishError, match=r"publish.repo_id=.*<user or org>/<name>"):
         publish_folder(dictionary_folder, PublishConfig(repo_id=repo_id, token=TOKEN), {})
+    with pytest.raises(PublishError, match=r"publish.repo_id="):
+        check_publish(PublishConfig(repo_id=repo_id, token=TOKEN))
+
+
+def test_check_publish_before_training(online):
+    assert check_publish(PublishConfig(repo_id=REPO, token=TOKEN)) == TOKEN
+    with pytest.raises(PublishError, match="HF_TOKEN"):
+        check_publish(PublishConfig(repo_id=REPO))
 
 
 def test_model_card_describes_the_folder(dictionary_folder):

@@ -41,21 +41,27 @@ def resolve_token(cfg: PublishConfig) -> str:
     return token
 
 
-def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, Any]) -> str:
-    """Write the model card into `folder`, upload the folder to `cfg.repo_id`; return its URL."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    folder = Path(folder)
+def check_publish(cfg: PublishConfig) -> str:
+    """Check repo_id's form and find the token; run() calls it before training, so a missing
+    token fails in seconds rather than after the run. Returns the token."""
     if not cfg.repo_id:
         raise PublishError("publish.repo_id is not set; nothing to publish")
     if cfg.repo_id.count("/") != 1 or not all(cfg.repo_id.split("/")):
         raise PublishError(
             f"publish.repo_id={cfg.repo_id!r} is not valid; use the form <user or org>/<name>"
         )
+    return resolve_token(cfg)
+
+
+def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, Any]) -> str:
+    """Write the model card into `folder`, upload the folder to `cfg.repo_id`; return its URL."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    folder = Path(folder)
+    token = check_publish(cfg)
     if not (folder / CFG_FILE).is_file():
         raise PublishError(f"{folder} holds no {CFG_FILE}; is it a saved dictionary folder?")
-    token = resolve_token(cfg)
     write_model_card(folder, metrics, cfg.repo_id)
 
     endpoint = cfg.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
