@@ -8,6 +8,10 @@ codes, O(N·k·d), and never forms a dense [N, n_latents] tensor:
 - encoder, restricted to the gathered (kept and AuxK) pre-activations: dW_encᵀ is the same
   segmented reduction with x in place of g, db_enc a scatter-add, dx = Σ_j gpre[i, j]·W_enc[:, m].
 
+`fused_topk_encode` is the encoder fused with the top-k selection for inference and eval (no
+autograd): (values, indices) of torch.topk((x − b_dec)·W_enc + b_enc, k) without writing the
+[N, n] pre-activations. Training keeps the dense pre (AuxK needs it over the dead latents).
+
 Triton runs when every tensor is on CUDA (or on CPU with `TRITON_INTERPRET=1`, the tests' mode)
 and the dtype is fp32, fp16 or bf16. Otherwise the reference runs and the reason is logged once
 (no silent fallback). `SAETRAIN_KERNELS=reference` in the environment, or `FORCE_REFERENCE =
@@ -27,6 +31,7 @@ from saetrain.kernels import reference
 logger = logging.getLogger(__name__)
 
 FORCE_REFERENCE: bool = False
+FUSED_TOPK_MAX_K = 128  # triton_ops.TOPK_MAX_K: the running best lists live in registers
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _logged: set[str] = set()
@@ -206,3 +211,36 @@ def topk_encode(
         pre = torch.addmm(b_enc, x_in, W_enc)
         indices = pre.topk(k, dim=-1, sorted=False).indices
     return indices, encode_gather(x_in, W_enc, b_enc, indices, pre).relu(), pre
+
+
+# -- the encoder fused with top-k (inference / eval) ----------------------------------------------
+
+
+def use_fused_topk(x: torch.Tensor, W_enc: torch.Tensor, k: int) -> bool:
+    """Whether `fused_topk_encode` runs the Triton kernel; logs the reason once when not."""
+    if not 1 <= k <= min(W_enc.shape[1], FUSED_TOPK_MAX_K):
+        _log_fallback(f"fused top-k encode needs 1 <= k <= {FUSED_TOPK_MAX_K}, not k = {k}")
+        return False
+    return use_triton(x, W_enc)
+
+
+@torch.no_grad()
+def fused_topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_dec: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, k] descending, indices [N, k]) of torch.topk((x − b_dec)·W_enc + b_enc, k).
+
+    Triton (`triton_ops.topk_encode`) never writes the [N, n] pre-activations; the reference does
+    the GEMM + topk in row chunks. x is cast to W_enc's dtype; b_dec=None skips the subtraction
+    (transcoders). No gradient flows: this is the inference/eval encoder.
+    """
+    x = x.to(W_enc.dtype)
+    b_enc = b_enc.contiguous()
+    b_dec = None if b_dec is None else b_dec.to(W_enc.dtype).contiguous()
+    if use_fused_topk(x, W_enc, k):
+        return _triton_ops().topk_encode(x, W_enc, b_enc, k, b_dec)
+    return reference.topk_encode(x, W_enc, b_enc, k, b_dec)

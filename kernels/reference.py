@@ -3,7 +3,8 @@
 They are the CPU path and the oracle the Triton kernels (`triton_ops.py`) are tested against. All
 take TopK-family codes as (indices [N, k] int64, values [N, k]); indices may repeat within a row
 (padded codes repeat them with value 0), and every op is then additive. Nothing here forms a
-dense [N, n_latents] tensor; temporaries of [rows, k, d] are bounded by working in row chunks.
+dense [N, n_latents] tensor; temporaries of [rows, k, d] (and the [rows, n] pre-activations of
+`topk_encode`) are bounded by working in row chunks.
 """
 
 from __future__ import annotations
@@ -91,3 +92,27 @@ def dense_codes(indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> 
     """[N, n] with the codes summed in (repeated indices add): the dense oracle's input."""
     dense = values.new_zeros(values.shape[0], n_latents)
     return dense.scatter_add_(1, indices, values)
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_dec: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk((x − b_dec)·W_enc + b_enc, k) → (values [N, k] descending, indices [N, k]).
+
+    The oracle of the fused encoder/top-k kernel and its fallback: the same GEMM + topk as the
+    unfused encoder, in row chunks so that only a [rows, n] slice of the pre-activations lives.
+    """
+    N, n = x.shape[0], W_enc.shape[1]
+    values = torch.empty(N, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(N, k, dtype=torch.int64, device=x.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n))
+    for s in range(0, N, step):
+        rows = x[s : s + step] if b_dec is None else x[s : s + step] - b_dec
+        top = torch.addmm(b_enc, rows, W_enc).topk(k, dim=-1)
+        values[s : s + step] = top.values
+        indices[s : s + step] = top.indices
+    return values, indices

@@ -180,3 +180,149 @@ def segment_reduce(
         BLOCK_E=16, BLOCK_D=block_d,
     )  # fmt: skip
     return out
+
+
+# -- the encoder fused with the top-k selection --------------------------------------------------
+#
+# The [N, n] pre-activations are never written: each program owns BLOCK_M rows and walks its
+# share of W_enc's columns in BLOCK_N tiles, keeping a running best list of K_PAD candidates per
+# row in registers. A candidate is one int64 key, (order-preserving int32 bits of the value) << 32
+# | (2³¹ − 1 − column), so one integer sort moves value and index together and ties go to the
+# lower column. Per tile: tl.topk picks the tile's best K_PAD (descending); the elementwise max
+# with the running list (ascending) is a bitonic sequence holding the top K_PAD of both, which
+# tl.bitonic_merge sorts back in O(K_PAD log K_PAD) — no full re-sort of the union.
+
+TOPK_MAX_K = 128
+
+
+@triton.jit
+def _pad_key(ROWS: tl.constexpr, COLS: tl.constexpr):
+    # INT64_MIN: no real key is lower (a NaN with every bit set is the only one that ties).
+    return tl.full([ROWS, COLS], -2147483648, tl.int32).to(tl.int64) << 32
+
+
+@triton.jit
+def _topk_encode_kernel(
+    x_ptr,
+    w_ptr,
+    b_enc_ptr,
+    b_dec_ptr,
+    val_ptr,
+    idx_ptr,
+    N,
+    D,
+    n,
+    K,
+    tiles_per_split,
+    stride_xm,
+    stride_xd,
+    stride_wd,
+    stride_wn,
+    stride_out,
+    HAS_B_DEC: tl.constexpr,
+    ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    split = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < N
+    pad = _pad_key(BLOCK_M, K_PAD)
+    best = pad  # ascending along the last axis
+    col_start = split * tiles_per_split * BLOCK_N
+    col_end = tl.minimum(n, col_start + tiles_per_split * BLOCK_N)
+    for c0 in range(col_start, col_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_end
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + ds[None, :] * stride_xd
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if HAS_B_DEC:  # subtracted in the input dtype, as the unfused x − b_dec is
+                x = x - tl.load(b_dec_ptr + ds, mask=d_ok, other=0.0)[None, :]
+            w_ptrs = w_ptr + ds[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wn
+            w = tl.load(w_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc += tl.load(b_enc_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ROUND:  # select on the values the unfused pre-activations would hold
+            acc = acc.to(val_ptr.dtype.element_ty).to(tl.float32)
+        bits = acc.to(tl.int32, bitcast=True)
+        high = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        low = (2147483647 - cols).to(tl.int64)
+        key = tl.where(col_ok[None, :], (high << 32) | low[None, :], _pad_key(BLOCK_M, BLOCK_N))
+        top = tl.topk(key, K_PAD)  # descending
+        best = tl.bitonic_merge(tl.maximum(best, top), descending=False)
+    best = tl.flip(best, 1)  # descending
+    valid = best > pad
+    high = (best >> 32).to(tl.int32)
+    bits = tl.where(high < 0, high ^ 0x7FFFFFFF, high)
+    values = tl.where(valid, bits.to(tl.float32, bitcast=True), float("-inf"))
+    indices = tl.where(valid, 2147483647 - best.to(tl.int32), 0).to(tl.int64)
+    slots = tl.arange(0, K_PAD)
+    out = rows[:, None] * stride_out + split * K + slots[None, :]
+    ok = row_ok[:, None] & (slots < K)[None, :]
+    tl.store(val_ptr + out, values.to(val_ptr.dtype.element_ty), mask=ok)
+    tl.store(idx_ptr + out, indices, mask=ok)
+
+
+def _topk_splits(row_tiles: int, n_tiles: int, device: torch.device) -> int:
+    """Column splits so that about two programs per SM run: N/BLOCK_M row tiles alone leave most
+    of a GPU idle at N = 4096. Each split's K candidates per row are merged by one torch.topk."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, triton.cdiv(2 * sms, row_tiles)))
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_dec: torch.Tensor | None = None,
+    *,
+    splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_d: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk((x − b_dec)·W_enc + b_enc, k) as (values [N, k] descending, indices [N, k])
+    without the [N, n] pre-activations; k ≤ TOPK_MAX_K (padded to a power of two inside)."""
+    N, D = x.shape
+    n = W_enc.shape[1]
+    if not 1 <= k <= min(n, TOPK_MAX_K):
+        raise ValueError(f"k = {k} must be in [1, min(n_latents = {n}, {TOPK_MAX_K})]")
+    k_pad = max(2, triton.next_power_of_2(k))
+    block_n = block_n or max(k_pad, 64)
+    block_m = block_m or (32 if k_pad >= 64 else 64)
+    block_d = block_d or 32
+    if block_n < k_pad:
+        raise ValueError(f"block_n = {block_n} must be at least k padded to {k_pad}")
+    n_tiles = triton.cdiv(n, block_n)
+    row_tiles = triton.cdiv(N, block_m)
+    splits = max(1, min(n_tiles, splits or _topk_splits(row_tiles, n_tiles, x.device)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
+    values = torch.empty(N, splits * k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(N, splits * k, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return values, indices
+    fp32 = x.dtype == torch.float32
+    tf32 = fp32 and torch.backends.cuda.matmul.allow_tf32  # what torch's own GEMM would use
+    _topk_encode_kernel[(row_tiles, splits)](
+        x, W_enc, b_enc, b_dec if b_dec is not None else b_enc, values, indices,
+        N, D, n, k, tiles_per_split,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), splits * k,
+        HAS_B_DEC=b_dec is not None, ROUND=not fp32, PRECISION="tf32" if tf32 else "ieee",
+        K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=8 if k_pad >= 128 else 4,
+    )  # fmt: skip
+    if splits > 1:
+        values, best = values.topk(k, dim=1)
+        indices = indices.gather(1, best)
+    return values, indices

@@ -13,7 +13,7 @@ import torch
 
 from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, fvu_loss
-from saetrain.kernels.ops import encode_gather, sparse_decode
+from saetrain.kernels.ops import encode_gather, fused_topk_encode, sparse_decode, use_fused_topk
 
 
 class AuxSelection(NamedTuple):
@@ -95,6 +95,12 @@ class TopKSAE(Dictionary):
         self.aux_k_coefficient = aux_k_coefficient
 
     def encode(self, x: torch.Tensor) -> SparseCodes:
+        """Without autograd and where the Triton kernel runs, the fused encoder/top-k (the [N, n]
+        pre-activations are never written); otherwise the dense pre-activations and topk."""
+        if not torch.is_grad_enabled() and use_fused_topk(x, self.W_enc, self.k):
+            b_dec = self.b_dec if self.apply_b_dec_to_input else None
+            values, indices = fused_topk_encode(x, self.W_enc, self.b_enc, self.k, b_dec)
+            return SparseCodes(indices, values.relu())
         return self._select(self.pre_activations(x))
 
     def _select(self, pre: torch.Tensor) -> SparseCodes:
