@@ -9,6 +9,9 @@ For every (n_latents, k, dtype) it measures, with N rows of width d:
   the GEMM + torch.topk (what a fused encoder/top-k kernel would replace), and against the same
   step with plain autograd through the dense pre-activations (the pre-issue path), with the peak
   memory of both steps;
+- the encoder fused with top-k (`ops.fused_topk_encode`: Triton on CUDA, the [N, n]
+  pre-activations never written) against the unfused inference encoder it replaces,
+  torch.addmm(b_enc, x − b_dec, W_enc).topk(k), with the peak memory of both;
 - the optimizer step separately: torch.optim.Adam(fused=True where the device has it), as
   achieved bytes/s over the bytes it must move (read p, g, m, v; write p, m, v).
 
@@ -175,6 +178,35 @@ def bench_step(N, d, n, k, dtype, device, args) -> dict[str, Any]:
     return out
 
 
+def bench_fused_encode(N, d, n, k, dtype, device, args) -> dict[str, Any]:
+    """Inference encode: fused encoder/top-k vs GEMM + torch.topk through the dense pre."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, d, generator=g).to(device, dtype)
+    W_enc = (torch.randn(d, n, generator=g) / d**0.5).to(device, dtype)
+    b_enc = (0.1 * torch.randn(n, generator=g)).to(device, dtype)
+    b_dec = (0.1 * torch.randn(d, generator=g)).to(device, dtype)
+
+    def fused() -> None:
+        ops.fused_topk_encode(x, W_enc, b_enc, k, b_dec)
+
+    def unfused() -> None:
+        torch.addmm(b_enc, x - b_dec, W_enc).topk(k, dim=-1, sorted=False)
+
+    with torch.no_grad():  # the k largest values against fp32 GEMM + topk on the same inputs
+        got = ops.fused_topk_encode(x, W_enc, b_enc, k, b_dec)[0].float()
+        want = torch.addmm(b_enc.float(), (x - b_dec).float(), W_enc.float()).topk(k).values
+        err = (got - want).norm() / want.norm().clamp_min(1e-30)
+    out: dict[str, Any] = {
+        "fused_encode_s": timed(fused, device, args.warmup, args.repeats),
+        "unfused_encode_s": timed(unfused, device, args.warmup, args.repeats),
+        "fused_rel_err": float(err),
+        "peak_fused_bytes": peak_bytes(fused, device),
+        "peak_unfused_bytes": peak_bytes(unfused, device),
+    }
+    out["fused_over_unfused"] = out["fused_encode_s"] / out["unfused_encode_s"]
+    return out
+
+
 def _fmt_s(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:9.3f}"
 
@@ -202,13 +234,24 @@ COLUMNS = [
     ("Adam GB/s", "adam_bytes_per_s", lambda v: f"{v / 1e9:.1f}"),
 ]
 
+# The fused encoder/top-k, a second table (the first is already wide).
+FUSED_COLUMNS = [
+    *COLUMNS[:3],
+    ("fused enc ms", "fused_encode_s", _fmt_s),
+    ("GEMM+topk enc ms", "unfused_encode_s", _fmt_s),
+    ("fused/unfused", "fused_over_unfused", lambda v: f"{v:.2f}"),
+    ("fused rel err", "fused_rel_err", lambda v: f"{v:.1e}"),
+    ("fused peak GiB", "peak_fused_bytes", _fmt_gb),
+    ("unfused peak GiB", "peak_unfused_bytes", _fmt_gb),
+]
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    cells = [[fmt(r[key]) if key in r else "-" for _, key, fmt in COLUMNS] for r in rows]
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Any]]) -> None:
+    cells = [[fmt(r[key]) if key in r else "-" for _, key, fmt in columns] for r in rows]
     widths = [
-        max(len(h), *(len(c[i].strip()) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)
+        max(len(h), *(len(c[i].strip()) for c in cells)) for i, (h, _, _) in enumerate(columns)
     ]
-    print(" | ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths, strict=True)))
+    print(" | ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths, strict=True)))
     print("-|-".join("-" * w for w in widths))
     for row in cells:
         print(" | ".join(c.strip().rjust(w) for c, w in zip(row, widths, strict=True)))
@@ -251,12 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     ops.FORCE_REFERENCE = args.reference
     triton_used = ops.use_triton(torch.zeros(1, device=device))
+    probe = torch.zeros(1, device=device)
+    fused_used = all(
+        ops.use_fused_topk(probe, torch.empty(0, n, device=device), k)
+        for n in args.latents
+        for k in args.k
+    )
     meta = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
         "kernels": "triton" if triton_used else "torch reference",
+        "fused_encode": "triton" if fused_used else "torch reference (GEMM + topk in row chunks)",
         "N": args.rows,
         "d": args.d,
         "dead_fraction": args.dead_fraction,
@@ -274,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"n": n, "k": k, "dtype": name}
                 row |= bench_decoder(args.rows, args.d, n, k, dtype, device, args)
                 row |= bench_step(args.rows, args.d, n, k, dtype, device, args)
+                row |= bench_fused_encode(args.rows, args.d, n, k, dtype, device, args)
                 rows.append(row)
                 print(f"  done n={n} k={k} {name}", file=sys.stderr)
-    print_table(rows)
+    print_table(rows, COLUMNS)
+    print(f"\n# inference encode, fused encoder/top-k: {meta['fused_encode']}")
+    print_table(rows, FUSED_COLUMNS)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
