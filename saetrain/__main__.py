@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,6 +13,8 @@ from saetrain import config_dir
 from saetrain.activations.cache import CacheError
 from saetrain.activations.sites import SiteError
 from saetrain.config import ConfigError, register_configs, to_config
+from saetrain.export.hub import PublishError
+from saetrain.training.checkpoint import TrainingDiverged, TrainingInterrupted
 
 register_configs()
 
@@ -22,11 +25,18 @@ def _main(node: DictConfig) -> dict[str, float]:
 
     try:
         cfg = to_config(node)
-        output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-        return run(cfg, output_dir).metrics
+        hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+        output_dir = cfg.output_dir or hydra_dir
+        # `resume=true` without output_dir looks for the newest run under outputs/ (run mode's
+        # folders are outputs/<date>/<time>).
+        outputs_root = hydra_dir.parents[1] if len(hydra_dir.parents) > 1 else None
+        return run(cfg, output_dir, outputs_root).metrics
     except (ConfigError, SiteError, CacheError, FileNotFoundError) as e:
         print(f"saetrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingDiverged, TrainingInterrupted, PublishError) as e:
+        print(f"saetrain: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:

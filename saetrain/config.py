@@ -199,6 +199,16 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable snapshots of the training state (weights, optimiser, buffer, data position)."""
+
+    # Write a checkpoint every this many training tokens (0: only when stopped by SIGTERM/SIGINT).
+    every_tokens: int = 50_000_000
+    # Checkpoints kept in <run folder>/checkpoints; older ones are deleted.
+    keep_last: int = 2
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation after training."""
 
@@ -271,6 +281,7 @@ class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -283,6 +294,9 @@ class Config:
     seed: int = 0
     # Where the run's folder goes; null means Hydra's output folder for this job.
     output_dir: str | None = None
+    # Continue a stopped run from its last checkpoint: the run's folder, or `true` for output_dir
+    # (or, when that is null, the newest run under Hydra's outputs/ that has a checkpoint).
+    resume: str | None = None
 
 
 def register_configs() -> None:
@@ -406,6 +420,8 @@ def _validate_one(cfg: Config) -> None:
     _choice("data.packing", cfg.data.packing, PACKINGS)
     _positive("buffer.prefetch_batches", cfg.buffer.prefetch_batches, allow_zero=True)
     _positive("cache.shard_tokens", cfg.cache.shard_tokens)
+    _positive("checkpoint.every_tokens", cfg.checkpoint.every_tokens, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.model.device not in ("auto", "cpu") and not cfg.model.device.startswith("cuda"):
         raise ConfigError(
             f"model.device={cfg.model.device!r} is not valid; choose one of: auto, cpu, cuda, "

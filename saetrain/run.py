@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import platform
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -23,8 +27,17 @@ from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
 from saetrain.config import Config, ConfigError, dictionary_configs, validate
 from saetrain.evaluation.evaluate import evaluate_dictionary
+from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
-from saetrain.training.fit import fold, prepare_trainer, train_together
+from saetrain.loggers import open_logger
+from saetrain.training.checkpoint import (
+    check_resumable,
+    find_resume_dir,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
 from saetrain.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -67,11 +80,28 @@ class _Job:
         return torch.cat([rows[:, c] for c in self.columns], dim=-1)
 
 
-def run(cfg: Config, output_dir: str | Path) -> RunResult:
-    """Train, evaluate and save every dictionary `cfg` describes, from one LM pass."""
+def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = None) -> RunResult:
+    """Train, evaluate and save every dictionary `cfg` describes, from one LM pass.
+
+    With `cfg.resume`, continue the run folder it names from its last checkpoint instead
+    (`outputs_root`: where `resume=true` looks for the newest run when output_dir has none).
+    """
     validate(cfg)
     started = time.time()
     output_dir = Path(output_dir)
+    checkpoint: dict[str, Any] | None = None
+    if cfg.resume:
+        root = Path(outputs_root) if outputs_root is not None else None
+        output_dir = find_resume_dir(cfg.resume, output_dir, root)
+        checkpoint_path = list_checkpoints(output_dir)[-1]
+        checkpoint = load_checkpoint(checkpoint_path)
+        check_resumable(checkpoint["config"], dataclasses.asdict(cfg), checkpoint_path)
+        log.info("resuming %s from %s", output_dir, checkpoint_path)
+    if cfg.publish.repo_id:
+        try:
+            check_publish(cfg.publish)  # a missing token fails now, not after training
+        except PublishError as e:
+            raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
     if cfg.data.path in LOCAL_BUILDERS:
@@ -116,6 +146,18 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
             cfg.cache.shard_tokens,
             cfg.cache.verify,
         )
+    total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
+    loggers = [
+        open_logger(
+            cfg.logger,
+            output_dir / job.name,
+            dataclasses.asdict(job.cfg),
+            prefix=job.name if len(jobs) > 1 else "",
+        )
+        for job in jobs
+    ]
+    stop = _StopRequest()
+    pipeline_start = time.time()
     stream = TrainingStream(
         source,
         tokens,
@@ -126,10 +168,9 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         cfg.buffer.prefetch_batches,
         torch.Generator().manual_seed(cfg.seed + 1),
         limit_tokens=ActivationBuffer.rows_needed(
-            cfg.buffer.size_tokens,
-            cfg.trainer.batch_tokens,
-            max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1),
+            cfg.buffer.size_tokens, cfg.trainer.batch_tokens, total_steps
         ),
+        position=checkpoint["stream"] if checkpoint is not None else None,
     )
     try:
         buffer = ActivationBuffer(
@@ -139,6 +180,7 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
             buffer_dtype,
             device,
             torch.Generator().manual_seed(cfg.seed),
+            state=checkpoint["buffer"] if checkpoint is not None else None,
         )
         log.info(
             "buffer: %d tokens × %d sites × %d (%s) = %.1f MiB on %s",
@@ -149,26 +191,70 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
             buffer.storage_bytes() / 2**20,
             device,
         )
-        samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens)
-        for job in jobs:
-            job.trainer = prepare_trainer(
-                job.cfg.dictionary,
-                job.cfg.trainer,
-                job.view(samples),
-                d,
-                d,
-                job.transcoder,
-                device,
-                torch.Generator().manual_seed(job.cfg.seed),
-                name=job.name if len(jobs) > 1 else "",
-            )
+        if checkpoint is None:
+            samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens)
+        for i, job in enumerate(jobs):
+            name = job.name if len(jobs) > 1 else ""
+            if checkpoint is None:
+                job.trainer = prepare_trainer(
+                    job.cfg.dictionary,
+                    job.cfg.trainer,
+                    job.view(samples),
+                    d,
+                    d,
+                    job.transcoder,
+                    device,
+                    torch.Generator().manual_seed(job.cfg.seed),
+                    name=name,
+                )
+            else:
+                job.trainer = restore_trainer(
+                    job.cfg.dictionary,
+                    job.cfg.trainer,
+                    checkpoint["trainers"][i],
+                    d,
+                    d,
+                    job.transcoder,
+                    device,
+                    name=name,
+                )
             _announce(job)
-        train_start = time.time()
+        if checkpoint is not None:
+            _set_rng_state(checkpoint["rng"])
         trainers = [job.trainer for job in jobs if job.trainer is not None]
-        train_together(
-            trainers, [job.view for job in jobs], buffer.next_batch, cfg.logger.log_every
-        )
+
+        def save(step: int) -> Path:
+            state = {
+                "format": 1,
+                "config": dataclasses.asdict(cfg),
+                "step": step,
+                "names": [job.name for job in jobs],
+                "trainers": [t.state_dict() for t in trainers],
+                "buffer": buffer.state_dict(),
+                "stream": stream.position(),
+                "rng": _rng_state(),
+            }
+            return save_checkpoint(output_dir, step, state, cfg.checkpoint.keep_last)
+
+        every = cfg.checkpoint.every_tokens
+        train_start = time.time()
+        with stop.installed():
+            train_together(
+                trainers,
+                [job.view for job in jobs],
+                buffer.next_batch,
+                cfg.logger.log_every,
+                on_log=lambda i, row: loggers[i].log(row),
+                checkpoint_every=max(every // cfg.trainer.batch_tokens, 1) if every else 0,
+                save=save,
+                stop=stop.is_set,
+            )
         train_seconds = time.time() - train_start
+        pipeline_seconds = time.time() - pipeline_start
+    except BaseException:
+        for logger in loggers:
+            logger.abort()
+        raise
     finally:
         stream.close()
     stream_info = {
@@ -179,23 +265,28 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         "lm_contexts": stream.lm_contexts,
         "cached_tokens": stream.cached_tokens,
         "cache_dir": str(cache.folder) if cache is not None else None,
+        "position": stream.position(),
+        "resumed_at_step": checkpoint["step"] if checkpoint is not None else None,
         "train_seconds": train_seconds,
+        # From the first buffer fill to the last step: what the LM + buffer + training cost.
+        "pipeline_seconds": pipeline_seconds,
         "tokens_per_s": trainers[0].state.tokens / max(train_seconds, 1e-9),
+        "pipeline_rows_per_s": (stream.lm_tokens + stream.cached_tokens)
+        / max(pipeline_seconds, 1e-9),
     }
     log.info(
-        "trained %d dictionar%s on %d tokens in %.1f s (%.0f tok/s; LM on %d tokens, %d from "
-        "the cache)",
+        "trained %d dictionar%s on %d tokens in %.1f s (LM on %d tokens, %d from the cache)",
         len(jobs),
         "y" if len(jobs) == 1 else "ies",
         trainers[0].state.tokens,
         train_seconds,
-        stream_info["tokens_per_s"],
         stream.lm_tokens,
         stream.cached_tokens,
     )
 
     results: list[DictionaryResult] = []
-    for job in jobs:
+    publish_errors: list[str] = []
+    for job, logger in zip(jobs, loggers, strict=True):
         assert job.trainer is not None
         fitted = fold(job.trainer)
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
@@ -229,9 +320,69 @@ def run(cfg: Config, output_dir: str | Path) -> RunResult:
         }
         sae_metadata = saelens_metadata(job.cfg, source, exported.architecture)
         folder = save_dictionary(exported, output_dir / job.name, sae_metadata, run_info)
+        logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
         results.append(DictionaryResult(job.name, folder, metrics))
+        if cfg.publish.repo_id:
+            try:
+                url = publish_folder(folder, cfg.publish, metrics)
+                print(f"published to {url}", flush=True)
+            except PublishError as e:
+                log.error("%s", e)
+                publish_errors.append(f"{folder}: {e}")
+    if publish_errors:
+        raise PublishError(
+            "training finished and every dictionary is saved locally, but uploading failed:\n  "
+            + "\n  ".join(publish_errors)
+        )
     return RunResult(output_dir, results[0].dictionary_dir, results[0].metrics, results)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag that the training loop reads after each step (it then writes a
+    checkpoint and stops); a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning(
+            "%s received: writing a checkpoint after this step, then stopping",
+            signal.Signals(signum).name,
+        )
+        self._event.set()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _tag(job: _Job, jobs: list[_Job]) -> str:

@@ -9,6 +9,7 @@ makes is drawn exactly once, and memory stays at `size × d` whatever the run's 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -22,16 +23,48 @@ class ActivationBuffer:
         dtype: torch.dtype,
         device: torch.device,
         generator: torch.Generator,
+        state: dict[str, Any] | None = None,
     ):
         self._chunks = chunks
         self._leftover: torch.Tensor | None = None
         self.size = size
         self.generator = generator
         self.storage = torch.empty(size, d, dtype=dtype, device=device)
-        self._fill(torch.arange(size, device=device))
-        self._reshuffle()
         self.tokens_served = 0
         self.refills = 0
+        if state is not None:
+            self._load_state(state)
+            return
+        self._fill(torch.arange(size, device=device))
+        self._reshuffle()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Contents and shuffle position: with the source's position, enough to continue exactly."""
+        return {
+            "storage": self.storage.cpu(),
+            "order": self._order.cpu(),
+            "pos": self._pos,
+            "leftover": self._leftover.cpu() if self._leftover is not None else None,
+            "generator": self.generator.get_state(),
+            "tokens_served": self.tokens_served,
+            "refills": self.refills,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        if tuple(state["storage"].shape) != tuple(self.storage.shape):
+            raise ValueError(
+                f"buffer state of shape {tuple(state['storage'].shape)} does not fit a buffer of "
+                f"{tuple(self.storage.shape)}"
+            )
+        device = self.storage.device
+        self.storage.copy_(state["storage"].to(device))
+        self._order = state["order"].to(device)
+        self._pos = int(state["pos"])
+        leftover = state["leftover"]
+        self._leftover = leftover.to(device) if leftover is not None else None
+        self.generator.set_state(state["generator"])
+        self.tokens_served = int(state["tokens_served"])
+        self.refills = int(state["refills"])
 
     @staticmethod
     def rows_needed(size: int, batch: int, steps: int) -> int:

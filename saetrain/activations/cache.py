@@ -160,12 +160,37 @@ class ActivationCache:
         tensors = safetensors_load(data)
         return torch.cat([tensors[site] for site in self.sites], dim=-1)
 
-    def read(self, generator: torch.Generator, chunk: int = 4096) -> Iterator[torch.Tensor]:
-        """Every shard once, in a seeded random order, in chunks of `chunk` rows."""
-        order = torch.randperm(len(self.shards), generator=generator).tolist()
+    def contexts_of(self, n_shards: int) -> int:
+        """Training contexts the first `n_shards` shards (in writing order) cover."""
+        return sum(s["contexts"] for s in self.shards[:n_shards])
+
+    @property
+    def covered_contexts(self) -> int:
+        """Contexts written or pending: the stream position from which new rows are cache-worthy."""
+        return self.contexts + self._pending_contexts
+
+    def read(
+        self,
+        generator: torch.Generator,
+        n_shards: int | None = None,
+        skip_chunks: int = 0,
+        chunk: int = 4096,
+    ) -> Iterator[torch.Tensor]:
+        """The first `n_shards` shards once each, in a seeded random order, in chunks of `chunk`
+        rows; the first `skip_chunks` chunks are skipped (a resumed run has used them)."""
+        n = len(self.shards) if n_shards is None else n_shards
+        order = torch.randperm(n, generator=generator).tolist()
+        index = 0
         for i in order:
+            n_chunks = -(-self.shards[i]["tokens"] // chunk)
+            if index + n_chunks <= skip_chunks:
+                index += n_chunks
+                continue
             rows = self.read_shard(self.shards[i]).to(self.dtype)
-            yield from rows.split(chunk)
+            for part in rows.split(chunk):
+                if index >= skip_chunks:
+                    yield part
+                index += 1
 
     # -- writing --------------------------------------------------------------------------------
 

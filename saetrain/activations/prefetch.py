@@ -24,14 +24,24 @@ class _Failure:
         self.error = error
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of an item: the item itself, or those in a tuple item."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
 class Prefetcher:
-    """Iterates `items` in a background thread, at most `depth` items ahead of the consumer.
+    """Iterates `items` (tensors, or tuples holding tensors) in a background thread, at most
+    `depth` items ahead of the consumer.
 
     Items arrive in the source's order, so a run is as deterministic as without the thread; an
     exception in the source is raised in the consumer at the same point of the stream.
     """
 
-    def __init__(self, items: Iterator[torch.Tensor], depth: int, device: torch.device):
+    def __init__(self, items: Iterator[Any], depth: int, device: torch.device):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._items = items
@@ -73,7 +83,7 @@ class Prefetcher:
     def __iter__(self) -> Prefetcher:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Any:
         if self._finished:
             raise StopIteration
         item = self._queue.get()
@@ -83,18 +93,19 @@ class Prefetcher:
         if isinstance(item, _Failure):
             self._finished = True
             raise item.error
-        tensor, event = item
+        value, event = item
         if event is not None:
             current = torch.cuda.current_stream(self._device)
             current.wait_event(event)
-            tensor.record_stream(current)
-        return tensor
+            for tensor in _tensors(value):
+                tensor.record_stream(current)
+        return value
 
     def queued(self) -> list[torch.Tensor]:
-        """The items computed but not yet consumed (for memory accounting)."""
+        """The tensors computed but not yet consumed (for memory accounting)."""
         with self._queue.mutex:
             items = list(self._queue.queue)
-        return [i[0] for i in items if isinstance(i, tuple)]
+        return [t for i in items if isinstance(i, tuple) for t in _tensors(i[0])]
 
     def close(self) -> None:
         """Stop the thread and drop what it computed ahead."""

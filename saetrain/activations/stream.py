@@ -22,17 +22,22 @@ from saetrain.activations.tokens import TokenSource
 log = logging.getLogger(__name__)
 
 
-def _limited(rows: Iterator[torch.Tensor], limit: int) -> Iterator[torch.Tensor]:
+def _limited(
+    items: Iterator[tuple[torch.Tensor, int]], limit: int
+) -> Iterator[tuple[torch.Tensor, int]]:
     """Stop once `limit` rows are out: the run needs no more, so the LM need not run ahead."""
     served = 0
-    for chunk in rows:
-        yield chunk
-        served += chunk.shape[0]
-        if served >= limit:
+    while served < limit:
+        item = next(items, None)
+        if item is None:
             return
+        yield item
+        served += item[0].shape[0]
 
 
 class TrainingStream:
+    """Rows for the buffer, and the position in the stream a checkpoint needs to continue it."""
+
     def __init__(
         self,
         source: ActivationSource,
@@ -44,6 +49,7 @@ class TrainingStream:
         prefetch: int,
         generator: torch.Generator,
         limit_tokens: int | None = None,
+        position: dict[str, int] | None = None,
     ):
         self.source = source
         self.tokens = tokens
@@ -52,17 +58,26 @@ class TrainingStream:
         self.lm_batch_contexts = lm_batch_contexts
         self.cache = cache
         self.writing = False
-        self.lm_contexts = 0  # contexts the LM has run on (this run)
+        self.lm_contexts = 0  # contexts the LM has run on (this process)
         self.lm_tokens = 0
-        self.cached_tokens = 0  # rows read from the cache
-        parts: list[Iterator[torch.Tensor]] = []
+        self.cached_tokens = 0  # rows read from the cache (this process)
+        # What the consumer has taken since the run began (a resumed run starts from its
+        # checkpoint's values): this, not what was computed ahead, is the stream's position.
+        position = position or {}
+        self.rows_out = int(position.get("rows_out", 0))
+        self.contexts_out = int(position.get("contexts_out", 0))
+        self.cached_chunks_out = int(position.get("cached_chunks_out", 0))
+        self.cache_shards = int(
+            position.get("cache_shards", len(cache.shards) if cache is not None else 0)
+        )
+        parts: list[Iterator[tuple[torch.Tensor, int]]] = []
         if cache is not None:
-            if cache.tokens:
+            if self.cache_shards:
                 log.info(
                     "activation cache %s: reading %d cached tokens (%d shards)",
                     cache.folder,
-                    cache.tokens,
-                    len(cache.shards),
+                    sum(s["tokens"] for s in cache.shards[: self.cache_shards]),
+                    self.cache_shards,
                 )
                 parts.append(self._cached(generator))
             self.writing = cache.acquire()
@@ -73,38 +88,56 @@ class TrainingStream:
                     cache.folder,
                 )
         parts.append(self._live())
-        rows: Iterator[torch.Tensor] = itertools.chain(*parts)
+        items: Iterator[tuple[torch.Tensor, int]] = itertools.chain(*parts)
         if limit_tokens is not None:
-            rows = _limited(rows, limit_tokens)
-        self._prefetcher = Prefetcher(rows, prefetch, source.device) if prefetch > 0 else None
-        self._rows = self._prefetcher if self._prefetcher is not None else rows
+            items = _limited(items, limit_tokens - self.rows_out)
+        self._prefetcher = Prefetcher(items, prefetch, source.device) if prefetch > 0 else None
+        self._items = self._prefetcher if self._prefetcher is not None else items
 
-    def _cached(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def _cached(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, int]]:
         assert self.cache is not None
-        for rows in self.cache.read(generator):
+        for rows in self.cache.read(generator, self.cache_shards, self.cached_chunks_out):
             self.cached_tokens += rows.shape[0]
-            yield rows
+            yield rows, -1  # -1: a cached chunk, counted by chunks rather than contexts
 
-    def _live(self) -> Iterator[torch.Tensor]:
-        skip = self.cache.contexts if self.cache is not None else 0
-        if skip:
-            log.info("LM: continuing the stream after the cache's %d contexts", skip)
-        for batch in self.tokens.training(self.lm_batch_contexts, skip_contexts=skip):
+    def _live(self) -> Iterator[tuple[torch.Tensor, int]]:
+        cache = self.cache
+        position = cache.contexts_of(self.cache_shards) if cache is not None else 0
+        position += self.contexts_out
+        if position:
+            log.info("LM: continuing the stream after %d contexts", position)
+        for batch in self.tokens.training(self.lm_batch_contexts, skip_contexts=position):
             acts = self.source(batch.input_ids)
             mask = batch.mask.to(self.source.device)
             rows = torch.cat([acts[s][mask].to(self.dtype) for s in self.sites], dim=-1)
             self.lm_contexts += len(batch)
             self.lm_tokens += rows.shape[0]
-            if self.writing:
-                assert self.cache is not None
-                self.cache.add(rows, len(batch))
-            yield rows
+            # A resumed run recomputes contexts its killed predecessor may already have cached.
+            if self.writing and cache is not None and position >= cache.covered_contexts:
+                cache.add(rows, len(batch))
+            position += len(batch)
+            yield rows, len(batch)
 
     def __iter__(self) -> TrainingStream:
         return self
 
     def __next__(self) -> torch.Tensor:
-        return next(self._rows)
+        rows, contexts = next(self._items)
+        self.rows_out += rows.shape[0]
+        if contexts < 0:
+            self.cached_chunks_out += 1
+        else:
+            self.contexts_out += contexts
+        return rows
+
+    def position(self) -> dict[str, int]:
+        """Where the consumer is: a new stream built with this continues right after it."""
+        return {
+            "rows_out": self.rows_out,
+            "contexts_out": self.contexts_out,
+            "cached_chunks_out": self.cached_chunks_out,
+            "cache_shards": self.cache_shards,
+        }
 
     def queued(self) -> list[torch.Tensor]:
         """Rows computed ahead and not yet taken (counted in the buffer's memory)."""

@@ -16,6 +16,7 @@ import torch
 
 from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.dictionaries import Dictionary, build_dictionary
+from saetrain.training.checkpoint import TrainingInterrupted
 from saetrain.training.initialization import initial_b_dec, normalization_scale
 from saetrain.training.trainer import Trainer, TrainState
 
@@ -59,26 +60,72 @@ def prepare_trainer(
     )
 
 
+def restore_trainer(
+    dict_cfg: DictionaryConfig,
+    trainer_cfg: TrainerConfig,
+    state: dict,
+    d_in: int,
+    d_out: int,
+    transcoder: bool,
+    device: torch.device,
+    name: str = "",
+) -> Trainer:
+    """A trainer continuing from a checkpoint's `state` (see Trainer.state_dict)."""
+    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, None, transcoder)
+    total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
+    trainer = Trainer(
+        dictionary,
+        trainer_cfg,
+        float(state["scale"]),
+        total_steps,
+        target_scale=float(state["target_scale"]),
+        name=name,
+    )
+    trainer.load_state_dict(state)
+    return trainer
+
+
 def train_together(
     trainers: list[Trainer],
     views: list[Callable[[torch.Tensor], torch.Tensor]],
     next_batch: Callable[[int], torch.Tensor],
     log_every: int,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint_every: int = 0,
+    save: Callable[[int], object] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Train several dictionaries on the same batches: one draw from the stream per step.
 
-    `views[i]` picks trainer i's columns (its sites) out of the shared batch.
+    `views[i]` picks trainer i's columns (its sites) out of the shared batch. Continues from the
+    trainers' current step (a resumed run). Every `checkpoint_every` steps, and when `stop()`
+    turns true (a signal), `save(step)` is called; after a stop, TrainingInterrupted is raised.
     """
     if not trainers:
         return
     total_steps = trainers[0].total_steps
     batch_tokens = trainers[0].cfg.batch_tokens
+    first = trainers[0].state.step
+    start_tokens = [t.state.tokens for t in trainers]
     start = time.perf_counter()
-    for _ in range(total_steps):
+    for step in range(first, total_steps):
         batch = next_batch(batch_tokens)
-        for trainer, view in zip(trainers, views, strict=True):
+        for i, (trainer, view) in enumerate(zip(trainers, views, strict=True)):
             y, out = trainer.step(view(batch))
-            trainer.maybe_log(y, out, log_every, time.perf_counter() - start)
+            row = trainer.maybe_log(y, out, log_every, time.perf_counter() - start, start_tokens[i])
+            if row is not None and on_log is not None:
+                on_log(i, row)
+        done = step + 1
+        if stop is not None and stop():
+            if save is not None:
+                where = save(done)
+                raise TrainingInterrupted(
+                    f"stopped by a signal after step {done}; checkpoint written to {where}"
+                )
+            raise TrainingInterrupted(f"stopped by a signal after step {done}")
+        if save is not None and checkpoint_every and done % checkpoint_every == 0:
+            if done < total_steps:
+                save(done)
 
 
 def fold(trainer: Trainer) -> Fitted:

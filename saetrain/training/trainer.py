@@ -6,12 +6,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from saetrain.config import TrainerConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput, fired_latents
 from saetrain.evaluation.metrics import reconstruction_metrics
+from saetrain.training.checkpoint import TrainingDiverged
 from saetrain.training.schedules import default_lr, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,27 @@ class Trainer:
         )
         self.state = TrainState()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: weights, Adam, counters, scales."""
+        return {
+            "dictionary": self.dictionary.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "scale": self.scale,
+            "target_scale": self.target_scale,
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "history": self.state.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dictionary.load_state_dict(state["dictionary"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.scale = float(state["scale"])
+        self.target_scale = float(state["target_scale"])
+        self.state = TrainState(int(state["step"]), int(state["tokens"]), list(state["history"]))
+
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
@@ -86,6 +109,14 @@ class Trainer:
         warmup = self.cfg.sparsity_warmup_steps
         sparsity = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         out = d.training_forward(x, y, self.dead_mask(), sparsity)
+        if not torch.isfinite(out.loss):
+            # Stop before the update: the weights (and the last checkpoint) stay good.
+            raise TrainingDiverged(
+                f"the loss is {float(out.loss)} at step {step + 1}"
+                f"{f' of dictionary {self.name}' if self.name else ''} "
+                f"(terms: {', '.join(f'{k}={float(v):.4g}' for k, v in out.terms.items())}); "
+                "training stopped before applying it"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if d.unit_norm_decoder:
@@ -116,7 +147,12 @@ class Trainer:
         return self.state
 
     def maybe_log(
-        self, y: torch.Tensor, out: TrainOutput, log_every: int, elapsed: float
+        self,
+        y: torch.Tensor,
+        out: TrainOutput,
+        log_every: int,
+        elapsed: float,
+        start_tokens: int = 0,
     ) -> dict[str, float] | None:
         """After a step: every `log_every` steps (and the last), record and print a progress row."""
         step = self.state.step
@@ -125,7 +161,7 @@ class Trainer:
         metrics = reconstruction_metrics(
             y, out.x_hat.detach(), out.codes, self.dictionary.n_latents
         )
-        rate = self.state.tokens / max(elapsed, 1e-9)
+        rate = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
         eta = (self.total_steps - step) * self.cfg.batch_tokens / max(rate, 1e-9)
         dead = float(self.dead_mask().double().mean())
         row = {

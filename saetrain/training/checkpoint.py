@@ -1,0 +1,144 @@
+"""Checkpoints: the whole training state on disk, written atomically, so a killed run resumes.
+
+A checkpoint holds every dictionary's weights, optimiser and schedule position, dead-latent
+counters and normalisation scales, the buffer's contents and shuffle state, the data position (and
+the disk cache's), the RNG states and the resolved config. It is written to a temporary file,
+fsynced and renamed, so a crash or a full disk while saving leaves the previous checkpoint as it
+was. Resuming refuses a config that disagrees with the checkpoint on anything that shapes the
+training, and lists the differences.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saetrain.config import ConfigError
+from saetrain.export.atomic import _fsync_dir
+
+log = logging.getLogger(__name__)
+
+FOLDER = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+# Config fields a resumed run may change: where and how it reports, evaluates and saves.
+MAY_DIFFER = (
+    "resume",
+    "output_dir",
+    "logger.",
+    "eval.",
+    "publish.",
+    "checkpoint.",
+    "model.device",
+    "buffer.prefetch_batches",
+    "cache.dir",
+    "cache.verify",
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped the run after a checkpoint was written."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FOLDER
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write `state` as checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:09d}.pt"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    log.info("checkpoint written: %s", path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`field: checkpoint value → current value` for every field that shapes the training."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == m or key.startswith(m) for m in MAY_DIFFER):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def check_resumable(saved_config: dict[str, Any], current_config: dict[str, Any], path: Path):
+    diffs = config_differences(saved_config, current_config)
+    if diffs:
+        listed = "\n  ".join(diffs)
+        raise ConfigError(
+            f"resume: the config disagrees with checkpoint {path} on:\n  {listed}\n"
+            "resume with the run's own config, or start a new run"
+        )
+
+
+def find_resume_dir(resume: str, output_dir: Path | None, outputs_root: Path | None) -> Path:
+    """The run folder `resume` points at: a path, or (true/latest) output_dir or the newest run
+    under Hydra's outputs/ that holds a checkpoint."""
+    if resume.lower() not in ("true", "latest"):
+        folder = Path(resume).expanduser()
+        if not list_checkpoints(folder):
+            raise ConfigError(f"resume={resume!r}: no checkpoint in {folder / FOLDER}")
+        return folder
+    if output_dir is not None and list_checkpoints(output_dir):
+        return output_dir
+    candidates: list[tuple[float, Path]] = []
+    if outputs_root is not None and outputs_root.is_dir():
+        for ckpt_dir in outputs_root.glob(f"**/{FOLDER}"):
+            last = list_checkpoints(ckpt_dir.parent)
+            if last:
+                candidates.append((last[-1].stat().st_mtime, ckpt_dir.parent))
+    if not candidates:
+        where = output_dir if output_dir is not None else outputs_root
+        raise ConfigError(
+            f"resume={resume!r}: found no run with a checkpoint under {where}; pass the run's "
+            "folder (resume=/path/to/run)"
+        )
+    return max(candidates)[1]
