@@ -18,6 +18,9 @@ deterministic, needs no zero-fill, and accumulates in fp32 registers even for bf
 fp32 atomics would need a zeroed fp32 buffer plus a cast pass and give run-to-run differences.
 A latent chosen by many rows is walked by one program in BLOCK_E-entry steps; that skew is what
 a GPU measurement should check (scripts/bench_kernels.py).
+
+`topk_encode` (inference/eval, no autograd) fuses the encoder GEMM with the top-k selection so
+that the [N, n] pre-activations are never written; see the section above it.
 """
 
 from __future__ import annotations
@@ -313,12 +316,13 @@ def topk_encode(
     if N == 0:
         return values, indices
     fp32 = x.dtype == torch.float32
-    tf32 = fp32 and torch.backends.cuda.matmul.allow_tf32  # what torch's own GEMM would use
+    # fp32: exact products unless torch's own GEMM would use TF32 too (16-bit inputs ignore it).
+    ieee = fp32 and not torch.backends.cuda.matmul.allow_tf32
     _topk_encode_kernel[(row_tiles, splits)](
         x, W_enc, b_enc, b_dec if b_dec is not None else b_enc, values, indices,
         N, D, n, k, tiles_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), splits * k,
-        HAS_B_DEC=b_dec is not None, ROUND=not fp32, PRECISION="tf32" if tf32 else "ieee",
+        HAS_B_DEC=b_dec is not None, ROUND=not fp32, PRECISION="ieee" if ieee else "tf32",
         K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=8 if k_pad >= 128 else 4,
     )  # fmt: skip
