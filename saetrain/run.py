@@ -26,6 +26,7 @@ from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
 from saetrain.config import Config, ConfigError, dictionary_configs, validate
+from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
@@ -291,6 +292,7 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
         fitted = fold(job.trainer)
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
         log.info("%sevaluating on %d held-out contexts", _tag(job, jobs), _n_contexts(held_out))
+        frequencies: list[torch.Tensor] = []
         metrics = evaluate_dictionary(
             source,
             exported,
@@ -299,7 +301,9 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
             job.target_site,
             cfg.eval.compute_ce,
             cfg.eval.ce_contexts,
+            frequencies_out=frequencies,
         )
+        metrics |= density_summary(frequencies[0])
         metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
         run_info = {
             "config": dataclasses.asdict(job.cfg),
@@ -320,6 +324,7 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
         }
         sae_metadata = saelens_metadata(job.cfg, source, exported.architecture)
         folder = save_dictionary(exported, output_dir / job.name, sae_metadata, run_info)
+        logger.log_density(frequencies[0], state.step)
         logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
         results.append(DictionaryResult(job.name, folder, metrics))
@@ -329,7 +334,7 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
                 print(f"published to {url}", flush=True)
             except PublishError as e:
                 log.error("%s", e)
-                publish_errors.append(f"{folder}: {e}")
+                publish_errors.append(str(e))
     if publish_errors:
         raise PublishError(
             "training finished and every dictionary is saved locally, but uploading failed:\n  "
@@ -474,6 +479,7 @@ def print_summary(metrics: dict[str, Any], folder: Path, name: str | None = None
         "mse",
         "l0",
         "dead_fraction",
+        "dense_count",
         "ce_clean",
         "ce_spliced",
         "ce_zero_ablated",

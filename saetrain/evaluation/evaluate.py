@@ -20,11 +20,13 @@ def evaluate_dictionary(
     target_site: str | None = None,
     compute_ce: bool = True,
     ce_contexts: int = 32,
+    frequencies_out: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """FVU, MSE, L0, dead fraction on `batches`; CE/KL with the dictionary spliced in.
 
     An SAE reconstructs `input_site`; a transcoder predicts `target_site` from `input_site` and
-    is spliced in place of the target site.
+    is spliced in place of the target site. `frequencies_out`, if given, receives each latent's
+    firing frequency on the held-out tokens.
     """
     target_site = target_site or input_site
     sites = [input_site] if target_site == input_site else [input_site, target_site]
@@ -36,6 +38,8 @@ def evaluate_dictionary(
         codes = dictionary.encode(x)
         stats.update(y, dictionary.reconstruct(x, codes), codes)
     metrics = stats.compute()
+    if frequencies_out is not None:  # per-latent firing frequency, for density plots
+        frequencies_out.append(stats.fire_counts.double().cpu() / max(stats.rows, 1))
     if compute_ce:
         ce_batches = _first_contexts(batches, ce_contexts)
         metrics |= spliced_lm_metrics(
