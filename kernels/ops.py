@@ -105,6 +105,8 @@ def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch
     """⟨g[i], W[indices[i, j]]⟩ → [N, k] in g's dtype."""
     if use_triton(g, W):
         return _triton_ops().gather_dot(g, indices, W)
+    if g.device.type == "cpu":
+        return _cpu_gather_dot(g, indices, W)
     return reference.gather_dot(g, indices, W)
 
 
@@ -119,7 +121,41 @@ def segment_reduce(
     if use_triton(values, rows):
         plan = plan if plan is not None else reference.sort_plan(indices, n_latents)
         return _triton_ops().segment_reduce(plan, values, rows, n_latents)
+    if rows.device.type == "cpu":
+        return _cpu_segment_reduce(indices, values, rows, n_latents)
     return reference.sparse_transpose_product(indices, values, rows, n_latents)
+
+
+# On CPU the gather-dot and the segmented reduction are fastest as dense products over row chunks:
+# a BLAS GEMM beats gathering [N, k, d] rows by 4-5x at SAE shapes on 2 cores (4608 latents, k 32,
+# d 576: 60 ms vs 280 ms), and chunks of rows bound the [rows, n] temporaries.
+_CPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def _cpu_rows_per_chunk(n_latents: int) -> int:
+    return max(1, _CPU_CHUNK_ELEMENTS // max(1, n_latents))
+
+
+def _cpu_gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    step = _cpu_rows_per_chunk(W.shape[0])
+    Wt = W.to(g.dtype).t()
+    parts = [
+        (g[s : s + step] @ Wt).gather(1, indices[s : s + step]) for s in range(0, len(g), step)
+    ]
+    return torch.cat(parts) if parts else g.new_zeros(indices.shape)
+
+
+def _cpu_segment_reduce(
+    indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, n_latents: int
+) -> torch.Tensor:
+    step = _cpu_rows_per_chunk(n_latents)
+    out = torch.zeros(n_latents, rows.shape[1], dtype=torch.float32)
+    for s in range(0, len(rows), step):
+        codes = reference.dense_codes(
+            indices[s : s + step], values[s : s + step].float(), n_latents
+        )
+        out.addmm_(codes.t(), rows[s : s + step].float())
+    return out.to(rows.dtype)
 
 
 # -- autograd -------------------------------------------------------------------------------------
@@ -188,7 +224,13 @@ class EncodeGather(torch.autograd.Function):
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[i, j] · W_dec[indices[i, j]] (no bias), differentiable in values and W_dec."""
+    """Σ_j values[i, j] · W_dec[indices[i, j]] (no bias), differentiable in values and W_dec.
+
+    On CPU, torch's own embedding_bag with its autograd: its sparse backward is faster there than
+    the gather-dot + segmented reduction, which are built for the GPU.
+    """
+    if W_dec.device.type == "cpu" and not use_triton(values, W_dec):
+        return reference.sparse_decode(indices, values, W_dec)
     return SparseDecode.apply(indices, values, W_dec)
 
 
