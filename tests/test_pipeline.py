@@ -108,6 +108,24 @@ def test_dictionary_list_from_the_command_line():
     ]
 
 
+def test_k_sweep_experiment_composes():
+    from hydra import compose, initialize_config_dir
+
+    import saetrain
+    from saetrain.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=saetrain.config_dir(), version_base=None):
+        node = compose(config_name="config", overrides=["+experiment=smollm2_k_sweep"])
+    subs = dictionary_configs(to_config(node))
+    assert [(n, s.dictionary.k, s.site.input) for n, s in subs] == [
+        ("k16", 16, "resid_post.6"),
+        ("k32", 32, "resid_post.6"),
+        ("k64", 64, "resid_post.6"),
+        ("k128", 128, "resid_post.6"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
