@@ -9,31 +9,14 @@ CPU), and the tests here turn interpreted Triton on per test with the `interpret
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import sys
 
 import pytest
 import torch
+from _interpreted_triton import import_interpreted_triton_ops
 from saetrain.kernels import ops, reference
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import triton  # noqa: F401
-
-    if "saetrain.kernels.triton_ops" in sys.modules:
-        triton_ops = importlib.reload(sys.modules["saetrain.kernels.triton_ops"])
-    else:
-        from saetrain.kernels import triton_ops
-except ImportError:
-    triton_ops = None
-finally:
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+triton_ops = import_interpreted_triton_ops()
 
 needs_triton = pytest.mark.skipif(triton_ops is None, reason="triton is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")

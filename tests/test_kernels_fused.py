@@ -8,34 +8,17 @@ TRITON_INTERPRET is set while the kernel module is imported, as in test_kernels.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import sys
 from typing import Any
 
 import pytest
 import torch
+from _interpreted_triton import import_interpreted_triton_ops
 from saetrain.kernels import ops, reference
 
 from saetrain.dictionaries import SparseCodes, TopKSAE
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import triton  # noqa: F401
-
-    if "saetrain.kernels.triton_ops" in sys.modules:
-        triton_ops = importlib.reload(sys.modules["saetrain.kernels.triton_ops"])
-    else:
-        from saetrain.kernels import triton_ops
-except ImportError:
-    triton_ops = None
-finally:
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+triton_ops = import_interpreted_triton_ops()
 
 needs_triton = pytest.mark.skipif(triton_ops is None, reason="triton is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
