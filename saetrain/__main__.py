@@ -37,6 +37,9 @@ def _main(node: DictConfig) -> dict[str, float]:
     except (TrainingDiverged, TrainingInterrupted, PublishError) as e:
         print(f"saetrain: {e}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:
+        print("saetrain: interrupted (a second Ctrl-C: no checkpoint written)", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:

@@ -113,8 +113,10 @@ class BufferConfig:
     # compute in dictionary.dtype (float32 by default).
     dtype: str = "float32"
     # LM batches computed ahead in a background thread (on a CUDA side stream on a GPU), so the
-    # next refill overlaps with dictionary steps. 0 computes them in the training loop.
-    prefetch_batches: int = 2
+    # next refill overlaps with dictionary steps; 0 computes them in the training loop. Null: 2 on
+    # a GPU, 0 on a CPU, where LM and dictionary share the same cores (on 2 cores the thread made
+    # the default job 20% slower: docs/benchmarks.md).
+    prefetch_batches: int | None = None
 
 
 @dataclass
@@ -357,7 +359,7 @@ def site_folder(site: SiteConfig) -> str:
     return site.input if target == site.input else f"{site.input}-{target}"
 
 
-def _merged(base: Any, overrides: Any, where: str) -> Any:
+def merged(base: Any, overrides: Any, where: str) -> Any:
     """`base` (a dataclass) with `overrides` (a mapping) applied, type-checked by OmegaConf."""
     if overrides is None:
         return copy.deepcopy(base)
@@ -381,8 +383,8 @@ def dictionary_configs(cfg: Config) -> list[tuple[str, Config]]:
     for i, spec in enumerate(cfg.dictionaries):
         where = f"dictionaries[{i}]"
         if isinstance(spec, dict):
-            spec = _merged(DictionarySpec(), spec, where)
-        trainer = _merged(cfg.trainer, spec.trainer, f"{where}.trainer")
+            spec = merged(DictionarySpec(), spec, where)
+        trainer = merged(cfg.trainer, spec.trainer, f"{where}.trainer")
         for name in STREAM_TRAINER_FIELDS:
             if getattr(trainer, name) != getattr(cfg.trainer, name):
                 raise ConfigError(
@@ -391,8 +393,8 @@ def dictionary_configs(cfg: Config) -> list[tuple[str, Config]]:
                 )
         sub = dataclasses.replace(
             cfg,
-            site=_merged(cfg.site, spec.site, f"{where}.site"),
-            dictionary=_merged(cfg.dictionary, spec.dictionary, f"{where}.dictionary"),
+            site=merged(cfg.site, spec.site, f"{where}.site"),
+            dictionary=merged(cfg.dictionary, spec.dictionary, f"{where}.dictionary"),
             trainer=trainer,
             seed=cfg.seed if spec.seed is None else spec.seed,
             dictionaries=[],
@@ -418,7 +420,8 @@ def _validate_one(cfg: Config) -> None:
     _choice("logger.name", cfg.logger.name, LOGGERS)
     _choice("data.sample_by", cfg.data.sample_by, SAMPLE_BY)
     _choice("data.packing", cfg.data.packing, PACKINGS)
-    _positive("buffer.prefetch_batches", cfg.buffer.prefetch_batches, allow_zero=True)
+    if cfg.buffer.prefetch_batches is not None:
+        _positive("buffer.prefetch_batches", cfg.buffer.prefetch_batches, allow_zero=True)
     _positive("cache.shard_tokens", cfg.cache.shard_tokens)
     _positive("checkpoint.every_tokens", cfg.checkpoint.every_tokens, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)

@@ -25,18 +25,26 @@ from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-from saetrain.config import Config, ConfigError, dictionary_configs, validate
+from saetrain.config import (
+    Config,
+    ConfigError,
+    DictionarySpec,
+    dictionary_configs,
+    merged,
+    validate,
+)
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
-from saetrain.loggers import open_logger
+from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.training.checkpoint import (
     check_resumable,
     find_resume_dir,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    wants_resume,
 )
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
 from saetrain.training.trainer import Trainer
@@ -88,10 +96,12 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
     (`outputs_root`: where `resume=true` looks for the newest run when output_dir has none).
     """
     validate(cfg)
+    cfg = normalized(cfg)
     started = time.time()
     output_dir = Path(output_dir)
     checkpoint: dict[str, Any] | None = None
-    if cfg.resume:
+    if wants_resume(cfg.resume):
+        assert cfg.resume is not None
         root = Path(outputs_root) if outputs_root is not None else None
         output_dir = find_resume_dir(cfg.resume, output_dir, root)
         checkpoint_path = list_checkpoints(output_dir)[-1]
@@ -147,16 +157,56 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
             cfg.cache.shard_tokens,
             cfg.cache.verify,
         )
-    total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
-    loggers = [
-        open_logger(
-            cfg.logger,
-            output_dir / job.name,
-            dataclasses.asdict(job.cfg),
-            prefix=job.name if len(jobs) > 1 else "",
+    loggers: list[CompositeLogger] = []
+    try:
+        for job in jobs:
+            loggers.append(
+                open_logger(
+                    cfg.logger,
+                    output_dir / job.name,
+                    dataclasses.asdict(job.cfg),
+                    prefix=job.name if len(jobs) > 1 else "",
+                )
+            )
+        return _train_evaluate_save(
+            cfg,
+            output_dir,
+            checkpoint,
+            jobs,
+            loggers,
+            source,
+            tokens,
+            held_out,
+            cache,
+            device,
+            sites,
+            started,
         )
-        for job in jobs
-    ]
+    except BaseException:
+        for logger in loggers:
+            logger.abort()  # a finished logger ignores it
+        raise
+
+
+def _train_evaluate_save(
+    cfg: Config,
+    output_dir: Path,
+    checkpoint: dict[str, Any] | None,
+    jobs: list[_Job],
+    loggers: list[CompositeLogger],
+    source: ActivationSource,
+    tokens: TokenSource,
+    held_out: list,
+    cache: ActivationCache | None,
+    device: torch.device,
+    sites: list[str],
+    started: float,
+) -> RunResult:
+    """The stream, the training loop (with checkpoints and signals), then evaluation, export and
+    upload of each dictionary; `run()` has loaded the LM and data and opened the loggers."""
+    d = source.d_model
+    buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
+    total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
     stop = _StopRequest()
     pipeline_start = time.time()
     stream = TrainingStream(
@@ -166,7 +216,7 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
         buffer_dtype,
         cfg.buffer.lm_batch_contexts,
         cache,
-        cfg.buffer.prefetch_batches,
+        _prefetch_batches(cfg, device),
         torch.Generator().manual_seed(cfg.seed + 1),
         limit_tokens=ActivationBuffer.rows_needed(
             cfg.buffer.size_tokens, cfg.trainer.batch_tokens, total_steps
@@ -252,10 +302,6 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
             )
         train_seconds = time.time() - train_start
         pipeline_seconds = time.time() - pipeline_start
-    except BaseException:
-        for logger in loggers:
-            logger.abort()
-        raise
     finally:
         stream.close()
     stream_info = {
@@ -388,6 +434,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _prefetch_batches(cfg: Config, device: torch.device) -> int:
+    """buffer.prefetch_batches, or its default for the device (2 on a GPU, 0 on a CPU)."""
+    if cfg.buffer.prefetch_batches is not None:
+        return cfg.buffer.prefetch_batches
+    return 2 if device.type == "cuda" else 0
+
+
+def normalized(cfg: Config) -> Config:
+    """`cfg` with every `dictionaries` entry as a DictionarySpec (a checkpoint's config then
+    compares equal whether the entries were written as mappings or as specs)."""
+    specs = [
+        spec if isinstance(spec, DictionarySpec) else merged(DictionarySpec(), spec, "dictionaries")
+        for spec in cfg.dictionaries
+    ]
+    return dataclasses.replace(cfg, dictionaries=specs)
 
 
 def _tag(job: _Job, jobs: list[_Job]) -> str:

@@ -3,7 +3,8 @@
 A cache folder is named by a hash of everything that determines the activations (model, revision,
 dtype, dataset and its files, packing, seed, sites, storage dtype): any later run with the same
 key reads it instead of running the LM. It holds safetensors shards (one tensor per site) and a
-manifest with each shard's token and context counts and sha256. Writes are atomic per shard: a
+manifest with each shard's token and context counts and sha256. One process writes a key at a time
+(an flock, released by the kernel when its holder dies). Writes are atomic per shard: a
 shard appears in the manifest only after its file is complete and renamed into place, so a run
 killed while writing leaves nothing a reader trusts, and the next run continues the stream from
 the contexts the manifest records. A shard whose bytes do not match its checksum is reported,
@@ -13,6 +14,7 @@ never read.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -96,11 +98,11 @@ class ActivationCache:
         self.shard_tokens = shard_tokens
         self.verify = verify
         self.manifest = self._load_manifest()
-        self._drop_strays()
         self._pending: list[torch.Tensor] = []
         self._pending_tokens = 0
         self._pending_contexts = 0
         self._lock_held = False
+        self._lock_fd: int | None = None
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -195,27 +197,29 @@ class ActivationCache:
     # -- writing --------------------------------------------------------------------------------
 
     def acquire(self) -> bool:
-        """Become this key's writer; False when another live process on this host writes it."""
-        path = self.folder / LOCK
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    owner = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError):
-                    owner = {}
-                if owner.get("host") == me["host"] and not _alive(owner.get("pid", -1)):
-                    log.warning("activation cache: taking over the lock of dead pid %s", owner)
-                    path.unlink(missing_ok=True)
-                    continue
-                return False
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._lock_held = True
+        """Become this key's only writer; False while another process (or cache object) is.
+
+        An advisory lock (flock) on writer.lock: the kernel releases it when its holder exits,
+        killed or not, so there is no stale lock to take over. The writer then re-reads the
+        manifest (another writer may have added shards since this cache was opened) and removes
+        files it does not list (a killed writer's temporary or unlisted shard) — only the lock
+        holder may, since a reader could otherwise delete a live writer's files.
+        """
+        if self._lock_held:
             return True
-        return False
+        fd = os.open(self.folder / LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        self._lock_fd = fd
+        self._lock_held = True
+        self.manifest = self._load_manifest()
+        self._drop_strays()
+        return True
 
     def add(self, rows: torch.Tensor, contexts: int) -> None:
         """Rows of `contexts` consecutive training contexts; a shard is written when full."""
@@ -254,16 +258,10 @@ class ActivationCache:
         """Write the last partial shard and give up the lock."""
         if not self._lock_held:
             return
-        self.flush()
-        (self.folder / LOCK).unlink(missing_ok=True)
-        self._lock_held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+        try:
+            self.flush()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+            self._lock_held = False

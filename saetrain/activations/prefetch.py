@@ -64,9 +64,9 @@ class Prefetcher:
         return False
 
     def _produce(self) -> None:
-        stream = torch.cuda.Stream(self._device) if self._cuda else None
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         try:
+            stream = torch.cuda.Stream(self._device) if self._cuda else None
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():
                 for item in self._items:
                     event = None

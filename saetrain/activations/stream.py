@@ -67,6 +67,16 @@ class TrainingStream:
         self.rows_out = int(position.get("rows_out", 0))
         self.contexts_out = int(position.get("contexts_out", 0))
         self.cached_chunks_out = int(position.get("cached_chunks_out", 0))
+        if cache is not None:
+            # First the lock: a new writer re-reads the manifest, so the shards counted next are
+            # all there are.
+            self.writing = cache.acquire()
+            if not self.writing:
+                log.warning(
+                    "activation cache %s is being written by another process; this run computes "
+                    "what the cache lacks without writing it",
+                    cache.folder,
+                )
         self.cache_shards = int(
             position.get("cache_shards", len(cache.shards) if cache is not None else 0)
         )
@@ -80,13 +90,6 @@ class TrainingStream:
                     self.cache_shards,
                 )
                 parts.append(self._cached(generator))
-            self.writing = cache.acquire()
-            if not self.writing:
-                log.warning(
-                    "activation cache %s is being written by another process; this run computes "
-                    "what the cache lacks without writing it",
-                    cache.folder,
-                )
         parts.append(self._live())
         items: Iterator[tuple[torch.Tensor, int]] = itertools.chain(*parts)
         if limit_tokens is not None:
@@ -112,8 +115,10 @@ class TrainingStream:
             rows = torch.cat([acts[s][mask].to(self.dtype) for s in self.sites], dim=-1)
             self.lm_contexts += len(batch)
             self.lm_tokens += rows.shape[0]
-            # A resumed run recomputes contexts its killed predecessor may already have cached.
-            if self.writing and cache is not None and position >= cache.covered_contexts:
+            # Rows are cached only where they extend the cache: a resumed run recomputes contexts
+            # its killed predecessor may already have cached, and a stream that starts past the
+            # cache's end (which would file its rows under the wrong contexts) writes nothing.
+            if self.writing and cache is not None and position == cache.covered_contexts:
                 cache.add(rows, len(batch))
             position += len(batch)
             yield rows, len(batch)

@@ -36,9 +36,11 @@ MAY_DIFFER = (
     "checkpoint.",
     "model.device",
     "buffer.prefetch_batches",
-    "cache.dir",
     "cache.verify",
+    "cache.shard_tokens",
 )
+# Not in MAY_DIFFER: cache.dir. The stream position counts cached chunks and contexts of that
+# cache; resumed against another (or none) it would repeat and skip tokens.
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,6 +119,14 @@ def check_resumable(saved_config: dict[str, Any], current_config: dict[str, Any]
             f"resume: the config disagrees with checkpoint {path} on:\n  {listed}\n"
             "resume with the run's own config, or start a new run"
         )
+
+
+NO_RESUME = ("", "false", "no", "none", "null", "0")
+
+
+def wants_resume(resume: str | None) -> bool:
+    """`resume` asks for a resume (Hydra turns resume=false into the string 'False')."""
+    return resume is not None and resume.strip().lower() not in NO_RESUME
 
 
 def find_resume_dir(resume: str, output_dir: Path | None, outputs_root: Path | None) -> Path:
