@@ -45,6 +45,19 @@ def _log_fallback(reason: str) -> None:
         logger.info("Triton sparse kernels not used (%s): running the torch reference ops", reason)
 
 
+def _attempt(kernel: str, *args: Any) -> Any:
+    """Run a Triton kernel; if it fails (a compiler or driver error on an untested GPU), say so
+    loudly once, turn Triton off for the rest of the process and return None: the caller then
+    runs the torch reference, and a long run is not lost to a kernel that does not build."""
+    global _triton_error
+    try:
+        return getattr(_triton_ops(), kernel)(*args)
+    except Exception as exc:  # noqa: BLE001  (any kernel failure falls back, logged)
+        _triton_error = f"the Triton kernel `{kernel}` failed ({type(exc).__name__}: {exc})"
+        logger.error("%s; using the torch reference ops from now on", _triton_error)
+        return None
+
+
 def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -59,7 +72,7 @@ def _triton_ops() -> ModuleType | None:
             _triton = triton_ops
         except ImportError as exc:  # triton absent (e.g. macOS, Windows)
             _triton_error = f"triton cannot be imported: {exc}"
-    return _triton
+    return _triton if _triton_error is None else None
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -97,14 +110,18 @@ def decode_forward(indices: torch.Tensor, values: torch.Tensor, W: torch.Tensor)
     """Σ_j values[i, j] · W[indices[i, j]] → [N, d] in W's dtype (W may be a strided view)."""
     values = values.to(W.dtype)
     if use_triton(values, W):
-        return _triton_ops().decode(indices, values, W)
+        out = _attempt("decode", indices, values, W)
+        if out is not None:
+            return out
     return reference.sparse_decode(indices, values, W)
 
 
 def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """⟨g[i], W[indices[i, j]]⟩ → [N, k] in g's dtype."""
     if use_triton(g, W):
-        return _triton_ops().gather_dot(g, indices, W)
+        out = _attempt("gather_dot", g, indices, W)
+        if out is not None:
+            return out
     if g.device.type == "cpu":
         return _cpu_gather_dot(g, indices, W)
     return reference.gather_dot(g, indices, W)
@@ -120,7 +137,9 @@ def segment_reduce(
     """[n, d]: out[m] = Σ_{indices[i, j] = m} values[i, j] · rows[i] (sorted, no atomics)."""
     if use_triton(values, rows):
         plan = plan if plan is not None else reference.sort_plan(indices, n_latents)
-        return _triton_ops().segment_reduce(plan, values, rows, n_latents)
+        out = _attempt("segment_reduce", plan, values, rows, n_latents)
+        if out is not None:
+            return out
     if rows.device.type == "cpu":
         return _cpu_segment_reduce(indices, values, rows, n_latents)
     return reference.sparse_transpose_product(indices, values, rows, n_latents)
@@ -284,5 +303,7 @@ def fused_topk_encode(
     b_enc = b_enc.contiguous()
     b_dec = None if b_dec is None else b_dec.to(W_enc.dtype).contiguous()
     if use_fused_topk(x, W_enc, k):
-        return _triton_ops().topk_encode(x, W_enc, b_enc, k, b_dec)
+        out = _attempt("topk_encode", x, W_enc, b_enc, k, b_dec)
+        if out is not None:
+            return out
     return reference.topk_encode(x, W_enc, b_enc, k, b_dec)

@@ -213,6 +213,31 @@ def test_dispatcher_uses_triton_for_supported_dtypes_in_interpret_mode(interpret
         assert ops.use_triton(torch.zeros(2, dtype=dtype))
 
 
+@needs_triton
+def test_a_failing_kernel_is_reported_and_the_reference_takes_over(interpret, monkeypatch, caplog):
+    """A kernel that does not build (say, on an untested GPU) costs an error line, not the run."""
+    monkeypatch.setattr(ops, "_triton_error", None)
+    monkeypatch.setattr(ops, "_logged", set())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_ops, "decode", broken)
+    indices, values, W, _ = _case("random", 6, 5, 11, 37, torch.float32)
+    with caplog.at_level(logging.INFO, logger="saetrain.kernels.ops"):
+        out = ops.decode_forward(indices, values, W)
+        again = ops.decode_forward(indices, values, W)
+    expected = reference.sparse_decode(indices, values, W)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(again, expected)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "the Triton kernel `decode` failed (RuntimeError: PTX assembly failed); using the torch "
+        "reference ops from now on"
+    ]
+    assert not ops.use_triton(W)  # off for the rest of the process, and said why
+
+
 def test_dispatcher_falls_back_and_says_why_once(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("SAETRAIN_KERNELS", raising=False)
