@@ -6,6 +6,7 @@ Uses the tiny local Llama of test_run.py, so every run takes seconds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -420,3 +421,29 @@ def test_one_document_per_context(tiny_model, corpus):
     texts = {tuple(tok(d.read_text(), add_special_tokens=False)["input_ids"]) for d in docs}
     assert tuple(batch.input_ids[0, 1:61].tolist()) in texts
     assert len(first) == 60
+
+
+def test_parquet_texts_and_jsonl_token_ids_are_packed_as_documents(tiny_model, corpus, tmp_path):
+    """A parquet file of texts and a JSON-lines file of token ids are read in file order, split by
+    hash and packed exactly like the same documents given directly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from saetrain.activations.tokens import ContextPacker, is_held_out
+
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))[:40]]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
+    with (tmp_path / "docs.jsonl").open("w") as f:
+        for row in ids:
+            f.write(json.dumps({"tokens": row}) + "\n")
+    cfg = replace(_base(tiny_model, corpus).data, shuffle_buffer=0)
+    packer = ContextPacker(tok, cfg.context_size, True)
+    for path, file, docs in (("parquet", "docs.parquet", texts), ("json", "docs.jsonl", ids)):
+        data = replace(cfg, path=path, data_files=[str(tmp_path / file)])
+        got = next(TokenSource(data, tok, 0).training(16)).input_ids
+        kept = [d for d in docs if not is_held_out(d, cfg.holdout_percent)]
+        expected = torch.stack(list(itertools.islice(packer.contexts(kept), 16)))
+        assert torch.equal(got, expected), path
