@@ -114,8 +114,8 @@ class BufferConfig:
     dtype: str = "float32"
     # LM batches computed ahead in a background thread (on a CUDA side stream on a GPU), so the
     # next refill overlaps with dictionary steps; 0 computes them in the training loop. Null: 2 on
-    # a GPU, 0 on a CPU, where LM and dictionary share the same cores (on 2 cores the thread made
-    # the default job 20% slower: docs/benchmarks.md).
+    # a GPU, 0 on a CPU, where LM and dictionary share the same cores (on 2 cores the thread gained
+    # nothing: docs/benchmarks.md).
     prefetch_batches: int | None = None
 
 
