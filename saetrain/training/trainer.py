@@ -112,7 +112,7 @@ class Trainer:
         if not torch.isfinite(out.loss):
             # Stop before the update: the weights (and the last checkpoint) stay good.
             raise TrainingDiverged(
-                f"the loss is {float(out.loss)} at step {step + 1}"
+                f"the loss is {float(out.loss.detach())} at step {step + 1}"
                 f"{f' of dictionary {self.name}' if self.name else ''} "
                 f"(terms: {', '.join(f'{k}={float(v):.4g}' for k, v in out.terms.items())}); "
                 "training stopped before applying it"
