@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import platform
-import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -24,7 +20,12 @@ from saetrain.activations.cache import ActivationCache, activation_key_fields
 from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
-from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
+from saetrain.activations.tokens import (
+    LOCAL_BUILDERS,
+    TokenBatch,
+    TokenSource,
+    expand_data_files,
+)
 from saetrain.config import (
     Config,
     ConfigError,
@@ -39,11 +40,14 @@ from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.training.checkpoint import (
+    StopRequest,
     check_resumable,
     find_resume_dir,
     list_checkpoints,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     wants_resume,
 )
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
@@ -168,7 +172,7 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
                     prefix=job.name if len(jobs) > 1 else "",
                 )
             )
-        return _train_evaluate_save(
+        setup = _Setup(
             cfg,
             output_dir,
             checkpoint,
@@ -182,36 +186,44 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
             sites,
             started,
         )
+        return _evaluate_and_save(setup, _train(setup))
     except BaseException:
         for logger in loggers:
             logger.abort()  # a finished logger ignores it
         raise
 
 
-def _train_evaluate_save(
-    cfg: Config,
-    output_dir: Path,
-    checkpoint: dict[str, Any] | None,
-    jobs: list[_Job],
-    loggers: list[CompositeLogger],
-    source: ActivationSource,
-    tokens: TokenSource,
-    held_out: list,
-    cache: ActivationCache | None,
-    device: torch.device,
-    sites: list[str],
-    started: float,
-) -> RunResult:
-    """The stream, the training loop (with checkpoints and signals), then evaluation, export and
-    upload of each dictionary; `run()` has loaded the LM and data and opened the loggers."""
+@dataclass
+class _Setup:
+    """What run() prepares before training: the LM as a source, the data, the jobs, loggers."""
+
+    cfg: Config
+    output_dir: Path
+    checkpoint: dict[str, Any] | None  # set when resuming
+    jobs: list[_Job]
+    loggers: list[CompositeLogger]
+    source: ActivationSource
+    tokens: TokenSource
+    held_out: list[TokenBatch]
+    cache: ActivationCache | None
+    device: torch.device
+    sites: list[str]
+    started: float
+
+
+def _train(setup: _Setup) -> dict[str, Any]:
+    """The stream, the buffer and the training loop (checkpoints, signals) for every job;
+    returns what saetrain_run.json records about the stream."""
+    cfg, checkpoint, jobs, sites = setup.cfg, setup.checkpoint, setup.jobs, setup.sites
+    source, cache, device = setup.source, setup.cache, setup.device
     d = source.d_model
     buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
     total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
-    stop = _StopRequest()
+    stop = StopRequest()
     pipeline_start = time.time()
     stream = TrainingStream(
         source,
-        tokens,
+        setup.tokens,
         sites,
         buffer_dtype,
         cfg.buffer.lm_batch_contexts,
@@ -271,7 +283,7 @@ def _train_evaluate_save(
                 )
             _announce(job)
         if checkpoint is not None:
-            _set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint["rng"])
         trainers = [job.trainer for job in jobs if job.trainer is not None]
 
         def save(step: int) -> Path:
@@ -283,9 +295,9 @@ def _train_evaluate_save(
                 "trainers": [t.state_dict() for t in trainers],
                 "buffer": buffer.state_dict(),
                 "stream": stream.position(),
-                "rng": _rng_state(),
+                "rng": rng_state(),
             }
-            return save_checkpoint(output_dir, step, state, cfg.checkpoint.keep_last)
+            return save_checkpoint(setup.output_dir, step, state, cfg.checkpoint.keep_last)
 
         every = cfg.checkpoint.every_tokens
         train_start = time.time()
@@ -295,7 +307,7 @@ def _train_evaluate_save(
                 [job.view for job in jobs],
                 buffer.next_batch,
                 cfg.logger.log_every,
-                on_log=lambda i, row: loggers[i].log(row),
+                on_log=lambda i, row: setup.loggers[i].log(row),
                 checkpoint_every=max(every // cfg.trainer.batch_tokens, 1) if every else 0,
                 save=save,
                 stop=stop.is_set,
@@ -330,17 +342,22 @@ def _train_evaluate_save(
         stream.lm_tokens,
         stream.cached_tokens,
     )
+    return stream_info
 
+
+def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
+    """Fold, evaluate, save (and upload) each trained dictionary."""
+    cfg, jobs, held_out = setup.cfg, setup.jobs, setup.held_out
     results: list[DictionaryResult] = []
     publish_errors: list[str] = []
-    for job, logger in zip(jobs, loggers, strict=True):
+    for job, logger in zip(jobs, setup.loggers, strict=True):
         assert job.trainer is not None
         fitted = fold(job.trainer)
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
         log.info("%sevaluating on %d held-out contexts", _tag(job, jobs), _n_contexts(held_out))
         frequencies: list[torch.Tensor] = []
         metrics = evaluate_dictionary(
-            source,
+            setup.source,
             exported,
             held_out,
             job.input_site,
@@ -357,19 +374,19 @@ def _train_evaluate_save(
             "name": job.name,
             "versions": package_versions(),
             "git_revision": git_revision(),
-            "device": str(device),
+            "device": str(setup.device),
             "tokens_seen": state.tokens,
             "steps": state.step,
             "normalization_scale": fitted.scale_in,
             "target_normalization_scale": fitted.scale_out,
             "stream": stream_info,
-            "train_seconds": train_seconds,
-            "total_seconds": time.time() - started,
+            "train_seconds": stream_info["train_seconds"],
+            "total_seconds": time.time() - setup.started,
             "final_metrics": metrics,
             "train_log": state.history,
         }
-        sae_metadata = saelens_metadata(job.cfg, source, exported.architecture)
-        folder = save_dictionary(exported, output_dir / job.name, sae_metadata, run_info)
+        sae_metadata = saelens_metadata(job.cfg, setup.source, exported.architecture)
+        folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
         logger.log_density(frequencies[0], state.step)
         logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
@@ -386,54 +403,7 @@ def _train_evaluate_save(
             "training finished and every dictionary is saved locally, but uploading failed:\n  "
             + "\n  ".join(publish_errors)
         )
-    return RunResult(output_dir, results[0].dictionary_dir, results[0].metrics, results)
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag that the training loop reads after each step (it then writes a
-    checkpoint and stops); a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self._event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.warning(
-            "%s received: writing a checkpoint after this step, then stopping",
-            signal.Signals(signum).name,
-        )
-        self._event.set()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals reach the main thread only
-            return
-        previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return RunResult(setup.output_dir, results[0].dictionary_dir, results[0].metrics, results)
 
 
 def _prefetch_batches(cfg: Config, device: torch.device) -> int:
