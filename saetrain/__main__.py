@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saetrain import config_dir
@@ -25,7 +27,11 @@ def _main(node: DictConfig) -> dict[str, float]:
 
     try:
         cfg = to_config(node)
-        hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra = HydraConfig.get()
+        if cfg.publish.repo_id and cfg.publish.prefix is None:
+            prefix = multirun_prefix(hydra.mode, hydra.job.override_dirname)
+            cfg = dataclasses.replace(cfg, publish=dataclasses.replace(cfg.publish, prefix=prefix))
+        hydra_dir = Path(hydra.runtime.output_dir)
         output_dir = cfg.output_dir or hydra_dir
         # `resume=true` without output_dir looks for the newest run under outputs/ (run mode's
         # folders are outputs/<date>/<time>).
@@ -40,6 +46,14 @@ def _main(node: DictConfig) -> dict[str, float]:
     except KeyboardInterrupt:
         print("saetrain: interrupted (a second Ctrl-C: no checkpoint written)", file=sys.stderr)
         sys.exit(130)
+
+
+def multirun_prefix(mode: RunMode | None, override_dirname: str) -> str | None:
+    """A sweep job's upload prefix: its overrides (`dictionary.k=32,trainer.lr=0.001`); None
+    outside a multirun."""
+    if mode != RunMode.MULTIRUN:
+        return None
+    return override_dirname or None
 
 
 def main() -> None:

@@ -252,6 +252,10 @@ class PublishConfig:
     endpoint: str | None = None
     # Branch to upload to.
     revision: str = "main"
+    # Folder in the repo that the run's dictionary folders go under (`<prefix>/<folder>`). Null:
+    # none in a single run; in a Hydra multirun, the job's overrides (e.g. `dictionary.k=32`), so
+    # that the jobs of a sweep on one site do not overwrite each other's upload.
+    prefix: str | None = None
 
 
 @dataclass

@@ -393,7 +393,10 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         results.append(DictionaryResult(job.name, folder, metrics))
         if cfg.publish.repo_id:
             try:
-                url = publish_folder(folder, cfg.publish, metrics)
+                prefix = cfg.publish.prefix
+                url = publish_folder(
+                    folder, cfg.publish, metrics, f"{prefix}/{job.name}" if prefix else job.name
+                )
                 print(f"published to {url}", flush=True)
             except PublishError as e:
                 log.error("%s", e)

@@ -84,3 +84,35 @@ def test_unreachable_hub_keeps_the_trained_files(online, tiny_model, corpus, tmp
     with pytest.raises(PublishError, match="(?s)saved locally.*127.0.0.1:9"):
         run(cfg, tmp_path)
     assert (tmp_path / "resid_post.1" / "sae_weights.safetensors").exists()
+
+
+def test_publish_prefix_places_each_dictionary_under_it(fake_hub, tiny_model, corpus, tmp_path):  # noqa: F811
+    hub, url = fake_hub
+    cfg = _config(tiny_model, corpus, "topk", None)
+    cfg = replace(
+        cfg,
+        publish=PublishConfig(
+            repo_id="alice/saes", token="hf_test", endpoint=url, prefix="dictionary.k=4"
+        ),
+    )
+    run(cfg, tmp_path)
+    (commit,) = hub.commits
+    assert set(commit["files"]) == {
+        f"dictionary.k=4/resid_post.1/{f}"
+        for f in ("cfg.json", "sae_weights.safetensors", "saetrain_run.json", "metrics.jsonl",
+                  "README.md")
+    }  # fmt: skip
+    card = (tmp_path / "resid_post.1" / "README.md").read_text()
+    assert 'SAE.from_pretrained("alice/saes", "dictionary.k=4/resid_post.1")' in card
+
+
+def test_sweep_jobs_get_their_overrides_as_upload_prefix():
+    from hydra.types import RunMode
+
+    from saetrain.__main__ import multirun_prefix
+
+    assert multirun_prefix(RunMode.MULTIRUN, "dictionary.k=16,trainer.lr=0.001") == (
+        "dictionary.k=16,trainer.lr=0.001"
+    )
+    assert multirun_prefix(RunMode.MULTIRUN, "") is None
+    assert multirun_prefix(RunMode.RUN, "dictionary.k=16") is None

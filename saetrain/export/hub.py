@@ -53,7 +53,12 @@ def check_publish(cfg: PublishConfig) -> str:
     return resolve_token(cfg)
 
 
-def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, Any]) -> str:
+def publish_folder(
+    folder: str | Path,
+    cfg: PublishConfig,
+    metrics: dict[str, Any],
+    path_in_repo: str | None = None,
+) -> str:
     """Write the model card into `folder`, upload the folder to `cfg.repo_id`; return its URL."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -62,7 +67,8 @@ def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, An
     token = check_publish(cfg)
     if not (folder / CFG_FILE).is_file():
         raise PublishError(f"{folder} holds no {CFG_FILE}; is it a saved dictionary folder?")
-    write_model_card(folder, metrics, cfg.repo_id)
+    path_in_repo = path_in_repo or folder.name
+    write_model_card(folder, metrics, cfg.repo_id, path_in_repo)
 
     endpoint = cfg.endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     api = HfApi(endpoint=endpoint, token=token)
@@ -77,9 +83,9 @@ def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, An
             folder_path=folder,
             repo_id=cfg.repo_id,
             repo_type="model",
-            path_in_repo=folder.name,
+            path_in_repo=path_in_repo,
             revision=cfg.revision,
-            commit_message=f"saetrain: upload {folder.name}",
+            commit_message=f"saetrain: upload {path_in_repo}",
             ignore_patterns=IGNORE_PATTERNS,
         )
     except OfflineModeIsEnabled:
@@ -109,6 +115,6 @@ def publish_folder(folder: str | Path, cfg: PublishConfig, metrics: dict[str, An
                 "publish.endpoint / HF_ENDPOINT and the network)"
             ) from None
         raise
-    url = f"{str(repo_url).rstrip('/')}/tree/{cfg.revision}/{folder.name}"
+    url = f"{str(repo_url).rstrip('/')}/tree/{cfg.revision}/{path_in_repo}"
     log.info("published %s to %s", folder, url)
     return url

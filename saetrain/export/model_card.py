@@ -41,9 +41,13 @@ def _fmt(value: Any) -> str:
 
 
 def render_model_card(
-    folder: str | Path, metrics: dict[str, Any], repo_id: str | None = None
+    folder: str | Path,
+    metrics: dict[str, Any],
+    repo_id: str | None = None,
+    sae_id: str | None = None,
 ) -> str:
-    """The card's Markdown for the dictionary in `folder` with its final `metrics`."""
+    """The card's Markdown for the dictionary in `folder` with its final `metrics`; `sae_id` is
+    its path in the repo (default: the folder's name)."""
     folder = Path(folder)
     cfg = _read_json(folder / CFG_FILE)
     if not cfg:
@@ -121,7 +125,7 @@ def render_model_card(
         lines += [f"| {k} | {_fmt(metrics[k])} | {METRIC_DOCS.get(k, '')} |" for k in ordered]
     else:
         lines.append("No metrics were recorded.")
-    where = f'"{repo_id}", "{name}"' if repo_id else '"<user>/<repo>", "<folder>"'
+    where = f'"{repo_id}", "{sae_id or name}"' if repo_id else '"<user>/<repo>", "<folder>"'
     lines += [
         "",
         "## Loading",
@@ -157,9 +161,12 @@ def render_model_card(
 
 
 def write_model_card(
-    folder: str | Path, metrics: dict[str, Any], repo_id: str | None = None
+    folder: str | Path,
+    metrics: dict[str, Any],
+    repo_id: str | None = None,
+    sae_id: str | None = None,
 ) -> Path:
     """Write README.md into `folder` (atomically) and return its path."""
     path = Path(folder) / CARD_FILE
-    atomic_write_bytes(path, render_model_card(folder, metrics, repo_id).encode())
+    atomic_write_bytes(path, render_model_card(folder, metrics, repo_id, sae_id).encode())
     return path
