@@ -77,7 +77,8 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Seed of the data order (it decides which held-out contexts come first); null: the run's, or 0.
     seed: int | None = None
-    # Where metrics.json and feature_density.png go; null: <path>/eval.
+    # Where metrics.json, feature_frequencies.safetensors and feature_density.png go; null:
+    # <path>/eval.
     output_dir: str | None = None
     # A latent firing on more than this fraction of tokens counts as dense (reported, not judged):
     # one token in ten is no longer sparse, and such latents tend to encode position or bias.
@@ -372,7 +373,8 @@ def compose_config(overrides: Sequence[str]) -> tuple[EvaluateConfig, set[str]]:
 USAGE = """usage: python -m saetrain.evaluate path=<dictionary folder> [key=value ...]
 
 Evaluates a saved dictionary (SAELens layout): FVU, MSE, L0, dead / dense latents, CE with the
-dictionary spliced in, KL; writes metrics.json and feature_density.png to <path>/eval.
+dictionary spliced in, KL; writes metrics.json, feature_frequencies.safetensors and
+feature_density.png to <path>/eval.
 Keys: path, output_dir, seed, dense_threshold, model.*, data.*, site.*, eval.* (see
 saetrain/evaluate.py's EvaluateConfig and saetrain/config.py).
 """
