@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import Codes, Dictionary, SparseCodes, TrainOutput, total_variance
+from saetrain.dictionaries.base import TrainOutput
 from saetrain.dictionaries.jumprelu import jumprelu_saelens_name
-from saetrain.dictionaries.topk import auxk_loss, gather_codes, select_dead
+from saetrain.dictionaries.topk import TopKSAE
 
 
 def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,9 +48,10 @@ def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return indices, mask, kept
 
 
-class BatchTopKSAE(Dictionary):
+class BatchTopKSAE(TopKSAE):
+    """TopK's training step with the selection made across the batch, and a threshold encoder."""
+
     architecture = "batchtopk"
-    transcoder_encoder_scale = 0.1  # k latents always fire
 
     def __init__(
         self,
@@ -63,52 +64,24 @@ class BatchTopKSAE(Dictionary):
         threshold_momentum: float = 0.9,
         **kwargs: Any,
     ):
-        super().__init__(d_in, n_latents, d_out, **kwargs)
-        self.k = k
-        self.aux_k = aux_k if aux_k is not None else d_in // 2
-        self.aux_k_coefficient = aux_k_coefficient
+        super().__init__(d_in, n_latents, d_out, k, aux_k, aux_k_coefficient, **kwargs)
         self.threshold_momentum = threshold_momentum
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         pre = self.pre_activations(x)
         return pre * (pre > self.threshold).to(pre.dtype)  # compared in fp32
 
-    def reconstruction_loss(
-        self, x: torch.Tensor, target: torch.Tensor, z: Codes, total_variance: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, ŷ, logged terms): plain FVU here; Matryoshka sums it over prefixes."""
-        x_hat = self.reconstruct(x, z)
-        fvu = (target - x_hat).pow(2).sum() / total_variance
-        return fvu, x_hat, {"fvu": fvu.detach()}
-
-    def training_forward(
-        self,
-        x: torch.Tensor,
-        target: torch.Tensor,
-        dead_mask: torch.Tensor | None,
-        sparsity_multiplier: float = 1.0,
-    ) -> TrainOutput:
-        x_in = self.encoder_input(x)
-        with torch.no_grad():  # the one dense product; its backward is sparse (encode_gather)
-            pre = x_in @ self.W_enc + self.b_enc
-            indices, mask, kept = batch_topk(pre, self.k)
-            aux = select_dead(pre, dead_mask, self.aux_k) if self.aux_k_coefficient > 0 else None
-        values, aux_values = gather_codes(self, x_in, pre, indices, aux)
-        z = SparseCodes(indices, values * mask)
-        variance = total_variance(target)
-        loss, x_hat, terms = self.reconstruction_loss(x, target, z, variance)
-        if aux is not None:
-            aux_term = auxk_loss(self, aux, aux_values, target - x_hat, variance)
-            loss = loss + self.aux_k_coefficient * aux_term
-            terms["auxk"] = aux_term.detach()
+    def training_selection(
+        self, pre: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        indices, mask, kept = batch_topk(pre, self.k)
         # The smallest activation the selection kept (zeros pad the selection when fewer than
-        # k·N pre-activations are positive).
+        # k·N pre-activations are positive): after_step averages it into the threshold.
         positive = kept[kept > 0]
         smallest = positive.min() if positive.numel() else kept.new_zeros(())
-        terms["batch_threshold"] = smallest.detach()
-        return TrainOutput(loss=loss, x_hat=x_hat, codes=z, terms=terms)
+        return indices, mask, {"batch_threshold": smallest.detach()}
 
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> None:
@@ -123,6 +96,9 @@ class BatchTopKSAE(Dictionary):
 
     def saelens_architecture(self) -> str:
         return jumprelu_saelens_name(self)
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {}  # saved as the JumpReLU it is at inference: no `k`
 
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, fvu_loss
+from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, total_variance
 from saetrain.kernels.ops import encode_gather, fused_topk_encode, sparse_decode, use_fused_topk
 
 
@@ -107,6 +107,21 @@ class TopKSAE(Dictionary):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return SparseCodes(indices, values.relu())
 
+    def training_selection(
+        self, pre: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(indices [N, k'], mask of real slots or None, extra logged terms) of the latents a
+        training step keeps: the row's top k here; BatchTopK selects across the batch."""
+        return pre.topk(self.k, dim=-1, sorted=False).indices, None, {}
+
+    def reconstruction_loss(
+        self, x: torch.Tensor, target: torch.Tensor, z: SparseCodes, variance: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, ŷ, logged terms): the batch FVU here; Matryoshka sums it over prefixes."""
+        x_hat = self.reconstruct(x, z)
+        fvu = (target - x_hat).pow(2).sum() / variance
+        return fvu, x_hat, {"fvu": fvu.detach()}
+
     def training_forward(
         self,
         x: torch.Tensor,
@@ -117,18 +132,17 @@ class TopKSAE(Dictionary):
         x_in = self.encoder_input(x)
         with torch.no_grad():  # the one dense product; its backward is sparse (encode_gather)
             pre = x_in @ self.W_enc + self.b_enc
-            indices = pre.topk(self.k, dim=-1, sorted=False).indices
+            indices, mask, extra = self.training_selection(pre)
             aux = select_dead(pre, dead_mask, self.aux_k) if self.aux_k_coefficient > 0 else None
         values, aux_values = gather_codes(self, x_in, pre, indices, aux)
-        codes = SparseCodes(indices, values)
-        x_hat = self.reconstruct(x, codes)
-        fvu, total_variance = fvu_loss(target, x_hat)
-        loss, terms = fvu, {"fvu": fvu.detach()}
+        codes = SparseCodes(indices, values if mask is None else values * mask)
+        variance = total_variance(target)
+        loss, x_hat, terms = self.reconstruction_loss(x, target, codes, variance)
         if aux is not None:
-            aux_term = auxk_loss(self, aux, aux_values, target - x_hat, total_variance)
+            aux_term = auxk_loss(self, aux, aux_values, target - x_hat, variance)
             loss = loss + self.aux_k_coefficient * aux_term
             terms["auxk"] = aux_term.detach()
-        return TrainOutput(loss=loss, x_hat=x_hat, codes=codes, terms=terms)
+        return TrainOutput(loss=loss, x_hat=x_hat, codes=codes, terms=terms | extra)
 
     def saelens_architecture(self) -> str:
         # SAELens's TopKSAE computes a transcoder too when d_in == d_out and
