@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -204,3 +205,90 @@ def _validate(cfg: SyntheticConfig) -> None:
         )
     if cfg.noise_std < 0:
         raise ValueError(f"synthetic noise_std={cfg.noise_std} must be >= 0")
+
+
+def score_recipe(
+    data: SyntheticFeatures,
+    dict_cfg: Any,
+    trainer_cfg: Any,
+    seed: int = 0,
+    eval_rows: int = 8192,
+) -> dict[str, float]:
+    """Train one dictionary on `data` the way runs do (fit_dictionary) and score it.
+
+    Returns held-out FVU and L0 of the exported (folded) dictionary on fresh raw samples, the dead
+    fraction at the end of training, the feature recovery of its decoder, and the final λ factor
+    of the target-L0 controller (1 without one). `seed` sets the init and the data stream.
+    """
+    from saetrain.evaluation.metrics import ReconstructionStats
+    from saetrain.training.fit import fit_dictionary
+
+    stream = data.batches(trainer_cfg.batch_tokens, seed=1000 + seed)
+    fitted = fit_dictionary(
+        dict_cfg,
+        trainer_cfg,
+        lambda n: next(stream),
+        data.sample(2048, torch.Generator().manual_seed(2000 + seed)),
+        data.d,
+        data.d,
+        False,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(seed),
+        log_every=10**9,
+    )
+    d = fitted.exported
+    x = data.sample(eval_rows, torch.Generator().manual_seed(3000 + seed))
+    stats = ReconstructionStats(d.n_latents, data.d)
+    with torch.no_grad():
+        codes = d.encode(x)
+        stats.update(x, d.reconstruct(x, codes), codes)
+    metrics = stats.compute()
+    recovery = feature_recovery(data.features, d.W_dec)
+    controller = fitted.trainer.l0_controller
+    return {
+        "fvu": float(metrics["fvu"]),
+        "l0": float(metrics["l0"]),
+        "dead": float(fitted.trainer.dead_mask().double().mean()),
+        "mean_max_cosine": recovery["mean_max_cosine"],
+        "recovered": recovery["fraction_recovered"],
+        "lambda_factor": controller.factor if controller is not None else 1.0,
+    }
+
+
+def _main() -> None:
+    """`python -m saetrain.synthetic arch key=value ...`: score recipes on known features."""
+    import argparse
+    import json
+    from dataclasses import fields
+
+    from saetrain.config import DictionaryConfig, TrainerConfig
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("overrides", nargs="*", help="dictionary.X=V / trainer.X=V / data.X=V")
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    groups: dict[str, dict[str, Any]] = {"dictionary": {}, "trainer": {}, "data": {}}
+    for item in args.overrides:
+        key, value = item.split("=", 1)
+        group, name = key.split(".", 1)
+        groups[group][name] = value if value[:1].isalpha() else json.loads(value)
+    data_cfg = SyntheticConfig(**({"d": 32, "n_features": 256, "mean_active": 4} | groups["data"]))
+    data = SyntheticFeatures(data_cfg)
+    trainer_defaults = {
+        "total_tokens": 1000 * 256,
+        "batch_tokens": 256,
+        "lr": 5e-3,
+        "warmup_steps": 20,
+        "sparsity_warmup_steps": 150,
+        "dead_after_tokens": 12_800,
+    }
+    trainer_cfg = TrainerConfig(**(trainer_defaults | groups["trainer"]))
+    dict_cfg = DictionaryConfig(**({"n_latents": 512} | groups["dictionary"]))
+    assert {f.name for f in fields(DictionaryConfig)} >= set(groups["dictionary"])
+    rows = [score_recipe(data, dict_cfg, trainer_cfg, seed) for seed in range(args.seeds)]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    print(json.dumps({"overrides": args.overrides, "mean": mean, "seeds": rows}))
+
+
+if __name__ == "__main__":
+    _main()

@@ -355,7 +355,8 @@ def _aux_by_hand(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.Ten
     e_hat = z @ sae.W_dec
     residual = x - sae(x)
     scale = min(n_dead / sae.aux_k, 1.0)
-    return scale * (e_hat - residual).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    # Gao et al.: normalised by the variance of the residual it reconstructs.
+    return scale * (e_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
 
 
 @pytest.mark.parametrize("n_dead", [3, 20])  # fewer and more dead latents than aux_k (= 8)

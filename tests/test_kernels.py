@@ -307,7 +307,9 @@ def _dense_step(d, x, dead_mask, arch):
     aux_top = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1).indices
     z_aux = torch.zeros_like(pre).scatter(1, aux_top, pre.gather(1, aux_top)).relu()
     residual = (x64 - x_hat).detach()
-    aux = min(n_dead / d.aux_k, 1.0) * (z_aux @ p["W_dec"] - residual).pow(2).sum() / variance
+    residual_variance = (residual - residual.mean(0)).pow(2).sum()  # Gao et al.'s AuxK
+    aux = min(n_dead / d.aux_k, 1.0) * (z_aux @ p["W_dec"] - residual).pow(2).sum()
+    aux = aux / residual_variance
     loss = loss + d.aux_k_coefficient * aux
     loss.backward()
     return loss.detach(), {name: t.grad for name, t in p.items()}

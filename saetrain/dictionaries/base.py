@@ -104,6 +104,9 @@ class Dictionary(nn.Module):
     # random unit directions — safe only where some latents always fire (the TopK family);
     # threshold and penalty architectures need pre-activations at full scale to fire at all.
     transcoder_encoder_scale: ClassVar[float] = 1.0
+    # The penalty family's target L0 (dictionary.target_l0): when set, the trainer adapts λ
+    # towards it (saetrain/training/l0_controller.py). None: λ as configured.
+    target_l0: float | None = None
 
     def __init__(
         self,

@@ -102,12 +102,7 @@ class BatchTopKSAE(TopKSAE):
 
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
-        return {
-            "k": cfg.k,
-            "aux_k": cfg.aux_k,
-            "aux_k_coefficient": cfg.aux_k_coefficient,
-            "threshold_momentum": cfg.threshold_momentum,
-        }
+        return super().init_kwargs_from_config(cfg) | {"threshold_momentum": cfg.threshold_momentum}
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {

@@ -29,10 +29,12 @@ class GatedSAE(Dictionary):
         n_latents: int,
         d_out: int | None = None,
         sparsity_coefficient: float = 1.0,
+        target_l0: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(d_in, n_latents, d_out, **kwargs)
         self.sparsity_coefficient = sparsity_coefficient
+        self.target_l0 = target_l0  # λ is adapted towards it by the trainer's L0 controller
         del self.b_enc  # the gate and magnitude paths have their own biases
         opts = {"dtype": self.W_enc.dtype, "device": self.W_enc.device}
         self.b_gate = nn.Parameter(torch.zeros(n_latents, **opts))
@@ -88,4 +90,4 @@ class GatedSAE(Dictionary):
 
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
-        return {"sparsity_coefficient": cfg.sparsity_coefficient}
+        return {"sparsity_coefficient": cfg.sparsity_coefficient, "target_l0": cfg.target_l0}

@@ -1,12 +1,33 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope).
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope; Anthropic's 2025 recipe).
 
-z = pre·H(pre − θ) with a learnt per-latent threshold θ = exp(log θ) > 0; loss = Σ‖y − ŷ‖²/N +
-λ·Σ_i H(pre_i − θ_i)/N (an L0 penalty, λ warmed up from 0). H has no useful gradient, so θ
-learns through straight-through estimators that replace the derivative of the step by a
-rectangle kernel of width ε (the bandwidth):
+z = pre·H(pre − θ) with a learnt per-latent threshold θ = exp(log θ) > 0, and
+loss = Σ‖y − ŷ‖²/N + λ·S + λ_P·P, λ warmed up from 0 (and adapted towards `target_l0` when one is
+given; see saetrain/training/l0_controller.py). The sparsity penalty S (`sparsity_loss`), per row
+and averaged over the batch's N rows:
+- "step" (Rajamanoharan et al., Gemma Scope): S = Σ_i H(pre_i − θ_i), the L0 itself;
+- "quadratic" (around a target L0*, after Gemma Scope 2): S = (L0 − L0*)² / L0* with L0 the
+  batch's mean step count, which pulls L0 towards L0* from either side. The Gemma Scope 2 report
+  describes a penalty quadratic around a target; its exact normalisation could not be confirmed,
+  and this one is ours (it equals L0* at L0 = 2·L0*, the step penalty's size there);
+- "tanh" (Anthropic, Circuits Updates January 2025): S = Σ_i tanh(c·z_i·‖W_dec,i‖), a smooth
+  count that also reaches the encoder through z.
+The pre-activation loss (Anthropic, same update), P = Σ_i ReLU(θ_i − pre_i)·‖W_dec,i‖ (on all
+latents, as Anthropic; or on dead latents only, as SAELens), pulls latents that never fire up to
+their threshold, so they do not stay dead. Off when λ_P = 0.
+
+H has no useful gradient, so θ learns through straight-through estimators that replace the
+derivative of the step by a rectangle kernel of width ε (the bandwidth):
     ∂JumpReLU/∂θ = −(θ/ε)·K((pre − θ)/ε),   ∂H/∂θ = −(1/ε)·K((pre − θ)/ε),   K(u) = 1[|u| < ½],
 and the gradient to pre is that of pre·1[pre > θ] (none through the step). θ is kept in fp32
-whatever the weights' dtype. Exported as SAELens's "jumprelu" with `threshold` = θ.
+whatever the weights' dtype.
+
+Units: θ, ε and the codes live in the units of the training pre-activations, computed on
+activations scaled to E‖x‖² = d_in (per-dimension RMS 1; a unit-norm latent direction fully
+present in x has a code of order 1). The export folds the scale into W_enc and W_dec (base.py), so
+the exported encoder's pre-activations on raw activations equal the training ones, and the
+exported `threshold` is θ in those same units: a code z_i of the exported SAE contributes
+z_i·‖W_dec,i‖ to the raw activation, with ‖W_dec,i‖ = 1/s (s the normalisation scale, in
+saetrain_run.json). Exported as SAELens's "jumprelu" with `threshold` = θ.
 """
 
 from __future__ import annotations
@@ -19,6 +40,9 @@ from torch import nn
 
 from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
+
+SPARSITY_LOSSES = ("step", "quadratic", "tanh")
+PRE_ACT_LATENTS = ("all", "dead")
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -81,11 +105,34 @@ class JumpReLUSAE(Dictionary):
         sparsity_coefficient: float = 1.0,
         bandwidth: float = 0.001,
         init_threshold: float = 0.001,
+        sparsity_loss: str = "step",
+        tanh_scale: float = 4.0,
+        pre_act_coefficient: float = 0.0,
+        pre_act_latents: str = "all",
+        target_l0: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(d_in, n_latents, d_out, **kwargs)
+        for name, value, choices in (
+            ("jumprelu_sparsity_loss", sparsity_loss, SPARSITY_LOSSES),
+            ("jumprelu_pre_act_latents", pre_act_latents, PRE_ACT_LATENTS),
+        ):
+            if value not in choices:
+                raise ValueError(
+                    f"dictionary.{name}={value!r}; choose one of: {', '.join(choices)}"
+                )
+        if sparsity_loss == "quadratic" and target_l0 is None:
+            raise ValueError(
+                "dictionary.jumprelu_sparsity_loss='quadratic' is quadratic around a target: "
+                "set dictionary.target_l0"
+            )
         self.sparsity_coefficient = sparsity_coefficient
         self.bandwidth = bandwidth
+        self.sparsity_loss = sparsity_loss
+        self.tanh_scale = tanh_scale
+        self.pre_act_coefficient = pre_act_coefficient
+        self.pre_act_latents = pre_act_latents
+        self.target_l0 = target_l0
         device = self.W_enc.device
         self.log_threshold = nn.Parameter(
             torch.full((n_latents,), math.log(init_threshold), dtype=torch.float32, device=device)
@@ -99,6 +146,30 @@ class JumpReLUSAE(Dictionary):
         pre = self.pre_activations(x)
         return pre * (pre > self.threshold).to(pre.dtype)
 
+    def sparsity_penalty(
+        self, pre: torch.Tensor, z: torch.Tensor, theta: torch.Tensor
+    ) -> torch.Tensor:
+        """S of the module docstring, before λ: a per-row mean over the batch."""
+        if self.sparsity_loss == "tanh":
+            scaled = self.tanh_scale * z * self.decoder_norms()
+            return torch.tanh(scaled).sum(-1).mean()
+        l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1).mean()
+        if self.sparsity_loss == "quadratic":
+            target = float(self.target_l0)
+            return (l0 - target).pow(2) / target
+        return l0
+
+    def pre_act_loss(
+        self, pre: torch.Tensor, theta: torch.Tensor, dead_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """P of the module docstring: how far below its threshold each latent sits."""
+        below = (theta - pre).relu() * self.decoder_norms()
+        if self.pre_act_latents == "dead":
+            if dead_mask is None:
+                return below.new_zeros(())
+            below = below * dead_mask.to(below.dtype)
+        return below.sum(-1).mean()
+
     def training_forward(
         self,
         x: torch.Tensor,
@@ -111,9 +182,14 @@ class JumpReLUSAE(Dictionary):
         z = JumpReLUFunction.apply(pre, theta, self.bandwidth)
         x_hat = self.reconstruct(x, z)
         mse = squared_error(target, x_hat)
-        l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1).mean()
-        loss = mse + sparsity_multiplier * self.sparsity_coefficient * l0
-        return TrainOutput(loss, x_hat, z, {"mse": mse.detach(), "l0_penalty": l0.detach()})
+        penalty = self.sparsity_penalty(pre, z, theta)
+        loss = mse + sparsity_multiplier * self.sparsity_coefficient * penalty
+        terms = {"mse": mse.detach(), "l0_penalty": penalty.detach()}
+        if self.pre_act_coefficient > 0:
+            pre_act = self.pre_act_loss(pre, theta, dead_mask)
+            loss = loss + self.pre_act_coefficient * pre_act
+            terms["pre_act"] = pre_act.detach()
+        return TrainOutput(loss, x_hat, z, terms)
 
     def _apply(self, fn: Any, recurse: bool = True) -> JumpReLUSAE:
         """Move or cast like any module, but keep the threshold in fp32 (never rounded)."""
@@ -143,4 +219,9 @@ class JumpReLUSAE(Dictionary):
             "sparsity_coefficient": cfg.sparsity_coefficient,
             "bandwidth": cfg.jumprelu_bandwidth,
             "init_threshold": cfg.jumprelu_init_threshold,
+            "sparsity_loss": cfg.jumprelu_sparsity_loss,
+            "tanh_scale": cfg.jumprelu_tanh_scale,
+            "pre_act_coefficient": cfg.jumprelu_pre_act_coefficient,
+            "pre_act_latents": cfg.jumprelu_pre_act_latents,
+            "target_l0": cfg.target_l0,
         }

@@ -2,7 +2,12 @@
 Matryoshka Sparse Autoencoders").
 
 The latents are ordered, and every prefix of the dictionary (the first m_1 < m_2 < … < n latents)
-must reconstruct the input on its own: loss = Σ_m FVU(y, z[:, :m]·W_dec[:m] + b_dec) + AuxK.
+must reconstruct the input on its own. The prefix losses are combined by
+`dictionary.matryoshka_reduction`:
+- "mean" (the authors' code, Bussmann et al.): loss = mean_m FVU(y, z[:, :m]·W_dec[:m] + b_dec)
+  + AuxK, so the reconstruction's scale — and AuxK's weight against it — does not depend on the
+  number of prefixes;
+- "sum" (SAELens): Σ_m FVU_m + AuxK, which weighs reconstruction M times more (M prefixes).
 Early latents learn general features, later ones refinements, instead of absorbing each other.
 Codes are chosen by BatchTopK over all latents; inference and export are BatchTopK's (a JumpReLU
 with the running threshold).
@@ -18,6 +23,8 @@ from saetrain.config import ConfigError, DictionaryConfig
 from saetrain.dictionaries.base import Codes, SparseCodes
 from saetrain.dictionaries.batchtopk import BatchTopKSAE
 from saetrain.kernels.ops import sparse_decode
+
+MATRYOSHKA_REDUCTIONS = ("mean", "sum")
 
 
 def default_prefixes(n_latents: int, levels: int = 5) -> list[int]:
@@ -35,9 +42,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         n_latents: int,
         d_out: int | None = None,
         prefixes: list[int] | None = None,
+        reduction: str = "sum",
         **kwargs: Any,
     ):
         super().__init__(d_in, n_latents, d_out, **kwargs)
+        if reduction not in MATRYOSHKA_REDUCTIONS:
+            raise ConfigError(
+                f"dictionary.matryoshka_reduction={reduction!r}; choose one of: "
+                f"{', '.join(MATRYOSHKA_REDUCTIONS)}"
+            )
+        self.reduction = reduction
         prefixes = sorted(set(prefixes)) if prefixes else default_prefixes(n_latents)
         if prefixes[-1] != n_latents or prefixes[0] < 1:
             raise ConfigError(
@@ -59,7 +73,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             fvu = (target - partial).pow(2).sum() / total_variance
             loss = loss + fvu
             start = end
-        return loss, partial, {"fvu": fvu.detach(), "fvu_sum_prefixes": loss.detach()}
+        total = loss / len(self.prefixes) if self.reduction == "mean" else loss
+        return total, partial, {"fvu": fvu.detach(), "fvu_sum_prefixes": loss.detach()}
 
     def _decode_range(self, z: Codes, start: int, end: int) -> torch.Tensor:
         """The latents start..end-1's part of the decoder output (sparse codes stay sparse: the
@@ -72,5 +87,6 @@ class MatryoshkaSAE(BatchTopKSAE):
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
         return super().init_kwargs_from_config(cfg) | {
-            "prefixes": list(cfg.matryoshka_prefixes or [])
+            "prefixes": list(cfg.matryoshka_prefixes or []),
+            "reduction": cfg.matryoshka_reduction,
         }

@@ -27,10 +27,12 @@ class ReLUSAE(Dictionary):
         n_latents: int,
         d_out: int | None = None,
         sparsity_coefficient: float = 5.0,
+        target_l0: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(d_in, n_latents, d_out, **kwargs)
         self.sparsity_coefficient = sparsity_coefficient
+        self.target_l0 = target_l0  # λ is adapted towards it by the trainer's L0 controller
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_activations(x).relu()
@@ -56,4 +58,4 @@ class ReLUSAE(Dictionary):
 
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
-        return {"sparsity_coefficient": cfg.sparsity_coefficient}
+        return {"sparsity_coefficient": cfg.sparsity_coefficient, "target_l0": cfg.target_l0}
