@@ -38,6 +38,9 @@ from saetrain.activations.sites import (  # noqa: E402
     resolve_site,
 )
 
+# Tiny matrices: one thread is fastest on the shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_LAYERS = 3
 LAYER = 1  # a middle layer: hidden_states[LAYER + 1] is not the final-norm output
 _COMMON = dict(
@@ -112,6 +115,30 @@ def _build(config: PretrainedConfig) -> nn.Module:
     return model.float().eval()
 
 
+# The TransformerLens hook names (after `blocks.L.`), written out independently of sites.py.
+TL_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "attn_z": "attn.hook_z",
+    "attn_out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",
+    "mlp_in": "ln2.hook_normalized",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
+
+
+def _kinds(fid: str) -> list[str]:
+    """The site kinds a family has: a parallel-residual GPT-NeoX has no resid_mid."""
+    return [k for k in SITE_KINDS if not (fid == "gpt_neox-parallel" and k == "resid_mid")]
+
+
+def _fid(model: nn.Module) -> str:
+    family = model_family(model)
+    if family == "gpt_neox":
+        return "gpt_neox-parallel" if model.config.use_parallel_residual else "gpt_neox-sequential"
+    return family
+
+
 @pytest.fixture(scope="module", params=FAMILY_IDS)
 def family(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
     return request.param, _build(CONFIGS[request.param]())
@@ -139,20 +166,35 @@ def test_site_parse_and_name_roundtrip() -> None:
         assert Site.parse(site.name) == site
 
 
-@pytest.mark.parametrize("bad", ["resid_mid.3", "resid_post", "resid_post.x", "resid_post.-1", ""])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "resid_side.3",
+        "resid_post",
+        "resid_post.x",
+        "resid_post.-1",
+        "",
+        "blocks.3.attn.hook_q",
+        "blocks.3.hook_mlp_in",
+        "blocks.x.hook_resid_post",
+        "hook_resid_post",
+    ],
+)
 def test_site_parse_errors_name_value_and_kinds(bad: str) -> None:
     with pytest.raises(SiteError) as excinfo:
         Site.parse(bad)
     msg = str(excinfo.value)
     assert repr(bad) in msg
     assert "<kind>.<layer>" in msg
-    for kind in SITE_KINDS:
+    # Both spellings of every kind.
+    for kind, tl in TL_HOOKS.items():
         assert kind in msg
+        assert f"blocks.L.{tl}" in msg
 
 
 def test_site_constructor_validates() -> None:
-    with pytest.raises(SiteError, match="resid_mid"):
-        Site("resid_mid", 0)
+    with pytest.raises(SiteError, match="resid_side"):
+        Site("resid_side", 0)
     with pytest.raises(SiteError):
         Site("resid_post", -1)
     assert issubclass(SiteError, ValueError)
@@ -175,22 +217,27 @@ def test_family_and_layers(family: tuple[str, nn.Module]) -> None:
 
 
 def test_resolved_site_fields(family: tuple[str, nn.Module]) -> None:
-    _, model = family
+    fid, model = family
     layers = decoder_layers(model)
     expected_tl = {
         "resid_pre": "blocks.1.hook_resid_pre",
-        "resid_post": "blocks.1.hook_resid_post",
+        "attn_z": "blocks.1.attn.hook_z",
+        "attn_out": "blocks.1.hook_attn_out",
+        "resid_mid": "blocks.1.hook_resid_mid",
         "mlp_in": "blocks.1.ln2.hook_normalized",
         "mlp_out": "blocks.1.hook_mlp_out",
-        "attn_out": "blocks.1.hook_attn_out",
+        "resid_post": "blocks.1.hook_resid_post",
     }
-    for kind in SITE_KINDS:
+    points = {"resid_pre": "input", "attn_z": "input", "resid_mid": "residual"}
+    for kind in _kinds(fid):
         r = resolve_site(model, f"{kind}.1")
         assert r == resolve_site(model, Site(kind, 1))
+        assert r == resolve_site(model, expected_tl[kind])  # the TransformerLens alias
         assert r.site == Site(kind, 1)
         assert r.layer_index == 1
         assert r.tl_hook_name == expected_tl[kind]
-        assert r.point == ("input" if kind == "resid_pre" else "output")
+        assert r.point == points.get(kind, "output")
+        assert r.width == 32  # 4 heads × head_dim 8 == hidden_size here
         # The hooked module lives inside block 1.
         assert any(m is r.module for m in layers[1].modules())
 
@@ -231,7 +278,7 @@ def test_unsupported_family() -> None:
 def _capture_all(model: nn.Module, ids: Tensor, layer: int) -> dict[str, Tensor]:
     acts: dict[str, Tensor] = {}
     handles = []
-    for kind in SITE_KINDS:
+    for kind in _kinds(_fid(model)):
 
         def grab(x: Tensor, kind: str = kind) -> None:
             acts[kind] = x.detach().clone()
@@ -251,9 +298,9 @@ def _capture_all(model: nn.Module, ids: Tensor, layer: int) -> dict[str, Tensor]
 
 
 def test_capture_matches_model(family: tuple[str, nn.Module], input_ids: Tensor) -> None:
-    _, model = family
+    fid, model = family
     acts = _capture_all(model, input_ids, LAYER)
-    assert set(acts) == {*SITE_KINDS, "mlp_received"}
+    assert set(acts) == {*_kinds(fid), "mlp_received"}
     for x in acts.values():
         assert x.shape == (*input_ids.shape, 32)
 
@@ -292,11 +339,11 @@ def test_capture_every_layer_resid_pre(family: tuple[str, nn.Module], input_ids:
 def test_identity_replacement_keeps_logits(
     family: tuple[str, nn.Module], input_ids: Tensor
 ) -> None:
-    _, model = family
+    fid, model = family
     clean = _logits(model, input_ids)
     handles = [
         register_site_hook(resolve_site(model, Site(kind, LAYER)), lambda x: x)
-        for kind in SITE_KINDS
+        for kind in _kinds(fid)
     ]
     try:
         spliced = _logits(model, input_ids)
@@ -359,21 +406,21 @@ class _Stop(Exception):
 
 
 def test_exception_propagates(family: tuple[str, nn.Module], input_ids: Tensor) -> None:
-    _, model = family
+    fid, model = family
     seen: list[int] = []
 
     def stop(x: Tensor) -> None:
         seen.append(x.shape[0])
         raise _Stop
 
-    for kind in SITE_KINDS:
+    for kind in _kinds(fid):
         handle = register_site_hook(resolve_site(model, Site(kind, 0)), stop)
         try:
             with pytest.raises(_Stop):
                 _logits(model, input_ids)
         finally:
             handle.remove()
-    assert seen == [2] * len(SITE_KINDS)
+    assert seen == [2] * len(_kinds(fid))
     _logits(model, input_ids)  # still works after removal
 
 

@@ -22,10 +22,16 @@ class ActivationSource:
         self.sites: dict[str, ResolvedSite] = {n: resolve_site(model, n) for n in site_names}
         self.device = next(model.parameters()).device
         self.d_model = int(model.config.hidden_size)
+        # Per site: attn_z is n_heads × head_dim wide, which need not be d_model.
+        self.widths: dict[str, int] = {n: r.width for n, r in self.sites.items()}
+
+    def width(self, site: str) -> int:
+        """The last dimension of the activations at `site` (one of the names given)."""
+        return self.widths[site]
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Activations [batch, context, d] at every site, from a forward cut after the deepest."""
+        """Activations [batch, context, width] per site, from a forward cut after the deepest."""
         captured: dict[str, torch.Tensor] = {}
         n_sites = len(self.sites)
 
@@ -50,7 +56,7 @@ class ActivationSource:
     def rows(
         self, batches: Iterator[TokenBatch], sites: list[str], dtype: torch.dtype
     ) -> Iterator[torch.Tensor]:
-        """Activations at the unmasked positions of each batch, in order: [n, Σ d] with the
+        """Activations at the unmasked positions of each batch, in order: [n, Σ width] with the
         sites side by side (a transcoder's input and target travel as one row)."""
         for batch in batches:
             acts = self(batch.input_ids)

@@ -4,8 +4,9 @@ Tensor names and shapes are SAELens's (W_enc [d_in, d_sae], b_enc, W_dec [d_sae,
 plus `threshold`, `W_skip`, gated's `b_gate`/`b_mag`/`r_mag`), and cfg.json carries the fields
 SAELens's `SAE.load_from_disk` reads: `architecture` (SAELens's name: standard, gated, topk,
 jumprelu, transcoder, skip_transcoder, jumprelu_transcoder, ...), `d_in`, `d_sae`, `d_out` and
-`hook_name_out` for transcoders, the architecture's own fields (e.g. `k`) and a `metadata` block
-(model, hook, context). BatchTopK and Matryoshka dictionaries are saved as the JumpReLU they are at
+`hook_name_out` for transcoders, `reshape_activations` ("hook_z" for an attention SAE on
+`attn.hook_z`), the architecture's own fields (e.g. `k`) and a `metadata` block (model, hook,
+context). BatchTopK and Matryoshka dictionaries are saved as the JumpReLU they are at
 inference. The legacy top-level fields of older SAELens versions are written too. Weights are
 saved for raw activations: the training normalisation is folded in before saving.
 """
@@ -30,6 +31,13 @@ RUN_FILE = "saetrain_run.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _reshape_activations(metadata: dict[str, Any]) -> str:
+    """SAELens's `reshape_activations`: "hook_z" for a dictionary reading `attn.hook_z`, whose
+    TransformerLens activation is [.., n_heads, d_head] and which SAELens flattens to d_in =
+    n_heads × d_head (the head-major order of our attn_z); "none" otherwise."""
+    return "hook_z" if str(metadata.get("hook_name", "")).endswith(".attn.hook_z") else "none"
+
+
 def saelens_config(dictionary: Dictionary, metadata: dict[str, Any]) -> dict[str, Any]:
     """cfg.json's content for a dictionary; `metadata` is SAELens's metadata block."""
     cfg: dict[str, Any] = {
@@ -40,7 +48,7 @@ def saelens_config(dictionary: Dictionary, metadata: dict[str, Any]) -> dict[str
         "device": "cpu",
         "apply_b_dec_to_input": dictionary.apply_b_dec_to_input,
         "normalize_activations": "none",
-        "reshape_activations": "none",
+        "reshape_activations": _reshape_activations(metadata),
         **dictionary.saelens_fields(),
         "metadata": metadata,
     }
