@@ -23,3 +23,27 @@ def config_dir() -> str:
         if (candidate / "config.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError("saetrain's configs folder is missing from the installation")
+
+
+# The Python API and the config dataclasses, imported on first use (PEP 562) so that
+# `import saetrain` loads neither torch nor Hydra: the sweep callback imports it in every run.
+_API = ("config_from_overrides", "check", "train", "load", "read_activations", "TrainResult",
+        "TrainedDictionary")  # fmt: skip
+_CONFIG = ("Config", "ConfigError", "ModelConfig", "DataConfig", "SiteConfig", "BufferConfig",
+           "CacheConfig", "CheckpointConfig", "DictionaryConfig", "TrainerConfig", "EvalConfig",
+           "LoggerConfig", "PublishConfig", "DictionarySpec", "validate")  # fmt: skip
+__all__ = ["config_dir", *_API, *_CONFIG]
+
+
+def __getattr__(name: str):
+    if name in _API or name in _CONFIG:
+        from importlib import import_module
+
+        value = getattr(import_module("saetrain.api" if name in _API else "saetrain.config"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saetrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from saetrain.activations.sites import SiteError
 from saetrain.config import ConfigError, register_configs, to_config
 from saetrain.export.hub import PublishError
 from saetrain.training.checkpoint import TrainingDiverged, TrainingInterrupted
+from saetrain.training.run_folder import RunStopped
 
 register_configs()
 
@@ -40,9 +42,19 @@ def _main(node: DictConfig) -> dict[str, float]:
     except (ConfigError, SiteError, CacheError, FileNotFoundError) as e:
         print(f"saetrain: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (TrainingDiverged, TrainingInterrupted, PublishError) as e:
+    except TrainingInterrupted as e:
+        print(f"saetrain: {e.reason}", file=sys.stderr)
+        if e.run_dir is not None:
+            print(f"saetrain: resume with: {resume_command(e.run_dir)}", file=sys.stderr)
+        sys.exit(3)
+    except (TrainingDiverged, PublishError) as e:
         print(f"saetrain: {e}", file=sys.stderr)
         sys.exit(3)
+    except RunStopped as e:  # a signal outside training: 143 for SIGTERM, 130 for SIGINT
+        print(f"saetrain: {e.reason}", file=sys.stderr)
+        if e.resumable:
+            print(f"saetrain: resume with: {resume_command(e.run_dir)}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("saetrain: interrupted (a second Ctrl-C: no checkpoint written)", file=sys.stderr)
         sys.exit(130)
@@ -54,6 +66,17 @@ def multirun_prefix(mode: RunMode | None, override_dirname: str) -> str | None:
     if mode != RunMode.MULTIRUN:
         return None
     return override_dirname or None
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues `run_dir`: this run's overrides, with resume= set."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # HydraConfig is not set outside a Hydra job
+        overrides = []
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "resume"]
+    args = [*kept, f"resume={Path(run_dir).resolve()}"]
+    return shlex.join(["python", "-m", "saetrain", *args])
 
 
 def main() -> None:

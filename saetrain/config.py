@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import os
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -94,7 +96,9 @@ class DataConfig:
 class SiteConfig:
     """Where in the LM the dictionary reads (and, for transcoders, what it predicts)."""
 
-    # `<kind>.<layer>` with kind in resid_pre, resid_post, mlp_in, mlp_out, attn_out.
+    # `<kind>.<layer>` with kind in resid_pre, attn_z (per-head attention outputs before W_O,
+    # n_heads × head_dim wide), attn_out, resid_mid, mlp_in, mlp_out, resid_post; or the
+    # TransformerLens name of one (blocks.6.hook_resid_post, blocks.6.attn.hook_z, ...).
     input: str = "resid_post.6"
     # Target site; null (or the input site) makes an SAE, another site a transcoder that predicts
     # it from the input (e.g. input mlp_in.6, target mlp_out.6).
@@ -146,12 +150,20 @@ class DictionaryConfig:
     aux_k: int | None = None
     # Weight of the AuxK loss (Gao et al. use 1/32).
     aux_k_coefficient: float = 0.03125
+    # What AuxK's squared error is divided by: residual (Gao et al.: the variance of the residual
+    # y − ŷ it reconstructs, a normalised MSE) | target (sparsify: the target's variance, the main
+    # FVU's denominator, which makes the term weaker by the FVU, 3–10× at FVU 0.1–0.3).
+    aux_k_normalization: str = "residual"
     # TopK family: a latent is used when the batch's selection keeps it; BatchTopK's inference
     # threshold is a running average of the smallest kept activation with this momentum.
     threshold_momentum: float = 0.9
     # Matryoshka: sizes of the nested prefixes, increasing, the last == n_latents; null means
     # n/16, n/8, n/4, n/2, n.
     matryoshka_prefixes: list[int] | None = None
+    # Matryoshka: how the prefixes' FVUs combine: mean (the authors' code, Bussmann et al. 2025;
+    # AuxK's weight against reconstruction does not depend on the number of prefixes) | sum
+    # (SAELens).
+    matryoshka_reduction: str = "sum"
     # relu, gated, jumprelu: weight λ of the sparsity penalty (L1 of codes × decoder norms for
     # relu and gated, L0 for jumprelu), in units of Σ‖y − ŷ‖²/N with activations scaled to
     # E‖x‖² = d_in. Warmed up over trainer.sparsity_warmup_steps.
@@ -162,13 +174,33 @@ class DictionaryConfig:
     # jumprelu: every latent's starting threshold (same units). Adam moves log θ by about lr per
     # step, so short runs keep roughly this threshold: it sets their L0 more than λ does.
     jumprelu_init_threshold: float = 0.5
+    # jumprelu: the sparsity penalty S (λ·S is added to the loss): step (Rajamanoharan et al.,
+    # Gemma Scope: the L0 through the step's straight-through gradient) | quadratic ((L0 − L0*)²/L0*
+    # with L0* = target_l0, after Gemma Scope 2, whose exact form we could not confirm) | tanh
+    # (Anthropic, January 2025: Σ tanh(c·z·‖W_dec‖) per token).
+    jumprelu_sparsity_loss: str = "step"
+    # jumprelu, tanh penalty: the scale c inside the tanh (Anthropic: 4), in code units (above).
+    jumprelu_tanh_scale: float = 4.0
+    # jumprelu: weight λ_P of Anthropic's pre-activation loss Σ ReLU(θ − pre)·‖W_dec‖ per token,
+    # which pulls latents that do not fire up to their threshold (Anthropic: 3e-6 on their
+    # scale); 0 disables it.
+    jumprelu_pre_act_coefficient: float = 0.0
+    # jumprelu: which latents the pre-activation loss reaches: all (Anthropic) | dead (SAELens;
+    # dead as trainer.dead_after_tokens says).
+    jumprelu_pre_act_latents: str = "all"
+    # relu, gated, jumprelu: the L0 (active latents per token) to end the run at. λ
+    # (sparsity_coefficient, its starting value) is then adapted during training by a controller
+    # (saetrain/training/l0_controller.py, gain trainer.target_l0_gain) instead of tuned by hand.
+    # Also the centre of the quadratic penalty. Null: λ as given. Not for the TopK family (k).
+    target_l0: float | None = None
     # Transcoders only: add a dense skip connection y ≈ ... + W_skip·x (W_skip zero-initialised).
     skip: bool = False
     # How b_dec starts: geometric_median | mean | zeros (of normalised activations).
     b_dec_init: str = "geometric_median"
     # Scale activations to E‖x‖² = d_in during training; folded into the weights at export.
     normalize_activations: bool = True
-    # Parameters' dtype during training (float32 recommended).
+    # Parameters' dtype during training: float32 (recommended) | bfloat16. Not float16: Adam's
+    # epsilon and small updates underflow there and the loss turns NaN within steps.
     dtype: str = "float32"
 
 
@@ -198,6 +230,10 @@ class TrainerConfig:
     # A latent that has not fired for this many training tokens counts as dead (and gets the
     # AuxK loss). Gao et al. use 10M; short runs need a shorter window.
     dead_after_tokens: int = 10_000_000
+    # dictionary.target_l0's controller: how fast log λ follows log(L0 / target) per step
+    # (integral gain; the proportional gain is 10× it). Larger reaches the target sooner and
+    # oscillates more.
+    target_l0_gain: float = 0.02
 
 
 @dataclass
@@ -311,6 +347,8 @@ def register_configs() -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# float16 parameters underflow Adam's epsilon and updates (NaN within a few steps).
+DICTIONARY_DTYPES = ("float32", "bfloat16")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 SAMPLE_BY = ("document", "paragraph", "line")
 PACKINGS = ("concat", "document")
@@ -335,8 +373,9 @@ def _positive(field_name: str, value: float, allow_zero: bool = False) -> None:
 
 def _forward_position(site: Any) -> tuple[int, int]:
     """Where a site is computed: by layer, then in the order the block computes them."""
-    order = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
-    return site.layer, order.index(site.kind)
+    from saetrain.activations.sites import forward_position
+
+    return forward_position(site)
 
 
 def validate(cfg: Config) -> None:
@@ -395,9 +434,13 @@ def dictionary_configs(cfg: Config) -> list[tuple[str, Config]]:
                     f"{where}.trainer.{name}={getattr(trainer, name)!r}: all dictionaries of a "
                     f"run share one activation stream; set trainer.{name} for the whole run"
                 )
+        try:
+            site = _canonical_site(merged(cfg.site, spec.site, f"{where}.site"))
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e}" if str(e).startswith("site.") else str(e)) from None
         sub = dataclasses.replace(
             cfg,
-            site=merged(cfg.site, spec.site, f"{where}.site"),
+            site=site,
             dictionary=merged(cfg.dictionary, spec.dictionary, f"{where}.dictionary"),
             trainer=trainer,
             seed=cfg.seed if spec.seed is None else spec.seed,
@@ -418,7 +461,7 @@ def _validate_one(cfg: Config) -> None:
 
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("buffer.dtype", cfg.buffer.dtype, DTYPES)
-    _choice("dictionary.dtype", cfg.dictionary.dtype, DTYPES)
+    _choice("dictionary.dtype", cfg.dictionary.dtype, DICTIONARY_DTYPES)
     _choice("dictionary.architecture", cfg.dictionary.architecture, tuple(ARCHITECTURES))
     _choice("dictionary.b_dec_init", cfg.dictionary.b_dec_init, B_DEC_INITS)
     _choice("logger.name", cfg.logger.name, LOGGERS)
@@ -429,6 +472,12 @@ def _validate_one(cfg: Config) -> None:
     _positive("cache.shard_tokens", cfg.cache.shard_tokens)
     _positive("checkpoint.every_tokens", cfg.checkpoint.every_tokens, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if cfg.model.gguf_package and _names_a_hub_model_or_folder(cfg.model.name):
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} names a hub model or a folder, but "
+            f"model.gguf_package={cfg.model.gguf_package!r} is still set, which would load the "
+            "GGUF file that package ships instead; clear it: model.gguf_package=null"
+        )
     if cfg.model.device not in ("auto", "cpu") and not cfg.model.device.startswith("cuda"):
         raise ConfigError(
             f"model.device={cfg.model.device!r} is not valid; choose one of: auto, cpu, cuda, "
@@ -509,6 +558,35 @@ def _validate_one(cfg: Config) -> None:
     _positive("dictionary.sparsity_coefficient", cfg.dictionary.sparsity_coefficient, True)
     _positive("dictionary.jumprelu_bandwidth", cfg.dictionary.jumprelu_bandwidth)
     _positive("dictionary.jumprelu_init_threshold", cfg.dictionary.jumprelu_init_threshold)
+    from saetrain.dictionaries.jumprelu import PRE_ACT_LATENTS, SPARSITY_LOSSES
+    from saetrain.dictionaries.matryoshka import MATRYOSHKA_REDUCTIONS
+    from saetrain.dictionaries.topk import AUX_K_NORMALIZATIONS
+
+    d = cfg.dictionary
+    _choice("dictionary.aux_k_normalization", d.aux_k_normalization, AUX_K_NORMALIZATIONS)
+    _choice("dictionary.matryoshka_reduction", d.matryoshka_reduction, MATRYOSHKA_REDUCTIONS)
+    _choice("dictionary.jumprelu_sparsity_loss", d.jumprelu_sparsity_loss, SPARSITY_LOSSES)
+    _choice("dictionary.jumprelu_pre_act_latents", d.jumprelu_pre_act_latents, PRE_ACT_LATENTS)
+    _positive("dictionary.jumprelu_tanh_scale", d.jumprelu_tanh_scale)
+    _positive("dictionary.jumprelu_pre_act_coefficient", d.jumprelu_pre_act_coefficient, True)
+    _positive("trainer.target_l0_gain", cfg.trainer.target_l0_gain)
+    if d.target_l0 is not None:
+        if d.architecture not in ("relu", "gated", "jumprelu"):
+            raise ConfigError(
+                f"dictionary.target_l0={d.target_l0} applies to the penalty architectures (relu, "
+                f"gated, jumprelu); dictionary.architecture={d.architecture!r} sets its L0 with "
+                "dictionary.k"
+            )
+        _positive("dictionary.target_l0", d.target_l0)
+        if d.n_latents is not None and d.target_l0 > d.n_latents:
+            raise ConfigError(
+                f"dictionary.target_l0={d.target_l0} exceeds dictionary.n_latents={d.n_latents}"
+            )
+    if d.jumprelu_sparsity_loss == "quadratic" and d.target_l0 is None:
+        raise ConfigError(
+            "dictionary.jumprelu_sparsity_loss=quadratic is quadratic around a target L0: set "
+            "dictionary.target_l0"
+        )
     _positive("trainer.sparsity_warmup_steps", cfg.trainer.sparsity_warmup_steps, True)
     if not 0.0 <= cfg.dictionary.threshold_momentum < 1.0:
         raise ConfigError(
@@ -533,10 +611,95 @@ def _validate_one(cfg: Config) -> None:
             )
 
 
+# Fields typed `Any` whose mappings are overrides of a group: the schema their keys must follow.
+_OVERRIDE_SCHEMAS: dict[str, type] = {
+    "site": SiteConfig,
+    "dictionary": DictionaryConfig,
+    "trainer": TrainerConfig,
+}
+
+
+def _unknown_key(where: str, key: str, schema: type) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(schema)]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(
+        f"{where}{key}: unknown key {key!r}{hint} Valid keys of {where.rstrip('.') or 'the config'}"
+        f": {', '.join(valid)}"
+    )
+
+
+def check_known_keys(node: Any, schema: type = Config, where: str = "") -> None:
+    """Refuse any key the schema does not declare, however it arrived.
+
+    OmegaConf's `to_object` silently drops keys that Hydra's `+key=value` (or an experiment file,
+    or a `dictionaries` entry) added to a typed node, so a misspelt `+dictionary.kk=32` would
+    train with the key ignored. This walks the composed node and names the first such key.
+    """
+    if isinstance(node, Config | DictionaryConfig | SiteConfig | TrainerConfig | DictionarySpec):
+        node = OmegaConf.structured(node)
+    if not isinstance(node, DictConfig):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        key = str(key)
+        if key not in fields:
+            raise _unknown_key(where, key, schema)
+        value = node._get_node(key)
+        sub_schema = _field_schema(schema, key)
+        if isinstance(value, ListConfig) and sub_schema is not None:
+            for i in range(len(value)):
+                check_known_keys(value._get_node(i), sub_schema, f"{where}{key}[{i}].")
+        elif isinstance(value, DictConfig) and sub_schema is not None:
+            check_known_keys(value, sub_schema, f"{where}{key}.")
+
+
+def _field_schema(schema: type, key: str) -> type | None:
+    """The dataclass a field's mapping (or its list's items) must follow, if any."""
+    if schema is DictionarySpec:
+        return _OVERRIDE_SCHEMAS.get(key)
+    if schema is Config and key == "dictionaries":
+        return DictionarySpec
+    default = {f.name: f for f in dataclasses.fields(schema)}[key].default_factory
+    if default is not dataclasses.MISSING:
+        made = default()
+        if dataclasses.is_dataclass(made):
+            return type(made)
+    return None
+
+
+def canonical_sites(cfg: Config) -> Config:
+    """`cfg` with site names in their canonical spelling (`blocks.6.hook_resid_post` →
+    `resid_post.6`), so folders, checkpoints and exports agree however a site was written."""
+    return dataclasses.replace(cfg, site=_canonical_site(cfg.site))
+
+
+def _canonical_site(site: SiteConfig) -> SiteConfig:
+    from saetrain.activations.sites import Site, SiteError
+
+    out = {}
+    for name in ("input", "target"):
+        value = getattr(site, name)
+        if value is None:
+            continue
+        try:
+            out[name] = Site.parse(value).name
+        except SiteError as e:
+            raise ConfigError(f"site.{name}: {e}") from None
+    return dataclasses.replace(site, **out)
+
+
+def _names_a_hub_model_or_folder(name: str) -> bool:
+    """`org/model`, `./folder`, `~/folder`, `/abs/folder`: not a label for a packaged GGUF file."""
+    return "/" in name or os.sep in name or name.startswith((".", "~")) or os.path.isdir(name)
+
+
 def to_config(node: Any) -> Config:
-    """Turn a composed DictConfig into the typed `Config` and validate it."""
+    """Turn a composed DictConfig into the typed `Config`, refuse unknown keys, validate it."""
+    check_known_keys(node)
     cfg = OmegaConf.to_object(node) if not isinstance(node, Config) else node
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a saetrain Config, got {type(cfg).__name__}")
+    cfg = canonical_sites(cfg)
     validate(cfg)
     return cfg

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -32,13 +31,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from safetensors.torch import save as safetensors_bytes
 
-from saetrain.activations.sites import _TL_HOOK_NAMES, SiteError
+from saetrain.activations.sites import _TL_HOOK_NAMES, SiteError, canonical_site_name
 from saetrain.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
     ModelConfig,
     SiteConfig,
+    check_known_keys,
 )
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
@@ -90,19 +90,14 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=CONFIG_NAME, node=EvaluateConfig)
 
 
-# TransformerLens hook names → our site kinds (the inverse of sites._TL_HOOK_NAMES).
-_TL_PATTERNS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile("^" + re.escape(tl).replace(re.escape("{L}"), r"(\d+)") + "$"), kind)
-    for kind, tl in _TL_HOOK_NAMES.items()
-]
-
-
 def site_from_tl_hook(hook_name: str) -> str:
-    """`blocks.6.hook_resid_post` → `resid_post.6`; an unknown hook is a SiteError naming forms."""
-    for pattern, kind in _TL_PATTERNS:
-        match = pattern.match(hook_name)
-        if match:
-            return f"{kind}.{int(match.group(1))}"
+    """`blocks.6.hook_resid_post` → `resid_post.6` (`blocks.6.attn.hook_z` → `attn_z.6`, ...: the
+    aliases sites.py accepts); an unknown hook is a SiteError naming the forms."""
+    if hook_name.startswith("blocks."):
+        try:
+            return canonical_site_name(hook_name)
+        except SiteError:
+            pass
     forms = ", ".join(tl.format(L="L") for tl in _TL_HOOK_NAMES.values())
     raise SiteError(
         f"hook_name={hook_name!r} has no saetrain site; known TransformerLens hooks: {forms}. "
@@ -128,6 +123,14 @@ def _with_overrides(base: T, given: T, explicit: AbstractSet[str], group: str) -
         return given
     keys = {k.split(".")[1] for k in explicit if k.startswith(group + ".")}
     return dataclasses.replace(base, **{k: getattr(given, k) for k in keys})  # type: ignore
+
+
+def _canonical(field_name: str, name: str) -> str:
+    """A site in its canonical spelling (a TransformerLens hook name is accepted too)."""
+    try:
+        return canonical_site_name(name)
+    except SiteError as e:
+        raise ConfigError(f"{field_name}: {e}") from None
 
 
 @dataclass
@@ -221,8 +224,8 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         model=model,
         data=data,
         eval=eval_cfg,
-        input_site=site.input,
-        target_site=site.target or site.input,
+        input_site=_canonical("site.input", site.input),
+        target_site=_canonical("site.target", site.target or site.input),
         seed=seed,
         output_dir=output_dir,
         dense_threshold=cfg.dense_threshold,
@@ -283,11 +286,14 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     model, tokenizer = load_lm(r.model, device)
     sites = [r.input_site, r.target_site] if transcoder else [r.input_site]
     source = ActivationSource(model, sites)
-    if source.d_model != dictionary.d_in:
-        raise ConfigError(
-            f"model.name={r.model.name!r} has d_model={source.d_model} but the dictionary's d_in "
-            f"is {dictionary.d_in}; is this the model it was trained on?"
-        )
+    for site, width, name in ((r.input_site, dictionary.d_in, "d_in"),
+                              (r.target_site, dictionary.d_out, "d_out")):  # fmt: skip
+        if source.width(site) != width:
+            raise ConfigError(
+                f"model.name={r.model.name!r} has activations {source.width(site)} wide at "
+                f"{site} but the dictionary's {name} is {width}; is this the model (and the site) "
+                "it was trained on?"
+            )
 
     # The held-out contexts exactly as run() draws them, so a run's folder gives the run's numbers.
     tokens = TokenSource(r.data, tokenizer, r.seed)
@@ -365,6 +371,7 @@ def compose_config(overrides: Sequence[str]) -> tuple[EvaluateConfig, set[str]]:
     GlobalHydra.instance().clear()
     with initialize(version_base=None, config_path=None):
         node = compose(config_name=CONFIG_NAME, overrides=overrides)
+    check_known_keys(node, EvaluateConfig)  # `+eval.n_tokenz=...` must not pass silently
     cfg = OmegaConf.to_object(node)
     assert isinstance(cfg, EvaluateConfig)
     return cfg, explicit

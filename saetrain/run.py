@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import platform
@@ -20,25 +21,25 @@ from saetrain.activations.cache import ActivationCache, activation_key_fields
 from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
-from saetrain.activations.tokens import (
-    LOCAL_BUILDERS,
-    TokenBatch,
-    TokenSource,
-    expand_data_files,
-)
+from saetrain.activations.tokens import TokenBatch, TokenSource
 from saetrain.config import (
     Config,
     ConfigError,
     DictionarySpec,
+    canonical_sites,
     dictionary_configs,
     merged,
     validate,
 )
+from saetrain.dictionaries import Dictionary
 from saetrain.evaluation.density import density_summary
-from saetrain.evaluation.evaluate import evaluate_dictionary
+from saetrain.evaluation.evaluate import _first_contexts, evaluate_dictionary
+from saetrain.evaluation.splice import spliced_lm_metrics
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
+from saetrain.preflight import preflight
+from saetrain.progress import ReportedList, emit, phase
 from saetrain.training.checkpoint import (
     StopRequest,
     check_resumable,
@@ -51,6 +52,12 @@ from saetrain.training.checkpoint import (
     wants_resume,
 )
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
+from saetrain.training.run_folder import (
+    RunGuard,
+    finished,
+    finished_resume_target,
+    mark_finished,
+)
 from saetrain.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -69,17 +76,21 @@ class RunResult:
     dictionary_dir: Path  # the first dictionary's folder
     metrics: dict[str, float]  # the first dictionary's held-out metrics
     dictionaries: list[DictionaryResult]
+    already_finished: bool = False  # a resume found the run finished and changed nothing
 
 
 @dataclass
 class _Job:
-    """One dictionary of the run: its config, where its columns sit in the stream, its trainer."""
+    """One dictionary of the run: its config, where its columns sit in the stream, their widths
+    (d_in at the input site, d_out at the target; they differ when one is attn_z), its trainer."""
 
     name: str
     cfg: Config
     input_site: str
     target_site: str
     columns: list[slice]
+    d_in: int
+    d_out: int
     trainer: Trainer | None = None
 
     @property
@@ -97,17 +108,36 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
     """Train, evaluate and save every dictionary `cfg` describes, from one LM pass.
 
     With `cfg.resume`, continue the run folder it names from its last checkpoint instead
-    (`outputs_root`: where `resume=true` looks for the newest run when output_dir has none).
+    (`outputs_root`: where `resume=true` looks for the newest run when output_dir has none);
+    a run that already finished is left as it is. The run folder is locked while this process
+    writes it; SIGTERM / SIGINT outside training raise RunStopped, naming the phase.
     """
+    with RunGuard(output_dir) as guard:
+        return _run(cfg, output_dir, outputs_root, guard)
+
+
+def _run(
+    cfg: Config, output_dir: str | Path, outputs_root: str | Path | None, guard: RunGuard
+) -> RunResult:
     validate(cfg)
     cfg = normalized(cfg)
     started = time.time()
+    # Data, sites and sizes against the model's config: before any weights load, and before the
+    # run folder is touched.
+    preflight(cfg)
     output_dir = Path(output_dir)
     checkpoint: dict[str, Any] | None = None
     if wants_resume(cfg.resume):
         assert cfg.resume is not None
         root = Path(outputs_root) if outputs_root is not None else None
+        if (done := finished_resume_target(cfg.resume, output_dir)) is not None:
+            return _already_finished(done)  # touches nothing
         output_dir = find_resume_dir(cfg.resume, output_dir, root)
+        if finished(output_dir) is not None:
+            return _already_finished(output_dir)
+        guard.hold(output_dir, resuming=True)  # another process may be writing the folder
+        if finished(output_dir) is not None:  # it finished while we waited for the lock
+            return _already_finished(output_dir)
         checkpoint_path = list_checkpoints(output_dir)[-1]
         checkpoint = load_checkpoint(checkpoint_path)
         check_resumable(checkpoint["config"], dataclasses.asdict(cfg), checkpoint_path)
@@ -119,16 +149,12 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
             raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
-    if cfg.data.path in LOCAL_BUILDERS:
-        expand_data_files(list(cfg.data.data_files))  # a missing file fails before the LM loads
+    if checkpoint is None:
+        # After the checks (a run that cannot start writes nothing), before the first file.
+        guard.hold(output_dir, resuming=False)
 
-    model, tokenizer = load_lm(cfg.model, device)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and cfg.data.context_size > positions:
-        raise ConfigError(
-            f"data.context_size={cfg.data.context_size} exceeds the model's "
-            f"max_position_embeddings={positions}"
-        )
+    with phase(f"model load ({cfg.model.name})"):
+        model, tokenizer = load_lm(cfg.model, device)
     configs = dictionary_configs(cfg)
     sites: list[str] = []
     for _, sub in configs:
@@ -136,27 +162,43 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
             if site not in sites:
                 sites.append(site)
     source = ActivationSource(model, sites)  # unknown site / layer out of range fail here
-    d = source.d_model
-    column = {site: slice(i * d, (i + 1) * d) for i, site in enumerate(sites)}
+    # The sites side by side in every row, each as wide as its activation (attn_z is
+    # n_heads × head_dim, the others d_model).
+    column: dict[str, slice] = {}
+    start = 0
+    for site in sites:
+        column[site] = slice(start, start + source.width(site))
+        start = column[site].stop
     jobs: list[_Job] = []
     for name, sub in configs:
         target = sub.site.target or sub.site.input
         cols = [column[sub.site.input]] + ([column[target]] if target != sub.site.input else [])
-        jobs.append(_Job(name, sub, sub.site.input, target, cols))
+        jobs.append(
+            _Job(
+                name,
+                sub,
+                sub.site.input,
+                target,
+                cols,
+                source.width(sub.site.input),
+                source.width(target),
+            )
+        )
 
     tokens = TokenSource(cfg.data, tokenizer, cfg.seed)
     n_eval_contexts = max(math.ceil(cfg.eval.n_tokens / cfg.data.context_size), 1)
-    held_out = tokens.held_out(
-        max(n_eval_contexts, cfg.eval.ce_contexts if cfg.eval.compute_ce else 0),
-        cfg.eval.batch_contexts,
-    )
+    with phase("held-out contexts"):  # tokenizes until enough held-out documents are found
+        held_out = tokens.held_out(
+            max(n_eval_contexts, cfg.eval.ce_contexts if cfg.eval.compute_ce else 0),
+            cfg.eval.batch_contexts,
+        )
     buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
     cache = None
     if cfg.cache.dir is not None:
         cache = ActivationCache(
             cfg.cache.dir,
             activation_key_fields(cfg, sites),
-            dict.fromkeys(sites, d),
+            {site: source.width(site) for site in sites},
             buffer_dtype,
             cfg.cache.shard_tokens,
             cfg.cache.verify,
@@ -216,7 +258,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
     returns what saetrain_run.json records about the stream."""
     cfg, checkpoint, jobs, sites = setup.cfg, setup.checkpoint, setup.jobs, setup.sites
     source, cache, device = setup.source, setup.cache, setup.device
-    d = source.d_model
+    row_width = sum(source.width(site) for site in sites)
     buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
     total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
     stop = StopRequest()
@@ -239,17 +281,17 @@ def _train(setup: _Setup) -> dict[str, Any]:
         buffer = ActivationBuffer(
             stream,
             cfg.buffer.size_tokens,
-            d * len(sites),
+            row_width,
             buffer_dtype,
             device,
             torch.Generator().manual_seed(cfg.seed),
             state=checkpoint["buffer"] if checkpoint is not None else None,
         )
         log.info(
-            "buffer: %d tokens × %d sites × %d (%s) = %.1f MiB on %s",
+            "buffer: %d tokens × %d sites (%d wide in all) (%s) = %.1f MiB on %s",
             cfg.buffer.size_tokens,
             len(sites),
-            d,
+            row_width,
             cfg.buffer.dtype,
             buffer.storage_bytes() / 2**20,
             device,
@@ -263,8 +305,8 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     job.cfg.dictionary,
                     job.cfg.trainer,
                     job.view(samples),
-                    d,
-                    d,
+                    job.d_in,
+                    job.d_out,
                     job.transcoder,
                     device,
                     torch.Generator().manual_seed(job.cfg.seed),
@@ -275,8 +317,8 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     job.cfg.dictionary,
                     job.cfg.trainer,
                     checkpoint["trainers"][i],
-                    d,
-                    d,
+                    job.d_in,
+                    job.d_out,
                     job.transcoder,
                     device,
                     name=name,
@@ -300,6 +342,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
             return save_checkpoint(setup.output_dir, step, state, cfg.checkpoint.keep_last)
 
         every = cfg.checkpoint.every_tokens
+        resumed_tokens = trainers[0].state.tokens  # 0 unless resumed
         train_start = time.time()
         with stop.installed():
             train_together(
@@ -329,7 +372,8 @@ def _train(setup: _Setup) -> dict[str, Any]:
         "train_seconds": train_seconds,
         # From the first buffer fill to the last step: what the LM + buffer + training cost.
         "pipeline_seconds": pipeline_seconds,
-        "tokens_per_s": trainers[0].state.tokens / max(train_seconds, 1e-9),
+        # Tokens trained by this process: a resumed run's checkpointed tokens were made before.
+        "tokens_per_s": (trainers[0].state.tokens - resumed_tokens) / max(train_seconds, 1e-9),
         "pipeline_rows_per_s": (stream.lm_tokens + stream.cached_tokens)
         / max(pipeline_seconds, 1e-9),
     }
@@ -356,16 +400,7 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
         log.info("%sevaluating on %d held-out contexts", _tag(job, jobs), _n_contexts(held_out))
         frequencies: list[torch.Tensor] = []
-        metrics = evaluate_dictionary(
-            setup.source,
-            exported,
-            held_out,
-            job.input_site,
-            job.target_site,
-            cfg.eval.compute_ce,
-            cfg.eval.ce_contexts,
-            frequencies_out=frequencies,
-        )
+        metrics = _evaluate(setup, job, exported, frequencies)
         metrics |= density_summary(frequencies[0])
         metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
         run_info = {
@@ -386,7 +421,8 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             "train_log": state.history,
         }
         sae_metadata = saelens_metadata(job.cfg, setup.source, exported.architecture)
-        folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
+        with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
+            folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
         logger.log_density(frequencies[0], state.step)
         logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
@@ -394,19 +430,63 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         if cfg.publish.repo_id:
             try:
                 prefix = cfg.publish.prefix
-                url = publish_folder(
-                    folder, cfg.publish, metrics, f"{prefix}/{job.name}" if prefix else job.name
-                )
-                print(f"published to {url}", flush=True)
+                with phase(f"{_tag(job, jobs)}upload to {cfg.publish.repo_id}"):
+                    url = publish_folder(
+                        folder, cfg.publish, metrics, f"{prefix}/{job.name}" if prefix else job.name
+                    )
+                emit(f"published to {url}", log)
             except PublishError as e:
                 log.error("%s", e)
                 publish_errors.append(str(e))
+    # Saved (an upload that failed can be redone by hand): resume now answers "already finished".
+    tokens_seen = jobs[0].trainer.state.tokens if jobs[0].trainer is not None else 0
+    mark_finished(setup.output_dir, [r.name for r in results], tokens_seen)
     if publish_errors:
         raise PublishError(
             "training finished and every dictionary is saved locally, but uploading failed:\n  "
             + "\n  ".join(publish_errors)
         )
     return RunResult(setup.output_dir, results[0].dictionary_dir, results[0].metrics, results)
+
+
+def _evaluate(
+    setup: _Setup, job: _Job, exported: Dictionary, frequencies: list[torch.Tensor]
+) -> dict[str, float]:
+    """evaluate_dictionary's metrics, with progress lines: the reconstruction pass and the CE
+    splicing each report the held-out contexts done (minutes on a big model)."""
+    cfg, source, tag = setup.cfg, setup.source, _tag(job, setup.jobs)
+    metrics = evaluate_dictionary(
+        source,
+        exported,
+        ReportedList(setup.held_out, f"{tag}evaluation", "contexts", len),
+        job.input_site,
+        job.target_site,
+        compute_ce=False,
+        frequencies_out=frequencies,
+    )
+    if cfg.eval.compute_ce:
+        ce_batches = _first_contexts(setup.held_out, cfg.eval.ce_contexts)
+        metrics |= spliced_lm_metrics(
+            source.model,
+            source.sites[job.target_site],
+            exported,
+            ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
+            input_site=source.sites[job.input_site] if job.transcoder else None,
+        )
+    return metrics
+
+
+def _already_finished(output_dir: Path) -> RunResult:
+    """The result a finished run saved, for a resume that has nothing left to do."""
+    marker = finished(output_dir) or {}
+    results = []
+    for name in marker.get("dictionaries", []):
+        folder = output_dir / name
+        info = json.loads((folder / "saetrain_run.json").read_text())
+        results.append(DictionaryResult(name, folder, info["final_metrics"]))
+    emit(f"saetrain: already finished: {output_dir} (nothing to resume; left as it was)", log)
+    first = results[0] if results else DictionaryResult("", output_dir, {})
+    return RunResult(output_dir, first.dictionary_dir, first.metrics, results, True)
 
 
 def _prefetch_batches(cfg: Config, device: torch.device) -> int:
@@ -417,13 +497,13 @@ def _prefetch_batches(cfg: Config, device: torch.device) -> int:
 
 
 def normalized(cfg: Config) -> Config:
-    """`cfg` with every `dictionaries` entry as a DictionarySpec (a checkpoint's config then
-    compares equal whether the entries were written as mappings or as specs)."""
+    """`cfg` with every `dictionaries` entry as a DictionarySpec and site names canonical (a
+    checkpoint's config then compares equal however the entries and sites were written)."""
     specs = [
         spec if isinstance(spec, DictionarySpec) else merged(DictionarySpec(), spec, "dictionaries")
         for spec in cfg.dictionaries
     ]
-    return dataclasses.replace(cfg, dictionaries=specs)
+    return canonical_sites(dataclasses.replace(cfg, dictionaries=specs))
 
 
 def _tag(job: _Job, jobs: list[_Job]) -> str:
@@ -526,4 +606,4 @@ def print_summary(metrics: dict[str, Any], folder: Path, name: str | None = None
         if key in metrics:
             lines.append(f"  {key:<18} {metrics[key]:.4f}")
     lines.append(f"dictionary saved to {folder}")
-    print("\n".join(lines), flush=True)
+    emit("\n".join(lines), log)  # the console and the run's log file

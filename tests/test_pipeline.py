@@ -133,7 +133,7 @@ def test_k_sweep_experiment_composes():
         ({"dictionary": {"kk": 1}}, r"dictionaries\[0\]\.dictionary: Key 'kk' not in"),
         ({"trainer": {"batch_tokens": 512}}, r"dictionaries\[0\]\.trainer\.batch_tokens=512"),
         ({"dictionary": {"architecture": "nope"}}, r"dictionaries\[0\]: dictionary.architecture"),
-        ({"site": {"input": "resid_post.x"}}, r"dictionaries\[0\]: site.input"),
+        ({"site": {"input": "resid_post.x"}}, r"dictionaries\[0\]\.site\.input"),
     ],
 )
 def test_bad_dictionary_entries_are_named(entry, message):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from saetrain.progress import Progress
+
 
 class ActivationBuffer:
     def __init__(
@@ -35,7 +37,10 @@ class ActivationBuffer:
         if state is not None:
             self._load_state(state)
             return
-        self._fill(torch.arange(size, device=device))
+        # The first fill runs the LM on a whole buffer's worth of tokens: minutes on a big model,
+        # so it reports its progress (refills, half a buffer between steps, do not).
+        with Progress("buffer fill", size, "rows") as progress:
+            self._fill(torch.arange(size, device=device), progress)
         self._reshuffle()
 
     def state_dict(self) -> dict[str, Any]:
@@ -91,7 +96,7 @@ class ActivationBuffer:
             held += queued()
         return self.storage_bytes() + sum(t.numel() * t.element_size() for t in held)
 
-    def _take(self, n: int) -> torch.Tensor:
+    def _take(self, n: int, progress: Progress | None = None) -> torch.Tensor:
         """The next n activations from the source, carrying leftovers between calls."""
         parts: list[torch.Tensor] = []
         have = 0
@@ -105,10 +110,12 @@ class ActivationBuffer:
                 chunk, self._leftover = chunk[:need], chunk[need:]
             parts.append(chunk)
             have += len(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
         return torch.cat(parts)
 
-    def _fill(self, rows: torch.Tensor) -> None:
-        fresh = self._take(len(rows))
+    def _fill(self, rows: torch.Tensor, progress: Progress | None = None) -> None:
+        fresh = self._take(len(rows), progress)
         self.storage[rows] = fresh.to(self.storage.device, self.storage.dtype)
 
     def _reshuffle(self) -> None:

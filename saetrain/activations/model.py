@@ -47,6 +47,14 @@ def locate_model(cfg: ModelConfig) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None) for `from_pretrained`."""
     if cfg.gguf_package:
         path = find_gguf_in_package(cfg.gguf_package, cfg.gguf_file)
+        label = path.name.split(".")[0]
+        if not path.name.lower().startswith(cfg.name.lower()):
+            raise ConfigError(
+                f"model.name={cfg.name!r} is not the model that model.gguf_package="
+                f"{cfg.gguf_package!r} ships ({path.name}): to load {cfg.name!r}, clear the "
+                f"package with model.gguf_package=null; to use the packaged model, set "
+                f"model.name={label}"
+            )
         return str(path.parent), path.name
     if cfg.gguf_file:
         if os.path.isfile(cfg.gguf_file):
@@ -65,22 +73,45 @@ def locate_model(cfg: ModelConfig) -> tuple[str, str | None]:
     return os.path.expanduser(cfg.name), None
 
 
+def _from_pretrained_kwargs(cfg: ModelConfig, gguf: str | None) -> dict:
+    kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    return kwargs
+
+
+def _not_loadable(cfg: ModelConfig, error: OSError) -> ConfigError:
+    return ConfigError(
+        f"model.name={cfg.name!r} could not be loaded (not a local folder, and the hub could "
+        f"not provide it): {error}"
+    )
+
+
+def load_model_config(cfg: ModelConfig):
+    """The model's transformers config alone — its shape, without loading any weights — so that
+    sites, widths and context can be checked in seconds rather than after the LM has loaded."""
+    from transformers import AutoConfig
+
+    where, gguf = locate_model(cfg)
+    try:
+        return AutoConfig.from_pretrained(where, **_from_pretrained_kwargs(cfg, gguf))
+    except OSError as e:
+        raise _not_loadable(cfg, e) from None
+    except ValueError as e:  # e.g. a model_type this transformers does not know
+        raise ConfigError(f"model.name={cfg.name!r}: its config cannot be read: {e}") from None
+
+
 def load_lm(cfg: ModelConfig, device: torch.device):
     """(model, tokenizer): the model in eval mode, frozen, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = locate_model(cfg)
-    kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
+    kwargs = _from_pretrained_kwargs(cfg, gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=TORCH_DTYPES[cfg.dtype], **kwargs)
     except OSError as e:
-        raise ConfigError(
-            f"model.name={cfg.name!r} could not be loaded (not a local folder, and the hub could "
-            f"not provide it): {e}"
-        ) from None
+        raise _not_loadable(cfg, e) from None
     model.to(device).eval().requires_grad_(False)
     log.info(
         "loaded %s (%s, %d layers, d_model %d) on %s",

@@ -88,18 +88,70 @@ def _document_column(cfg: DataConfig, row: dict) -> tuple[str, bool]:
     )
 
 
-def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[Document]:
-    """One pass over the dataset's documents, shuffled with (seed, epoch)."""
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(path))
+
+
+def open_dataset(cfg: DataConfig, streaming: bool | None = None):
+    """`datasets.load_dataset` for `cfg`; what it cannot find is a ConfigError naming the field
+    (data.path, data.name, data.split) instead of a datasets traceback."""
     from datasets import load_dataset
 
-    kwargs: dict = {"split": cfg.split, "streaming": cfg.streaming}
+    if cfg.path not in LOCAL_BUILDERS and cfg.path.startswith(("/", ".", "~")):
+        if not os.path.exists(os.path.expanduser(cfg.path)):
+            raise ConfigError(
+                f"data.path={cfg.path!r}: no such folder or file. data.path is a builder "
+                f"({', '.join(LOCAL_BUILDERS)}) reading data.data_files, a local dataset folder, "
+                "or a hub dataset name"
+            )
+    kwargs: dict = {
+        "split": cfg.split,
+        "streaming": cfg.streaming if streaming is None else streaming,
+    }
     if cfg.path in LOCAL_BUILDERS:
         kwargs["data_files"] = expand_data_files(list(cfg.data_files))
         if cfg.path == "text":
             kwargs["sample_by"] = cfg.sample_by
     elif cfg.data_files:
         kwargs["data_files"] = list(cfg.data_files)
-    ds = load_dataset(cfg.path, cfg.name, **kwargs)
+    where = "a local folder" if _looks_local(cfg.path) else "a hub dataset"
+    try:
+        return load_dataset(cfg.path, cfg.name, **kwargs)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.path={cfg.path!r} ({where}) could not be read: {e}") from None
+    except ValueError as e:
+        text = str(e)
+        if "split" in text.lower():
+            raise ConfigError(
+                f"data.split={cfg.split!r} is not valid for {cfg.path!r}: {text}"
+            ) from None
+        if cfg.name is not None and ("config" in text.lower() or cfg.name in text):
+            raise ConfigError(
+                f"data.name={cfg.name!r} is not valid for {cfg.path!r}: {text}"
+            ) from None
+        raise ConfigError(f"data.path={cfg.path!r} ({where}) could not be read: {text}") from None
+    except ConnectionError as e:
+        raise ConfigError(
+            f"data.path={cfg.path!r} ({where}) could not be reached (offline?): {e}"
+        ) from None
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """Open the dataset and read its first row, so that a missing path, split or column fails in
+    seconds, before the LM loads (streamed: nothing is materialised)."""
+    ds = open_dataset(cfg, streaming=True)
+    try:
+        row = next(iter(ds))
+    except StopIteration:
+        raise ConfigError(f"data.path={cfg.path!r}: the dataset has no rows") from None
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise ConfigError(f"data.path={cfg.path!r}: its first row cannot be read: {e}") from None
+    _document_column(cfg, row)
+
+
+def iter_documents(cfg: DataConfig, seed: int, epoch: int = 0) -> Iterator[Document]:
+    """One pass over the dataset's documents, shuffled with (seed, epoch)."""
+    ds = open_dataset(cfg)
     if cfg.shuffle_buffer > 0:
         if cfg.streaming:
             ds = ds.shuffle(seed=seed + epoch, buffer_size=cfg.shuffle_buffer)

@@ -66,14 +66,22 @@ def plot_density(
     title: str,
     dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
 ) -> Path | None:
-    """Histogram of log10 firing frequency as a PNG; None (and a warning) without matplotlib."""
+    """Histogram of log10 firing frequency as a PNG, the dense threshold a dashed line.
+
+    matplotlib is a saetrain dependency; where it was removed, None and a warning (the metrics
+    are written all the same).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed: %s not written (pip install matplotlib)", path)
+        log.warning(
+            "matplotlib is not installed: %s not written (it is a saetrain dependency: "
+            "pip install matplotlib)",
+            path,
+        )
         return None
     path = Path(path)
     freqs = frequencies.detach().double().cpu()
@@ -82,7 +90,16 @@ def plot_density(
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if alive.numel():
         ax.hist(alive.log10().numpy(), bins=60, color="tab:blue")
-    ax.axvline(torch.tensor(dense_threshold).log10().item(), color="tab:red", ls="--", lw=1)
+    ax.axvline(
+        torch.tensor(dense_threshold).log10().item(),
+        color="tab:red",
+        ls="--",
+        lw=1,
+        label=f"dense threshold: fires on > {dense_threshold:g} of tokens",
+    )
+    # Headroom above the bars for the counts line and, under it, the legend.
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), fontsize=8, frameon=False)
     ax.set_xlabel("log10 firing frequency (fraction of tokens)")
     ax.set_ylabel("latents")
     ax.set_title(title, fontsize=9)

@@ -52,7 +52,24 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT stopped the run after a checkpoint was written."""
+    """SIGTERM/SIGINT stopped the run after a checkpoint was written.
+
+    `reason` says where it stopped; the message adds how to continue (the CLI prints its own
+    command line instead, built from the run's overrides).
+    """
+
+    def __init__(self, reason: str, checkpoint: Path | None = None):
+        self.reason = reason
+        self.checkpoint = checkpoint
+        # save_checkpoint writes <run folder>/checkpoints/step-N.pt
+        self.run_dir = checkpoint.parent.parent if checkpoint is not None else None
+        hint = ""
+        if self.run_dir is not None:
+            hint = (
+                f"; continue it with resume={self.run_dir} (from Python: "
+                f"run(dataclasses.replace(cfg, resume={str(self.run_dir)!r}), output_dir))"
+            )
+        super().__init__(reason + hint)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

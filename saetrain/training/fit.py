@@ -11,11 +11,13 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.dictionaries import Dictionary, build_dictionary
+from saetrain.progress import phase
 from saetrain.training.checkpoint import TrainingInterrupted
 from saetrain.training.initialization import initial_b_dec, normalization_scale
 from saetrain.training.trainer import Trainer, TrainState
@@ -45,15 +47,17 @@ def prepare_trainer(
 
     `samples` are raw rows ([x, y] side by side for a transcoder).
     """
-    samples = samples.float()
-    x, y = (samples[:, :d_in], samples[:, d_in:]) if transcoder else (samples, samples)
-    normalize = dict_cfg.normalize_activations
-    scale_in = normalization_scale(x) if normalize else 1.0
-    scale_out = normalization_scale(y) if normalize and transcoder else scale_in
-    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder)
-    with torch.no_grad():
-        b_dec = initial_b_dec(y.to(device) * scale_out, dict_cfg.b_dec_init)
-        dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
+    # Usually quick; a line (and a name for a signal's message) when it is not.
+    with phase(f"initialisation{f' of {name}' if name else ''}", quiet_below=2.0):
+        samples = samples.float()
+        x, y = (samples[:, :d_in], samples[:, d_in:]) if transcoder else (samples, samples)
+        normalize = dict_cfg.normalize_activations
+        scale_in = normalization_scale(x) if normalize else 1.0
+        scale_out = normalization_scale(y) if normalize and transcoder else scale_in
+        dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder)
+        with torch.no_grad():
+            b_dec = initial_b_dec(y.to(device) * scale_out, dict_cfg.b_dec_init)
+            dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
     return Trainer(
         dictionary, trainer_cfg, scale_in, total_steps, target_scale=scale_out, name=name
@@ -120,7 +124,8 @@ def train_together(
             if save is not None:
                 where = save(done)
                 raise TrainingInterrupted(
-                    f"stopped by a signal after step {done}; checkpoint written to {where}"
+                    f"stopped by a signal after step {done}; checkpoint written to {where}",
+                    where if isinstance(where, Path) else None,
                 )
             raise TrainingInterrupted(f"stopped by a signal after step {done}")
         if save is not None and checkpoint_every and done % checkpoint_every == 0:

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from saetrain.config import TrainerConfig
-from saetrain.dictionaries.base import Dictionary, TrainOutput, fired_latents
+from saetrain.dictionaries.base import Dictionary, TrainOutput, active_count, fired_latents
 from saetrain.evaluation.metrics import reconstruction_metrics
+from saetrain.progress import duration, human
 from saetrain.training.checkpoint import TrainingDiverged
+from saetrain.training.l0_controller import L0Controller
 from saetrain.training.schedules import default_lr, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,11 @@ class Trainer:
             dictionary.n_latents, dtype=torch.int64, device=device
         )
         self.state = TrainState()
+        # dictionary.target_l0: λ adapted towards it (penalty architectures only).
+        target_l0 = getattr(dictionary, "target_l0", None)
+        self.l0_controller = (
+            L0Controller(target_l0, cfg.target_l0_gain) if target_l0 is not None else None
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: weights, Adam, counters, scales."""
@@ -72,6 +79,11 @@ class Trainer:
             "step": self.state.step,
             "tokens": self.state.tokens,
             "history": self.state.history,
+            **(
+                {"l0_controller": self.l0_controller.state_dict()}
+                if self.l0_controller is not None
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -81,6 +93,8 @@ class Trainer:
         self.scale = float(state["scale"])
         self.target_scale = float(state["target_scale"])
         self.state = TrainState(int(state["step"]), int(state["tokens"]), list(state["history"]))
+        if self.l0_controller is not None and "l0_controller" in state:
+            self.l0_controller.load_state_dict(state["l0_controller"])
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
@@ -108,6 +122,8 @@ class Trainer:
             )
         warmup = self.cfg.sparsity_warmup_steps
         sparsity = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if self.l0_controller is not None:
+            sparsity *= self.l0_controller.factor
         out = d.training_forward(x, y, self.dead_mask(), sparsity)
         if not torch.isfinite(out.loss):
             # Stop before the update: the weights (and the last checkpoint) stay good.
@@ -127,6 +143,8 @@ class Trainer:
         if d.unit_norm_decoder:
             d.set_decoder_unit_norm()
         d.after_step(out)
+        if self.l0_controller is not None and step + 1 >= warmup:
+            self.l0_controller.update(float(active_count(out.codes)) / x.shape[0])
 
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[fired_latents(out.codes, d.n_latents)] = 0
@@ -175,6 +193,10 @@ class Trainer:
             "l0": metrics["l0"],
             "dead_fraction": dead,
         }
+        if self.l0_controller is not None:
+            row["sparsity_coefficient"] = (
+                self.l0_controller.factor * self.dictionary.sparsity_coefficient
+            )
         self.state.history.append(row)
         log.info(
             "%sstep %d/%d | %s tokens | %s tok/s | eta %s | loss %.4f | fvu %.4f | "
@@ -182,26 +204,12 @@ class Trainer:
             f"[{self.name}] " if self.name else "",
             step,
             self.total_steps,
-            _human(self.state.tokens),
-            _human(rate),
-            _duration(eta),
+            human(self.state.tokens),
+            human(rate),
+            duration(eta),
             row["loss"],
             row["fvu"],
             row["l0"],
             100 * dead,
         )
         return row
-
-
-def _human(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

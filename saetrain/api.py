@@ -1,0 +1,262 @@
+"""The Python API, for notebooks: build a config, train, load a saved folder, read activations.
+
+Everything here is a thin layer over what the CLI uses, so a notebook and `python -m saetrain`
+give the same config, the same checks, the same folders and the same numbers:
+
+- `config_from_overrides([...])` composes the package's Hydra configs with command-line style
+  overrides (the CLI's defaults, groups, `+experiment=...` and resolvers), then validates;
+- `check(cfg)` takes a `Config` built from the dataclasses and applies the CLI's type check (the
+  structured schema) and `saetrain.config.validate`, so both routes fail with the same message;
+- `train(cfg, output_dir)` calls `saetrain.run.run()` and hands back every trained dictionary,
+  loaded from its saved folder (folded: it works on raw activations), with its metrics;
+- `load(folder)` loads any SAELens-layout folder saetrain's loader understands;
+- `read_activations(text, site, model)` reads an LM's activations at a site for some text.
+
+Nothing heavy is imported at module level: `import saetrain` stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from saetrain.config import Config, ModelConfig
+    from saetrain.dictionaries.base import Dictionary
+
+log = logging.getLogger(__name__)
+
+
+def config_from_overrides(overrides: Sequence[str] = ()) -> Config:
+    """The validated Config that `python -m saetrain <overrides>` would run.
+
+    Overrides are written as on the command line (`dictionary.k=64`, `dictionary=jumprelu`,
+    `+experiment=gemma_l12`). A key Hydra cannot compose (unknown, wrong type, missing group
+    file) and a value `validate` refuses both raise `ConfigError` with the message the CLI prints.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from saetrain import config_dir
+    from saetrain.config import ConfigError, register_configs, to_config
+
+    register_configs()
+    try:
+        # The context restores any Hydra state that was there before (e.g. inside a Hydra app).
+        with initialize_config_dir(config_dir=config_dir(), version_base=None, job_name="saetrain"):
+            node = compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_hydra_message(e)) from e
+    return to_config(node)
+
+
+def _hydra_message(error: BaseException) -> str:
+    """Hydra's message with its cause's (the key OmegaConf names), as the CLI prints them."""
+    parts = [str(error).strip()]
+    cause = error.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in parts[0]:
+        parts.append(str(cause).strip())
+    return "\n".join(parts)
+
+
+def check(cfg: Config) -> Config:
+    """`cfg` type-checked against the schema (as Hydra checks the CLI's) and validated.
+
+    Returns a fresh Config with interpolations (`${stdlib:}`) resolved and `dictionaries`
+    entries given as mappings turned into DictionarySpec; raises ConfigError naming the field.
+    """
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from saetrain.config import Config, ConfigError, to_config
+
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a saetrain Config, got {type(cfg).__name__}")
+    try:
+        # Merged into the schema as plain values, each error names its full key (dictionary.k).
+        node = OmegaConf.merge(OmegaConf.structured(Config), dataclasses.asdict(cfg))
+        return to_config(node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).strip()) from None
+
+
+@dataclass
+class TrainedDictionary:
+    """One dictionary of a run: its folder name, folder, held-out metrics and the module."""
+
+    name: str
+    folder: Path
+    metrics: dict[str, float]
+    # Loaded back from `folder`: the exported weights, normalisation folded in, on the run's
+    # device, in eval mode. encode / decode / forward take raw activations.
+    dictionary: Dictionary
+
+
+@dataclass
+class TrainResult:
+    """What `train` hands back: the run folder and every dictionary it trained."""
+
+    output_dir: Path
+    dictionaries: list[TrainedDictionary]
+
+    @property
+    def dictionary(self) -> Dictionary:
+        """The first (in a one-dictionary run, the only) dictionary."""
+        return self.dictionaries[0].dictionary
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The first dictionary's held-out metrics (saetrain_run.json's `final_metrics`)."""
+        return self.dictionaries[0].metrics
+
+    @property
+    def folder(self) -> Path:
+        """The first dictionary's folder."""
+        return self.dictionaries[0].folder
+
+    def __getitem__(self, name: str) -> TrainedDictionary:
+        for trained in self.dictionaries:
+            if trained.name == name:
+                return trained
+        names = ", ".join(t.name for t in self.dictionaries)
+        raise KeyError(f"no dictionary named {name!r} in this run; it trained: {names}")
+
+
+def train(
+    cfg: Config | Sequence[str],
+    output_dir: str | Path | None = None,
+    *,
+    verbose: bool = True,
+) -> TrainResult:
+    """Train, evaluate and save what `cfg` describes, as `python -m saetrain` does.
+
+    `cfg` is a Config (checked with `check`) or a list of overrides (`config_from_overrides`).
+    `output_dir`: the run folder; default `cfg.output_dir`, else `outputs/<date>/<time>` under the
+    working directory, like the CLI. `verbose` prints the progress lines where logging is not
+    configured (a notebook); training can be stopped with Ctrl-C / interrupt, which writes a
+    checkpoint and raises TrainingInterrupted.
+    """
+    from saetrain.activations.model import resolve_device
+    from saetrain.run import run
+
+    cfg = config_from_overrides(cfg) if _is_overrides(cfg) else check(cfg)  # type: ignore[arg-type]
+    outputs_root = Path.cwd() / "outputs"
+    if output_dir is None:
+        output_dir = cfg.output_dir or outputs_root / time.strftime("%Y-%m-%d/%H-%M-%S")
+    output_dir = Path(output_dir).expanduser().absolute()  # a notebook may change directory later
+    with _progress_to_stdout(verbose):
+        result = run(cfg, output_dir, outputs_root)
+    device = resolve_device(cfg.model.device)
+    trained = [
+        TrainedDictionary(d.name, d.dictionary_dir, d.metrics, load(d.dictionary_dir, device))
+        for d in result.dictionaries
+    ]
+    return TrainResult(result.output_dir, trained)
+
+
+def _is_overrides(cfg: Any) -> bool:
+    return isinstance(cfg, list | tuple) and all(isinstance(x, str) for x in cfg)
+
+
+@contextlib.contextmanager
+def _progress_to_stdout(verbose: bool) -> Iterator[None]:
+    """Show saetrain's INFO lines (progress, evaluation) when nobody configured logging."""
+    logger = logging.getLogger("saetrain")
+    if not verbose or logging.getLogger().handlers or logger.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def load(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Dictionary:
+    """A saved dictionary folder (cfg.json + sae_weights.safetensors, SAELens layout) as a module.
+
+    saetrain's own folders and other tools' `standard`, `gated`, `topk`, `jumprelu` SAEs and
+    transcoders load. The weights work on raw activations: `encode(x [N, d_in])` gives the codes
+    (TopK: `SparseCodes(indices, values)`, otherwise dense [N, d_sae]), `decode(codes)` the
+    decoder's output, `forward(x)` / `sae(x)` both (plus a skip transcoder's W_skip·x), for any
+    leading shape. `dtype` (float32,
+    bfloat16, float16, float64 or a torch dtype) casts the weights; encode and decode expect
+    inputs in that dtype, forward casts them. The module is in eval mode with its parameters
+    frozen (`requires_grad_(True)` to fine-tune it).
+    """
+    import torch
+
+    from saetrain.activations.model import TORCH_DTYPES
+    from saetrain.export.saelens import load_dictionary
+
+    dictionary = load_dictionary(folder, device).requires_grad_(False)  # for inference
+    if dtype is not None:
+        if isinstance(dtype, str):
+            names = TORCH_DTYPES | {"float64": torch.float64}
+            if dtype not in names:
+                raise ValueError(f"dtype={dtype!r}; choose one of: {', '.join(names)}")
+            dtype = names[dtype]
+        dictionary = dictionary.to(dtype=dtype)
+    return dictionary
+
+
+# Loaded LMs, by their config and device: a notebook that reads activations repeatedly loads
+# the model once.
+_LMS: dict[str, tuple[Any, Any]] = {}
+
+
+def read_activations(
+    text: str,
+    site: str,
+    model: ModelConfig | None = None,
+    *,
+    prepend_bos: bool = True,
+) -> torch.Tensor:
+    """The LM's activations at `site` for `text`: [n_tokens, d_model], one row per token.
+
+    The text is tokenized without special tokens and, like training contexts, preceded by BOS
+    (`prepend_bos`), whose row is left out: rows line up with
+    `tokenizer(text, add_special_tokens=False)` and are what a dictionary trained on the site
+    saw. `model` defaults to the default job's model (`ModelConfig()`).
+    """
+    import torch
+
+    from saetrain.activations.model import load_lm, resolve_device
+    from saetrain.activations.source import ActivationSource
+    from saetrain.config import ModelConfig
+
+    model = model if model is not None else ModelConfig()
+    device = resolve_device(model.device)
+    key = f"{model!r}@{device}"
+    if key not in _LMS:
+        _LMS[key] = load_lm(model, device)
+    lm, tokenizer = _LMS[key]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prepend_bos and bos is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token; use prepend_bos=False")
+    ids = [bos, *ids] if prepend_bos else ids
+    if not ids:
+        raise ValueError("the text has no tokens")
+    acts = ActivationSource(lm, [site])(torch.tensor([ids]))[site][0]
+    return acts[1:] if prepend_bos else acts

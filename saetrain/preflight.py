@@ -1,0 +1,129 @@
+"""What can be checked before anything heavy loads: the model's shape, the data, the extras.
+
+A layer out of range, a `k` above the width the expansion factor gives, a transcoder target the
+model does not have, a data folder that does not exist: each is known from the model's config
+file (seconds, no weights) and the file system. `preflight()` finds them before the LM loads (a
+minute on a CPU) or the buffer fills, and names the field, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from saetrain.activations.model import load_model_config
+from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, SiteError, check_site_exists
+from saetrain.activations.tokens import check_dataset
+from saetrain.config import Config, ConfigError, dictionary_configs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a model that configs are checked against, read from its config alone."""
+
+    model_type: str
+    n_layers: int
+    d_model: int
+    # Width of the concatenated per-head attention outputs (attn_z): heads × head_dim.
+    attn_z_width: int
+    max_positions: int | None
+    # The transformers config itself, for architecture flags (e.g. a parallel residual).
+    config: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, config: Any) -> ModelShape:
+        heads = getattr(config, "num_attention_heads", None)
+        d_model = int(config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or (d_model // heads if heads else d_model)
+        return cls(
+            model_type=str(getattr(config, "model_type", None)),
+            n_layers=int(config.num_hidden_layers),
+            d_model=d_model,
+            attn_z_width=int(heads * head_dim) if heads else d_model,
+            max_positions=getattr(config, "max_position_embeddings", None),
+            config=config,
+        )
+
+    def width(self, site: Site) -> int:
+        """The width of the activation at `site` (d_model but for attn_z)."""
+        return self.attn_z_width if site.kind == "attn_z" else self.d_model
+
+
+def preflight(cfg: Config) -> ModelShape:
+    """Check the data, the extras and every dictionary against the model's shape; no weights load.
+
+    Raises ConfigError naming the field; returns the shape for the log.
+    """
+    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logger.name='wandb' but wandb is not installed; `pip install wandb` (or "
+            "`pip install saetrain[wandb]`), or use logger=console"
+        )
+    check_dataset(cfg.data)
+    shape = ModelShape.of(load_model_config(cfg.model))
+    if shape.model_type not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is a {shape.model_type!r} model, whose sites saetrain "
+            f"does not know; supported model_types: {', '.join(sorted(SUPPORTED_FAMILIES))}"
+        )
+    if shape.max_positions is not None and cfg.data.context_size > shape.max_positions:
+        raise ConfigError(
+            f"data.context_size={cfg.data.context_size} exceeds the model's "
+            f"max_position_embeddings={shape.max_positions}"
+        )
+    for i, (_, sub) in enumerate(dictionary_configs(cfg)):
+        where = f"dictionaries[{i}]." if cfg.dictionaries else ""
+        check_dictionary(sub, shape, where)
+    log.info(
+        "preflight: %s (%d layers, d_model %d), data and %d dictionar%s checked",
+        cfg.model.name,
+        shape.n_layers,
+        shape.d_model,
+        len(cfg.dictionaries) or 1,
+        "y" if len(cfg.dictionaries) <= 1 else "ies",
+    )
+    return shape
+
+
+def check_dictionary(cfg: Config, shape: ModelShape, where: str = "") -> None:
+    """One dictionary's sites and sizes against the model: layers in range, k, aux_k and the
+    Matryoshka prefixes within the number of latents the expansion factor gives."""
+    sites: dict[str, Site] = {}
+    for name in ("input", "target"):
+        value = getattr(cfg.site, name)
+        if value is None:
+            continue
+        site = Site.parse(value)
+        if site.layer >= shape.n_layers:
+            raise ConfigError(
+                f"{where}site.{name}={value!r}: layer {site.layer} is out of range; the model has "
+                f"{shape.n_layers} layers, valid layers are 0..{shape.n_layers - 1}"
+            )
+        try:
+            check_site_exists(shape.model_type, shape.config, site)
+        except SiteError as e:
+            raise ConfigError(f"{where}site.{name}: {e}") from None
+        sites[name] = site
+    d_in = shape.width(sites["input"])
+    d = cfg.dictionary
+    n_latents = d.n_latents if d.n_latents is not None else d.expansion_factor * d_in
+    origin = (
+        f"{where}dictionary.n_latents={n_latents}"
+        if d.n_latents is not None
+        else f"{where}dictionary.expansion_factor={d.expansion_factor} × d_in={d_in} = "
+        f"{n_latents} latents"
+    )
+    if d.architecture in ("topk", "batchtopk", "matryoshka") and d.k > n_latents:
+        raise ConfigError(f"{where}dictionary.k={d.k} exceeds {origin}")
+    if d.aux_k is not None and d.aux_k > n_latents:
+        raise ConfigError(f"{where}dictionary.aux_k={d.aux_k} exceeds {origin}")
+    prefixes = d.matryoshka_prefixes
+    if d.architecture == "matryoshka" and prefixes and prefixes[-1] != n_latents:
+        raise ConfigError(
+            f"{where}dictionary.matryoshka_prefixes={list(prefixes)} must end with the number of "
+            f"latents ({origin})"
+        )
