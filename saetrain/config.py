@@ -636,7 +636,7 @@ def check_known_keys(node: Any, schema: type = Config, where: str = "") -> None:
     or a `dictionaries` entry) added to a typed node, so a misspelt `+dictionary.kk=32` would
     train with the key ignored. This walks the composed node and names the first such key.
     """
-    if isinstance(node, Config | DictionaryConfig | SiteConfig | TrainerConfig | DictionarySpec):
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
         node = OmegaConf.structured(node)
     if not isinstance(node, DictConfig):
         return

@@ -33,7 +33,7 @@ from saetrain.config import (
 )
 from saetrain.dictionaries import Dictionary
 from saetrain.evaluation.density import density_summary
-from saetrain.evaluation.evaluate import _first_contexts, evaluate_dictionary
+from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts
 from saetrain.evaluation.splice import spliced_lm_metrics
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
@@ -391,14 +391,13 @@ def _train(setup: _Setup) -> dict[str, Any]:
 
 def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
     """Fold, evaluate, save (and upload) each trained dictionary."""
-    cfg, jobs, held_out = setup.cfg, setup.jobs, setup.held_out
+    cfg, jobs = setup.cfg, setup.jobs
     results: list[DictionaryResult] = []
     publish_errors: list[str] = []
     for job, logger in zip(jobs, setup.loggers, strict=True):
         assert job.trainer is not None
         fitted = fold(job.trainer)
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
-        log.info("%sevaluating on %d held-out contexts", _tag(job, jobs), _n_contexts(held_out))
         frequencies: list[torch.Tensor] = []
         metrics = _evaluate(setup, job, exported, frequencies)
         metrics |= density_summary(frequencies[0])
@@ -465,7 +464,7 @@ def _evaluate(
         frequencies_out=frequencies,
     )
     if cfg.eval.compute_ce:
-        ce_batches = _first_contexts(setup.held_out, cfg.eval.ce_contexts)
+        ce_batches = first_contexts(setup.held_out, cfg.eval.ce_contexts)
         metrics |= spliced_lm_metrics(
             source.model,
             source.sites[job.target_site],
@@ -508,10 +507,6 @@ def normalized(cfg: Config) -> Config:
 
 def _tag(job: _Job, jobs: list[_Job]) -> str:
     return f"[{job.name}] " if len(jobs) > 1 else ""
-
-
-def _n_contexts(batches: list) -> int:
-    return sum(len(b) for b in batches)
 
 
 def _announce(job: _Job) -> None:

@@ -41,7 +41,7 @@ def evaluate_dictionary(
     if frequencies_out is not None:  # per-latent firing frequency, for density plots
         frequencies_out.append(stats.fire_counts.double().cpu() / max(stats.rows, 1))
     if compute_ce:
-        ce_batches = _first_contexts(batches, ce_contexts)
+        ce_batches = first_contexts(batches, ce_contexts)
         metrics |= spliced_lm_metrics(
             source.model,
             source.sites[target_site],
@@ -52,7 +52,7 @@ def evaluate_dictionary(
     return metrics
 
 
-def _first_contexts(batches: list[TokenBatch], n: int) -> list[TokenBatch]:
+def first_contexts(batches: list[TokenBatch], n: int) -> list[TokenBatch]:
     out: list[TokenBatch] = []
     for batch in batches:
         if n <= 0:
