@@ -8,6 +8,12 @@ another tool's cfg.json gives the model (`model_name`), the site (TransformerLen
 `hook_name_out` for a transcoder) and the context size. Writes `metrics.json`,
 `feature_frequencies.safetensors` and `feature_density.png` to `<path>/eval` (or `output_dir`).
 
+A saved folder has no training window, so the evaluation measures `never_fired_fraction` (latents
+with no firing on the `never_fired_tokens` held-out tokens), never `dead_fraction`. When the
+folder's saetrain_run.json holds its run's training-window `dead_fraction` and
+`dead_window_tokens`, those are carried into the report unchanged (and listed under
+`carried_from_run`); otherwise there is none.
+
 Overrides are Hydra's, typed by `EvaluateConfig` (ConfigStore name `saetrain_evaluate`):
 `model.device=cpu`, `eval.n_tokens=65536`, `data.data_files=[/data/*.txt]`, `site.input=mlp_in.3`.
 Only the fields named on the command line replace the folder's.
@@ -320,6 +326,8 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         counter = count_firing(codes, dictionary.n_latents)
     frequencies = counter.frequencies()
     metrics |= density_summary(frequencies, r.dense_threshold)
+    carried = training_window_metrics(r.folder)
+    metrics |= carried
 
     r.output_dir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -336,6 +344,8 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         "data": dataclasses.asdict(r.data),
         "eval": dataclasses.asdict(r.eval),
         "metrics": metrics,
+        # Keys of `metrics` copied from the training run's final metrics, not measured here.
+        "carried_from_run": sorted(carried),
     }
     metrics_path = r.output_dir / METRICS_FILE
     atomic_write_json(metrics_path, report)
@@ -347,6 +357,25 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     plot_path = plot_density(frequencies, r.output_dir / DENSITY_PNG, title, r.dense_threshold)
     print_metrics(metrics, metrics_path, plot_path)
     return EvaluationReport(metrics, frequencies, metrics_path, plot_path, r)
+
+
+TRAINING_WINDOW_KEYS = ("dead_fraction", "dead_window_tokens")
+
+
+def training_window_metrics(folder: Path) -> dict[str, float]:
+    """The run's training-window `dead_fraction` and `dead_window_tokens` from the folder's
+    saetrain_run.json, or {} (another tool's folder, or one saved before the window was
+    recorded: there `dead_fraction` meant the held-out never-fired share, so it is not carried)."""
+    path = folder / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        final = json.loads(path.read_text()).get("final_metrics") or {}
+    except json.JSONDecodeError:
+        return {}
+    if not all(isinstance(final.get(k), int | float) for k in TRAINING_WINDOW_KEYS):
+        return {}
+    return {k: float(final[k]) for k in TRAINING_WINDOW_KEYS}
 
 
 def print_metrics(metrics: dict[str, float], metrics_path: Path, plot_path: Path | None) -> None:
@@ -379,8 +408,9 @@ def compose_config(overrides: Sequence[str]) -> tuple[EvaluateConfig, set[str]]:
 
 USAGE = """usage: python -m saetrain.evaluate path=<dictionary folder> [key=value ...]
 
-Evaluates a saved dictionary (SAELens layout): FVU, MSE, L0, dead / dense latents, CE with the
-dictionary spliced in, KL; writes metrics.json, feature_frequencies.safetensors and
+Evaluates a saved dictionary (SAELens layout): FVU, MSE, L0, never-fired / dense latents, CE with
+the dictionary spliced in, KL (a saetrain folder's training-window dead_fraction is carried over);
+writes metrics.json, feature_frequencies.safetensors and
 feature_density.png to <path>/eval.
 Keys: path, output_dir, seed, dense_threshold, model.*, data.*, site.*, eval.* (see
 saetrain/evaluate.py's EvaluateConfig and saetrain/config.py).

@@ -34,6 +34,7 @@ from saetrain.config import (
 from saetrain.dictionaries import Dictionary
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts
+from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import spliced_lm_metrics
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
@@ -401,7 +402,10 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         frequencies: list[torch.Tensor] = []
         metrics = _evaluate(setup, job, exported, frequencies)
         metrics |= density_summary(frequencies[0])
-        metrics["train_dead_fraction"] = float(trainer.dead_mask().double().mean())
+        # The training window's dead latents beside the held-out never-fired ones (both named).
+        metrics |= training_dead_metrics(
+            trainer.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
+        )
         run_info = {
             "config": dataclasses.asdict(job.cfg),
             "run_config": dataclasses.asdict(cfg) if len(jobs) > 1 else None,
@@ -589,7 +593,8 @@ def print_summary(metrics: dict[str, Any], folder: Path, name: str | None = None
         "fvu_zero_baseline",
         "mse",
         "l0",
-        "dead_fraction",
+        "never_fired_fraction",
+        "never_fired_tokens",
         "dense_count",
         "ce_clean",
         "ce_spliced",
@@ -599,6 +604,12 @@ def print_summary(metrics: dict[str, Any], folder: Path, name: str | None = None
         "kl_div",
     ):
         if key in metrics:
-            lines.append(f"  {key:<18} {metrics[key]:.4f}")
+            whole = key.endswith(("_count", "_tokens"))  # counts print as counts
+            lines.append(f"  {key:<20} {metrics[key]:{'.0f' if whole else '.4f'}}")
+    if "dead_fraction" in metrics:  # not held-out: the training window's
+        lines.append(
+            f"training: dead_fraction {metrics['dead_fraction']:.4f} (no firing in the last "
+            f"{metrics['dead_window_tokens']:.0f} training tokens)"
+        )
     lines.append(f"dictionary saved to {folder}")
     emit("\n".join(lines), log)  # the console and the run's log file

@@ -6,7 +6,8 @@ callback registered in configs/config.yaml) reads every job's swept values from
 `.hydra/overrides.yaml` and every dictionary's `saetrain_run.json`, and writes beside the jobs:
 
     summary.csv   one row per dictionary: all override values, the final metrics
-    summary.md    the fields that vary across jobs, L0, FVU, ΔCE, CE recovered, dead %
+    summary.md    the fields that vary across jobs, L0, FVU, ΔCE, CE recovered, never fired %
+                  (held-out) and dead % (training window)
     summary.png   FVU and ΔCE against L0, one point per dictionary (needs matplotlib)
 
 `summarize_sweep(folder)` (or `python -m saetrain.sweep <folder>`) does the same by hand, e.g. for a
@@ -42,6 +43,13 @@ MAIN_METRICS = [
     ("fvu", "FVU"),
     ("delta_ce", "ΔCE"),
     ("ce_recovered", "CE recovered"),
+]
+# Latent-health shares shown as percentages: (key in final_metrics, CSV column, Markdown title).
+# never_fired_fraction: no firing on the held-out tokens; dead_fraction: no firing in the last
+# dead_window_tokens of training (evaluation/metrics.py).
+PERCENT_METRICS = [
+    ("never_fired_fraction", "never_fired_pct", "never fired %"),
+    ("dead_fraction", "dead_pct", "dead %"),
 ]
 
 
@@ -146,23 +154,24 @@ def render_csv(jobs: list[JobResult]) -> str:
     override_keys: list[str] = []
     for job in jobs:
         override_keys += [k for k in job.overrides if k not in override_keys]
-    metric_keys = [k for k, _ in MAIN_METRICS] + ["dead_fraction"]
+    metric_keys = [k for k, _ in MAIN_METRICS] + [k for k, _, _ in PERCENT_METRICS]
     for job in jobs:
         metric_keys += [k for k in job.metrics if k not in metric_keys]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["job", "dictionary", "architecture", "site", "tokens_seen", *override_keys, "dead_pct"]
+        ["job", "dictionary", "architecture", "site", "tokens_seen", *override_keys]
+        + [column for _, column, _ in PERCENT_METRICS]
         + metric_keys
         + ["error"]
     )
     for job in jobs:
-        dead = _number(job.metrics.get("dead_fraction"))
+        shares = [_number(job.metrics.get(k)) for k, _, _ in PERCENT_METRICS]
         writer.writerow(
             [job.job, job.dictionary or "", job.architecture or "", job.site or ""]
             + ["" if job.tokens_seen is None else job.tokens_seen]
             + [job.overrides.get(k, "") for k in override_keys]
-            + ["" if dead is None else repr(100 * dead)]
+            + ["" if share is None else repr(100 * share) for share in shares]
             + [repr(job.metrics[k]) if k in job.metrics else "" for k in metric_keys]
             + [job.error or ""]
         )
@@ -173,7 +182,7 @@ def render_markdown(jobs: list[JobResult], folder: Path) -> str:
     swept = swept_keys([j for j in jobs if j.error is None] or jobs)
     several = len({(j.job, j.dictionary) for j in jobs}) > len({j.job for j in jobs})
     head = ["job", *(["dictionary"] if several else []), *swept]
-    head += [title for _, title in MAIN_METRICS] + ["dead %"]
+    head += [title for _, title in MAIN_METRICS] + [title for _, _, title in PERCENT_METRICS]
     lines = [
         f"# Sweep summary: {folder}",
         "",
@@ -186,11 +195,12 @@ def render_markdown(jobs: list[JobResult], folder: Path) -> str:
     for job in jobs:
         if job.error is not None:
             continue
-        dead = _number(job.metrics.get("dead_fraction"))
         cells = [job.job, *([job.dictionary or ""] if several else [])]
         cells += [job.overrides.get(k, "") for k in swept]
         cells += [_fmt(job.metrics.get(k)) for k, _ in MAIN_METRICS]
-        cells.append("" if dead is None else f"{100 * dead:.1f}")
+        for key, _, _ in PERCENT_METRICS:
+            share = _number(job.metrics.get(key))
+            cells.append("" if share is None else f"{100 * share:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     failed = [j for j in jobs if j.error is not None]
     if failed:

@@ -421,7 +421,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{e2e.get('kernel_failures')}"
         ]
         metrics = e2e.get("metrics") or {}
-        keys = ("fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "ce_recovered")
+        keys = ("fvu", "l0", "never_fired_fraction", "dead_fraction", "ce_clean", "ce_spliced",
+                "ce_recovered")  # fmt: skip
         lines += ["- metrics: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)]
     return "\n".join(lines) + "\n"
 

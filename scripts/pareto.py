@@ -171,14 +171,14 @@ def main() -> int:
                 "fvu": m["fvu"],
                 "delta_ce": m.get("delta_ce", float("nan")),
                 "ce_recovered": m.get("ce_recovered", float("nan")),
-                "dead_fraction": m["dead_fraction"],
+                "never_fired_fraction": m["never_fired_fraction"],
                 "train_seconds": time.time() - t,
             }
             results.append(row)
             print(
                 f"{arch:<11} {row['setting']:<7} L0 {row['l0']:7.1f}  FVU {row['fvu']:.4f}  "
                 f"ΔCE {row['delta_ce']:.4f}  CE rec {row['ce_recovered']:.3f}  "
-                f"dead {row['dead_fraction']:.3f}  ({row['train_seconds']:.0f}s)",
+                f"never fired {row['never_fired_fraction']:.3f}  ({row['train_seconds']:.0f}s)",
                 flush=True,
             )
 
@@ -214,18 +214,19 @@ def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
         f"- Model and site: {meta['model']}, `{meta['site']}`; {meta['n_latents']} latents",
         f"- Training: {meta['train_tokens']:,} tokens of activations (one LM pass, the same rows "
         f"in the same order for every dictionary), lr {meta['lr']}",
-        f"- Evaluation: {meta['eval_tokens']:,} held-out tokens for FVU, L0 and dead latents; "
+        f"- Evaluation: {meta['eval_tokens']:,} held-out tokens for FVU, L0 and "
+        f"never-fired latents; "
         f"{meta['ce_contexts']} held-out contexts for ΔCE (the dictionary spliced into the LM)",
         f"- Machine: {meta['device']}, {meta.get('threads', '?')} threads, torch {meta['torch']}, "
         f"{meta.get('date', '')}",
         "",
-        "| architecture | setting | L0 | FVU | ΔCE | CE recovered | dead |",
+        "| architecture | setting | L0 | FVU | ΔCE | CE recovered | never fired |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['architecture']} | {r['setting']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-            f"{r['delta_ce']:.4f} | {r['ce_recovered']:.3f} | {r['dead_fraction']:.3f} |"
+            f"{r['delta_ce']:.4f} | {r['ce_recovered']:.3f} | {r['never_fired_fraction']:.3f} |"
         )
     lines += ["", f"![FVU and ΔCE against L0]({out.name}.png)", ""]
     out.with_suffix(".md").write_text("\n".join(lines))

@@ -38,8 +38,10 @@ from saetrain.evaluation.density import density_summary, plot_density
 from saetrain.run import run
 
 EVAL_OVERRIDES = ["eval.n_tokens=256", "eval.batch_contexts=8", "eval.ce_contexts=8"]
-COMPARED = ("fvu", "fvu_zero_baseline", "mse", "l0", "dead_fraction", "ce_clean", "ce_spliced",
-            "ce_zero_ablated", "delta_ce", "ce_recovered", "kl_div")  # fmt: skip
+COMPARED = ("fvu", "fvu_zero_baseline", "mse", "l0", "never_fired_fraction", "never_fired_tokens",
+            "ce_clean", "ce_spliced", "ce_zero_ablated", "delta_ce", "ce_recovered",
+            "kl_div")  # fmt: skip
+TRAINING_WINDOW = ("dead_fraction", "dead_window_tokens")  # the run's, never measured on a folder
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +77,12 @@ def test_run_folder_gives_the_runs_numbers(trained):
     m = report.metrics
     for key in COMPARED:
         assert m[key] == pytest.approx(trained.metrics[key], rel=1e-9, abs=1e-12), key
-    assert m["tokens"] == trained.metrics["tokens"] > 200
-    # densities from their own pass agree with the evaluation's L0 and dead fraction
+    assert m["tokens"] == m["never_fired_tokens"] == trained.metrics["tokens"] > 200
+    # densities from their own pass agree with the evaluation's L0 and never-fired fraction
     freqs = report.frequencies
     assert freqs.shape == (64,)
     assert float(freqs.sum()) == pytest.approx(m["l0"], rel=1e-9)  # L0 = Σ firing frequencies
-    assert m["dead_count"] == round(m["dead_fraction"] * 64)
+    assert m["never_fired_count"] == round(m["never_fired_fraction"] * 64)
     assert m["dense_count"] == int((freqs > 0.1).sum()) > 0  # k=4 of 64: some fire > 10%
 
     out = trained.dictionary_dir / "eval"
@@ -90,6 +92,10 @@ def test_run_folder_gives_the_runs_numbers(trained):
     assert (saved["input_site"], saved["target_site"]) == ("resid_post.1", "resid_post.1")
     assert (saved["d_in"], saved["d_sae"], saved["dense_threshold"]) == (32, 64, 0.1)
     assert saved["metrics"]["fvu"] == m["fvu"]
+    # Not measured on a saved folder: the run's training-window numbers, carried and named so.
+    assert saved["carried_from_run"] == list(TRAINING_WINDOW)
+    for key in TRAINING_WINDOW:
+        assert saved["metrics"][key] == trained.metrics[key], key
     assert torch.equal(load_file(out / FREQUENCIES_FILE)["frequencies"], freqs.float())
     png = (out / DENSITY_PNG).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
@@ -138,6 +144,10 @@ def test_saelens_folder_without_run_record(trained, tiny, tmp_path):
     # the same held-out tokens as the run, so the same numbers
     for key in COMPARED:
         assert report.metrics[key] == pytest.approx(trained.metrics[key], rel=1e-9), key
+    # No run record, so no training window: nothing named dead is invented.
+    assert not set(TRAINING_WINDOW) & set(report.metrics)
+    saved = json.loads(report.metrics_path.read_text())
+    assert saved["carried_from_run"] == []
 
 
 def test_saelens_transcoder_folder(tiny, tmp_path):
@@ -205,7 +215,7 @@ def test_bad_input_is_named(trained, tmp_path, capsys, args, message):
 def test_density_summary_numbers():
     freqs = torch.tensor([0.0, 0.0, 0.001, 0.01, 0.05, 0.2, 0.5, 0.1, 0.03])
     s = density_summary(freqs, dense_threshold=0.1)  # 0.1 itself is not dense
-    assert s["dead_count"] == 2 and s["dense_count"] == 2 and s["dense_fraction"] == 2 / 9
+    assert s["never_fired_count"] == 2 and s["dense_count"] == 2 and s["dense_fraction"] == 2 / 9
     assert s["median_log10_frequency"] == pytest.approx(torch.tensor(0.05).log10().item())
 
 

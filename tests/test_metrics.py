@@ -75,7 +75,7 @@ def test_accumulated_batches_equal_one_batch_with_different_batch_means():
     )
     one.update(torch.cat(xs), torch.cat(x_hats), cat_codes)
     m_acc, m_one = acc.compute(), one.compute()
-    for key in ("fvu", "mse", "l0", "dead_fraction", "tokens"):
+    for key in ("fvu", "mse", "l0", "never_fired_fraction", "never_fired_tokens", "tokens"):
         assert m_acc[key] == pytest.approx(m_one[key], rel=1e-12), key
 
     expected = _fvu_numpy(torch.cat(xs).numpy(), torch.cat(x_hats).numpy())
@@ -106,20 +106,21 @@ def test_mse_and_l0_by_hand():
     assert m["mse"] == pytest.approx(8 / 12, abs=1e-12)
     assert m["l0"] == pytest.approx((2 + 3 + 0 + 1) / 4, abs=1e-12)
     # Fired (non-zero value) latents: 0, 2, 3, 4, 5, 6 → 4 of 10 never fired (1, 7, 8, 9).
-    assert m["dead_fraction"] == pytest.approx(0.4, abs=1e-12)
-    assert m["tokens"] == 4.0
+    assert m["never_fired_fraction"] == pytest.approx(0.4, abs=1e-12)
+    assert m["never_fired_tokens"] == m["tokens"] == 4.0
 
 
-def test_dead_fraction_over_several_batches():
+def test_never_fired_fraction_over_several_batches():
     stats = ReconstructionStats(6, 2)
     x = torch.randn(2, 2, generator=_gen(3))
     stats.update(x, x, SparseCodes(torch.tensor([[0], [1]]), torch.tensor([[1.0], [1.0]])))
-    assert stats.compute()["dead_fraction"] == pytest.approx(4 / 6)
+    assert stats.compute()["never_fired_fraction"] == pytest.approx(4 / 6)
     # Latent 5 appears only with value 0: it did not fire.
     stats.update(x, x, SparseCodes(torch.tensor([[1], [5]]), torch.tensor([[2.0], [0.0]])))
-    assert stats.compute()["dead_fraction"] == pytest.approx(4 / 6)
+    assert stats.compute()["never_fired_fraction"] == pytest.approx(4 / 6)
     stats.update(x, x, SparseCodes(torch.tensor([[2], [3]]), torch.tensor([[0.1], [0.2]])))
-    assert stats.compute()["dead_fraction"] == pytest.approx(2 / 6)
+    assert stats.compute()["never_fired_fraction"] == pytest.approx(2 / 6)
+    assert stats.compute()["never_fired_tokens"] == 6.0
     assert stats.fire_counts.tolist() == [1, 2, 1, 1, 0, 0]
 
 

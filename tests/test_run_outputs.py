@@ -24,7 +24,8 @@ def test_metrics_jsonl_holds_every_logged_step_and_the_final_metrics(tiny_model,
     assert [row["step"] for row in lines[:-1]] == [4, 8]
     assert lines[1]["tokens"] == 2048 and 0 < lines[1]["fvu"] < 1.5
     assert lines[-1]["final"]["fvu"] == pytest.approx(result.metrics["fvu"])
-    assert result.metrics["dead_count"] == pytest.approx(64 * result.metrics["dead_fraction"])
+    m = result.metrics
+    assert m["never_fired_count"] == pytest.approx(64 * m["never_fired_fraction"])
 
 
 def test_wandb_offline_run_of_two_dictionaries(tiny_model, corpus, tmp_path, monkeypatch):

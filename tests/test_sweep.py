@@ -53,16 +53,21 @@ def test_multirun_writes_the_summary(sweep):
         info = json.loads((sweep / row["job"] / "resid_post.1" / "saetrain_run.json").read_text())
         final = info["final_metrics"]
         assert info["config"]["dictionary"]["k"] == int(row["dictionary.k"])
-        for key in ("l0", "fvu", "delta_ce", "ce_recovered", "dead_fraction", "mse"):
+        for key in ("l0", "fvu", "delta_ce", "ce_recovered", "mse", "never_fired_fraction",
+                    "never_fired_tokens", "dead_fraction", "dead_window_tokens"):  # fmt: skip
             assert float(row[key]) == final[key], key  # repr round-trips floats exactly
+        assert float(row["never_fired_pct"]) == pytest.approx(100 * final["never_fired_fraction"])
         assert float(row["dead_pct"]) == pytest.approx(100 * final["dead_fraction"])
+        # 2048 tokens trained, shorter than trainer.dead_after_tokens: the window is the run.
+        assert final["dead_window_tokens"] == 2048
         assert row["tokens_seen"] == "2048" and row["architecture"] == "topk"
         assert row["site"] == "resid_post.1" and row["error"] == ""
     assert [float(r["l0"]) for r in rows] == [4.0, 8.0]  # TopK: L0 is k
     assert float(rows[1]["fvu"]) < float(rows[0]["fvu"])  # more latents per token, less error
 
     md = (sweep / SUMMARY_MD).read_text()
-    assert "| job | dictionary.k | L0 | FVU | ΔCE | CE recovered | dead % |" in md
+    head = "| job | dictionary.k | L0 | FVU | ΔCE | CE recovered | never fired % | dead % |"
+    assert head in md
     assert "model.name" not in md  # the same in every job: not a swept field
     fvu0 = float(rows[0]["fvu"])
     assert f"| 0 | 4 | 4 | {fvu0:.4g} |" in md

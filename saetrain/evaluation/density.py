@@ -1,11 +1,12 @@
-"""Feature density: how often each latent fires, and the dead / dense counts derived from it.
+"""Feature density: how often each latent fires, and the never-fired / dense counts derived from it.
 
 A latent's firing frequency is the fraction of (non-special) tokens on which its code is non-zero.
-Dead latents never fired on the tokens seen; dense latents fire on more than `dense_threshold` of
-them (0.1 by default: a latent active on one token in ten is no longer a sparse feature, and such
-latents usually encode position or bias rather than meaning). The histogram of log10 frequency is
-the usual health check of a dictionary: a bump far left is dying latents, a bump right of -1 is
-dense ones.
+Never-fired latents fired on none of the tokens seen (`never_fired_count`; not "dead", which is
+the training window's verdict, see evaluation/metrics.py); dense latents fire on more than
+`dense_threshold` of them (0.1 by default: a latent active on one token in ten is no longer a
+sparse feature, and such latents usually encode position or bias rather than meaning). The
+histogram of log10 frequency is the usual health check of a dictionary: a bump far left is dying
+latents, a bump right of -1 is dense ones.
 """
 
 from __future__ import annotations
@@ -45,15 +46,20 @@ class FiringCounter:
 def density_summary(
     frequencies: torch.Tensor, dense_threshold: float = DEFAULT_DENSE_THRESHOLD
 ) -> dict[str, float]:
-    """Dead and dense counts (and fractions) of per-latent firing frequencies."""
+    """Never-fired and dense counts (and the dense fraction) of per-latent firing frequencies.
+
+    `never_fired_count`: latents with frequency 0 on these tokens (the count behind
+    ReconstructionStats' `never_fired_fraction`); `dense_count` / `dense_fraction`: latents above
+    `dense_threshold`; `median_log10_frequency`: over the latents that fired.
+    """
     if not 0.0 < dense_threshold <= 1.0:
         raise ValueError(f"dense_threshold={dense_threshold} must be in (0, 1]")
     n = frequencies.numel()
-    dead = int((frequencies == 0).sum())
+    never_fired = int((frequencies == 0).sum())
     dense = int((frequencies > dense_threshold).sum())
     alive = frequencies[frequencies > 0]
     return {
-        "dead_count": float(dead),
+        "never_fired_count": float(never_fired),
         "dense_count": float(dense),
         "dense_fraction": dense / n,
         "median_log10_frequency": float(alive.log10().median()) if alive.numel() else float("nan"),
@@ -86,7 +92,7 @@ def plot_density(
     path = Path(path)
     freqs = frequencies.detach().double().cpu()
     alive = freqs[freqs > 0]
-    dead = int((freqs == 0).sum())
+    never_fired = int((freqs == 0).sum())
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if alive.numel():
         ax.hist(alive.log10().numpy(), bins=60, color="tab:blue")
@@ -106,7 +112,7 @@ def plot_density(
     ax.text(
         0.02,
         0.95,
-        f"{freqs.numel()} latents, {dead} dead (not shown), "
+        f"{freqs.numel()} latents, {never_fired} never fired (not shown), "
         f"{int((freqs > dense_threshold).sum())} > {dense_threshold:g}",
         transform=ax.transAxes,
         va="top",

@@ -22,7 +22,11 @@ def evaluate_dictionary(
     ce_contexts: int = 32,
     frequencies_out: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """FVU, MSE, L0, dead fraction on `batches`; CE/KL with the dictionary spliced in.
+    """FVU, MSE, L0, never-fired fraction on `batches`; CE/KL with the dictionary spliced in.
+
+    Held-out tokens say which latents fired on them (`never_fired_fraction` over
+    `never_fired_tokens`), not which are dead: that is the training window's verdict, which only
+    the trainer knows (`training_dead_metrics`).
 
     An SAE reconstructs `input_site`; a transcoder predicts `target_site` from `input_site` and
     is spliced in place of the target site. `frequencies_out`, if given, receives each latent's

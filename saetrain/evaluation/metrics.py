@@ -1,10 +1,18 @@
 """Reconstruction metrics: the one definition used by training logs and by the final evaluation.
 
 FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all rows seen, with mean(x) the mean of those rows;
-MSE = Σ‖x − x̂‖² / (rows · d); L0 = mean number of non-zero codes per row; a latent is dead for
-the evaluation when it never fired on any row seen. Sums are accumulated in float64 so that
-millions of rows add up without loss, and around a shift (the first batch's mean) so that the
-total variance is not lost to cancellation when the mean is large against the spread.
+MSE = Σ‖x − x̂‖² / (rows · d); L0 = mean number of non-zero codes per row. Sums are accumulated in
+float64 so that millions of rows add up without loss, and around a shift (the first batch's mean)
+so that the total variance is not lost to cancellation when the mean is large against the spread.
+
+Two latent-health numbers, named for what they count so that neither passes for the other:
+
+- `never_fired_fraction` (with `never_fired_tokens`): the share of latents that fired on none of
+  the rows seen, and how many rows that was. It depends on the sample: the fewer the tokens, the
+  more latents go unseen, so it is only comparable at equal `never_fired_tokens`.
+- `dead_fraction` (with `dead_window_tokens`): the training-window meaning, the one AuxK acts on:
+  latents that have not fired in the last `dead_window_tokens` training tokens
+  (`training_dead_metrics`).
 """
 
 from __future__ import annotations
@@ -59,7 +67,9 @@ class ReconstructionStats:
             "fvu_zero_baseline": float(sum_sq_raw / total_variance.clamp_min(1e-30)),
             "mse": float(self.sum_sq_err / (self.rows * d)),
             "l0": float(self.sum_l0 / self.rows),
-            "dead_fraction": float((self.fire_counts == 0).double().mean()),
+            # Share of latents with zero firings on the rows seen, and the rows it is over.
+            "never_fired_fraction": float((self.fire_counts == 0).double().mean()),
+            "never_fired_tokens": float(self.rows),
             "tokens": float(self.rows),
         }
 
@@ -71,6 +81,27 @@ def reconstruction_metrics(
     stats = ReconstructionStats(n_latents, x.shape[-1], x.device)
     stats.update(x, x_hat, codes)
     return stats.compute()
+
+
+def training_dead_metrics(
+    tokens_since_fired: torch.Tensor, dead_after_tokens: int, tokens_trained: int
+) -> dict[str, float]:
+    """`dead_fraction` of a trained dictionary, over the window it was measured on.
+
+    A latent is dead when it has not fired in the last `dead_window_tokens` training tokens
+    (`tokens_since_fired` counts, per latent, the tokens since it last fired). The window is
+    `trainer.dead_after_tokens`; a run that trained fewer tokens than that has no full window, so
+    its window is every token trained and its dead latents are those that never fired in training
+    (judged by `dead_after_tokens` alone, no latent of a short run could be dead, and the 0 would
+    say nothing). For runs at least a window long this is exactly the trainer's dead mask.
+    """
+    window = min(int(dead_after_tokens), int(tokens_trained))
+    if window <= 0:
+        raise ValueError("no tokens were trained: there is no training window to judge latents by")
+    return {
+        "dead_fraction": float((tokens_since_fired >= window).double().mean()),
+        "dead_window_tokens": float(window),
+    }
 
 
 def ce_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:

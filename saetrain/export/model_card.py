@@ -20,13 +20,20 @@ METRIC_DOCS: dict[str, str] = {
     "fvu": "fraction of variance unexplained (held-out tokens)",
     "mse": "mean squared error per element",
     "l0": "mean active latents per token",
-    "dead_fraction": "latents that never fired on the held-out tokens",
+    "never_fired_fraction": "share of latents that fired on none of the never_fired_tokens",
+    "never_fired_tokens": "held-out tokens never_fired_fraction was measured over",
+    "never_fired_count": "latents that fired on none of the held-out tokens",
+    "dead_fraction": "share of latents that did not fire in the last dead_window_tokens of "
+    "training (AuxK's dead latents)",
+    "dead_window_tokens": "training window of dead_fraction: trainer.dead_after_tokens, or every "
+    "token trained when the run was shorter",
     "ce_clean": "LM next-token loss, site untouched",
     "ce_spliced": "LM loss with the dictionary's output spliced in",
     "ce_zero_ablated": "LM loss with the site set to zero",
     "delta_ce": "ce_spliced − ce_clean",
     "ce_recovered": "(zero − spliced) / (zero − clean)",
     "kl_div": "KL(clean ‖ spliced) per token",
+    "tokens": "held-out tokens the reconstruction metrics were measured over",
 }
 
 
@@ -38,6 +45,14 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _fmt_metric(key: str, value: Any) -> str:
+    """Token and latent counts in full (16,384, not 1.638e+04); other metrics as `_fmt`."""
+    counted = key == "tokens" or key.endswith(("_tokens", "_count"))
+    if counted and isinstance(value, int | float) and float(value).is_integer():
+        return f"{int(value):,}"
+    return _fmt(value)
 
 
 def render_model_card(
@@ -122,7 +137,9 @@ def render_model_card(
         ordered = [k for k in METRIC_DOCS if k in metrics]
         ordered += sorted(k for k in metrics if k not in METRIC_DOCS)
         lines += ["| metric | value | meaning |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(metrics[k])} | {METRIC_DOCS.get(k, '')} |" for k in ordered]
+        lines += [
+            f"| {k} | {_fmt_metric(k, metrics[k])} | {METRIC_DOCS.get(k, '')} |" for k in ordered
+        ]
     else:
         lines.append("No metrics were recorded.")
     where = f'"{repo_id}", "{sae_id or name}"' if repo_id else '"<user>/<repo>", "<folder>"'
