@@ -195,6 +195,11 @@ class DictionaryConfig:
     target_l0: float | None = None
     # Transcoders only: add a dense skip connection y ≈ ... + W_skip·x (W_skip zero-initialised).
     skip: bool = False
+    # The norm of each encoder column at init. An SAE's encoder starts tied to its decoder (column
+    # i = this norm × unit decoder row i, Gao et al.); a transcoder's starts random at this column
+    # norm. Null: the architecture's measured default (saetrain/dictionaries/<arch>.py's
+    # encoder_init_norm / transcoder_encoder_scale; 1 where nothing was measured).
+    encoder_init_norm: float | None = None
     # How b_dec starts: geometric_median | mean | zeros (of normalised activations).
     b_dec_init: str = "geometric_median"
     # Scale activations to E‖x‖² = d_in during training; folded into the weights at export.
@@ -464,6 +469,8 @@ def _validate_one(cfg: Config) -> None:
     _choice("dictionary.dtype", cfg.dictionary.dtype, DICTIONARY_DTYPES)
     _choice("dictionary.architecture", cfg.dictionary.architecture, tuple(ARCHITECTURES))
     _choice("dictionary.b_dec_init", cfg.dictionary.b_dec_init, B_DEC_INITS)
+    if cfg.dictionary.encoder_init_norm is not None:
+        _positive("dictionary.encoder_init_norm", cfg.dictionary.encoder_init_norm)
     _choice("logger.name", cfg.logger.name, LOGGERS)
     _choice("data.sample_by", cfg.data.sample_by, SAMPLE_BY)
     _choice("data.packing", cfg.data.packing, PACKINGS)

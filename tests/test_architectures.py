@@ -451,7 +451,7 @@ def test_batchtopk_training_codes_keep_the_k_n_largest_of_the_batch():
 def test_batchtopk_keeps_only_positive_values_when_too_few():
     sae = _batchtopk(k=3)
     with torch.no_grad():
-        sae.b_enc.fill_(-2.5)  # few positive pre-activations
+        sae.b_enc.fill_(-1.25)  # few positive pre-activations (encoder columns at norm 0.5)
     x = _rows(16, 8, seed=9)
     z = _dense(sae.training_forward(x, x, None).codes, 32)
     relu = sae.pre_activations(x).detach().relu()

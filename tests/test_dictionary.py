@@ -133,7 +133,7 @@ def test_init_shapes_unit_decoder_and_tied_encoder():
     assert sae.W_dec.shape == (40, 12)
     assert sae.b_dec.shape == (12,)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec.T)  # tied, at TopK's encoder_init_norm
     assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
     assert sae.aux_k == 6  # d_in // 2 by default
 

@@ -170,3 +170,33 @@ def test_jumprelu_pre_activation_loss_value_and_gradients(latents):
     )
     if latents == "dead":  # live latents' parameters see no pre-activation loss at all
         assert torch.all((grads["W_enc"] - grads0["W_enc"])[:, ~dead].abs() < 1e-7)
+
+
+@pytest.mark.parametrize("architecture", ["relu", "gated", "topk", "batchtopk", "jumprelu"])
+def test_encoder_init_norm_scales_the_tied_encoder(architecture):
+    gen = torch.Generator().manual_seed(0)
+    cfg = DictionaryConfig(architecture=architecture, n_latents=48, k=4)
+    default = build_dictionary(cfg, 16, 16, torch.device("cpu"), gen)
+    # The architecture's own norm when the field is null; the decoder's rows at unit norm.
+    expected = type(default).encoder_init_norm
+    assert torch.allclose(default.W_enc.norm(dim=0), torch.full((48,), expected), atol=1e-5)
+    assert torch.allclose(default.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
+    set_ = DictionaryConfig(architecture=architecture, n_latents=48, k=4, encoder_init_norm=0.3)
+    scaled = build_dictionary(set_, 16, 16, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.allclose(scaled.W_enc, 0.3 * scaled.W_dec.T, atol=1e-6)  # tied, at 0.3
+    assert torch.allclose(scaled.W_dec, default.W_dec)  # the same directions
+
+
+def test_encoder_init_norm_sets_a_transcoders_random_columns():
+    cfg = DictionaryConfig(architecture="topk", n_latents=4096, k=4, encoder_init_norm=0.2)
+    tc = build_dictionary(cfg, 64, 32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    norms = tc.W_enc.detach().norm(dim=0)
+    assert abs(float(norms.mean()) - 0.2) < 0.01  # random columns of expected norm 0.2
+
+
+def test_encoder_init_norm_must_be_positive():
+    from saetrain.api import config_from_overrides
+    from saetrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dictionary.encoder_init_norm=0.0 is not valid"):
+        config_from_overrides(["dictionary.encoder_init_norm=0"])

@@ -68,6 +68,7 @@ def build_dictionary(
         dtype=TORCH_DTYPES[cfg.dtype],
         device=device,
         generator=generator,
+        encoder_init_norm=cfg.encoder_init_norm,
         **ARCHITECTURES[cfg.architecture].init_kwargs_from_config(cfg),
     )
 

@@ -99,10 +99,15 @@ class Dictionary(nn.Module):
     architecture: ClassVar[str]
     # Keep decoder rows at unit norm (the penalty then cannot shrink codes by growing rows).
     unit_norm_decoder: ClassVar[bool] = True
-    # A transcoder's random encoder starts at this fraction of the natural scale 1/sqrt(d_in).
-    # Small makes the first predictions ≈ b_dec (the target's centre) instead of b_dec plus many
-    # random unit directions — safe only where some latents always fire (the TopK family);
-    # threshold and penalty architectures need pre-activations at full scale to fire at all.
+    # The norm of each encoder column at init (dictionary.encoder_init_norm overrides both).
+    # An SAE's encoder is tied to its decoder (Gao et al.): column i = this norm × decoder row i.
+    # Below 1, a latent's first pre-activations are smaller than its direction's share of x, so
+    # the early top-k picks by direction and the decoder need not undo an oversized encoder.
+    encoder_init_norm: ClassVar[float] = 1.0
+    # A transcoder's random encoder columns start at this norm (the natural scale 1/sqrt(d_in)
+    # per entry at 1). Small makes the first predictions ≈ b_dec (the target's centre) instead
+    # of b_dec plus many random unit directions — safe only where some latents always fire (the
+    # TopK family); threshold and penalty architectures need pre-activations at full scale.
     transcoder_encoder_scale: ClassVar[float] = 1.0
     # The penalty family's target L0 (dictionary.target_l0): when set, the trainer adapts λ
     # towards it (saetrain/training/l0_controller.py). None: λ as configured.
@@ -119,6 +124,7 @@ class Dictionary(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
+        encoder_init_norm: float | None = None,
     ):
         super().__init__()
         self.d_in = d_in
@@ -129,11 +135,15 @@ class Dictionary(nn.Module):
             raise ValueError("dictionary.skip=true needs a transcoder (a site.target)")
         W_dec = torch.randn(n_latents, self.d_out, generator=generator, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if encoder_init_norm is not None and not encoder_init_norm > 0:
+            raise ValueError(f"dictionary.encoder_init_norm={encoder_init_norm} must be > 0")
         if not self.transcoder:
-            W_enc = W_dec.T.clone()  # tied init (Gao et al.): every latent starts as a direction
+            # tied init (Gao et al.): every latent starts as a direction
+            norm = self.encoder_init_norm if encoder_init_norm is None else encoder_init_norm
+            W_enc = norm * W_dec.T
         else:  # input and output spaces differ: tying them means nothing
-            scale = self.transcoder_encoder_scale / d_in**0.5
-            W_enc = scale * torch.randn(d_in, n_latents, generator=generator)
+            norm = self.transcoder_encoder_scale if encoder_init_norm is None else encoder_init_norm
+            W_enc = norm / d_in**0.5 * torch.randn(d_in, n_latents, generator=generator)
         opts = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(W_enc.to(**opts))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, **opts))
