@@ -252,10 +252,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several ranks under torchrun (`torchrun --nproc-per-node=N -m saetrain`); ignored by a
+    single process. Each rank runs the LM on its share of the stream (saetrain/distributed/)."""
+
+    # Seconds a rank waits for the others in a collective (and to join) before the run stops
+    # with an error naming the rank, instead of hanging.
+    timeout_s: float = 600.0
+    # Several dictionaries (`dictionaries`) are each trained by one rank: balanced (the largest
+    # first, each to the least loaded rank) | round_robin (dictionary i on rank i mod N).
+    assign: str = "balanced"
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation after training."""
 
-    # Held-out tokens (counted in contexts × context_size) for FVU, MSE, L0 and dead latents.
+    # Held-out tokens (contexts × context_size) for FVU, MSE, L0 and never-fired latents.
     n_tokens: int = 16384
     # Contexts per LM forward during evaluation.
     batch_contexts: int = 16
@@ -334,6 +347,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # Several dictionaries trained from one LM pass: each entry overrides site / dictionary /
     # trainer / seed of the run (empty: the run's one dictionary). Sites are read together.
     dictionaries: list[DictionarySpec] = field(default_factory=list)
@@ -479,6 +493,8 @@ def _validate_one(cfg: Config) -> None:
     _positive("cache.shard_tokens", cfg.cache.shard_tokens)
     _positive("checkpoint.every_tokens", cfg.checkpoint.every_tokens, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive("distributed.timeout_s", cfg.distributed.timeout_s)
+    _choice("distributed.assign", cfg.distributed.assign, ("balanced", "round_robin"))
     if cfg.model.gguf_package and _names_a_hub_model_or_folder(cfg.model.name):
         raise ConfigError(
             f"model.name={cfg.model.name!r} names a hub model or a folder, but "

@@ -18,7 +18,7 @@ import torch
 
 from saetrain.activations.buffer import ActivationBuffer
 from saetrain.activations.cache import ActivationCache, activation_key_fields
-from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
+from saetrain.activations.model import TORCH_DTYPES, load_lm
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenBatch, TokenSource
@@ -32,6 +32,9 @@ from saetrain.config import (
     validate,
 )
 from saetrain.dictionaries import Dictionary
+from saetrain.distributed import world_session
+from saetrain.distributed.data_parallel import DataParallel, only_main_reports
+from saetrain.distributed.sharding import dictionary_cost
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts
 from saetrain.evaluation.metrics import training_dead_metrics
@@ -112,16 +115,36 @@ def run(cfg: Config, output_dir: str | Path, outputs_root: str | Path | None = N
     (`outputs_root`: where `resume=true` looks for the newest run when output_dir has none);
     a run that already finished is left as it is. The run folder is locked while this process
     writes it; SIGTERM / SIGINT outside training raise RunStopped, naming the phase.
+
+    Started by torchrun, each rank calls this: they train on their shares of the stream
+    (saetrain/distributed/data_parallel.py), and rank 0 alone writes the run folder's shared
+    files (the checkpoints' shared part, the exports, the logs).
     """
-    with RunGuard(output_dir) as guard:
-        return _run(cfg, output_dir, outputs_root, guard)
+    with (
+        world_session(cfg.model.device, cfg.distributed.timeout_s) as world,
+        only_main_reports(world),
+    ):
+        dp = DataParallel(world)
+        # One run folder for all ranks: rank 0's (each rank's Hydra may have made its own).
+        output_dir, outputs_root = dp.decide((output_dir, outputs_root))
+        with RunGuard(output_dir) as guard:
+            result = _run(cfg, output_dir, outputs_root, guard, dp)
+        dp.finish()
+        return result
 
 
 def _run(
-    cfg: Config, output_dir: str | Path, outputs_root: str | Path | None, guard: RunGuard
+    cfg: Config,
+    output_dir: str | Path,
+    outputs_root: str | Path | None,
+    guard: RunGuard,
+    dp: DataParallel,
 ) -> RunResult:
     validate(cfg)
+    dp.check(cfg.trainer.batch_tokens, cfg.buffer.size_tokens, cfg.cache.dir)
     cfg = normalized(cfg)
+    world = dp.world
+    writes = world.is_main  # the rank that writes the run folder's shared files
     started = time.time()
     # Data, sites and sizes against the model's config: before any weights load, and before the
     # run folder is touched.
@@ -132,15 +155,16 @@ def _run(
         assert cfg.resume is not None
         root = Path(outputs_root) if outputs_root is not None else None
         if (done := finished_resume_target(cfg.resume, output_dir)) is not None:
-            return _already_finished(done)  # touches nothing
+            return _already_finished(done, writes)  # touches nothing
         output_dir = find_resume_dir(cfg.resume, output_dir, root)
         if finished(output_dir) is not None:
-            return _already_finished(output_dir)
-        guard.hold(output_dir, resuming=True)  # another process may be writing the folder
-        if finished(output_dir) is not None:  # it finished while we waited for the lock
-            return _already_finished(output_dir)
-        checkpoint_path = list_checkpoints(output_dir)[-1]
-        checkpoint = load_checkpoint(checkpoint_path)
+            return _already_finished(output_dir, writes)
+        if writes:
+            guard.hold(output_dir, resuming=True)  # another process may be writing the folder
+        if dp.decide(finished(output_dir) is not None):  # it finished while we waited
+            return _already_finished(output_dir, writes)
+        checkpoint_path = dp.decide(list_checkpoints(output_dir)[-1])
+        checkpoint = load_checkpoint(checkpoint_path, world)
         check_resumable(checkpoint["config"], dataclasses.asdict(cfg), checkpoint_path)
         log.info("resuming %s from %s", output_dir, checkpoint_path)
     if cfg.publish.repo_id:
@@ -149,8 +173,8 @@ def _run(
         except PublishError as e:
             raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.model.device)
-    if checkpoint is None:
+    device = world.device
+    if checkpoint is None and writes:
         # After the checks (a run that cannot start writes nothing), before the first file.
         guard.hold(output_dir, resuming=False)
 
@@ -185,8 +209,10 @@ def _run(
                 source.width(target),
             )
         )
+    # Several dictionaries under torchrun: each trained (and written) by one rank.
+    dp.own([_cost(job) for job in jobs], cfg.distributed.assign)
 
-    tokens = TokenSource(cfg.data, tokenizer, cfg.seed)
+    tokens = TokenSource(cfg.data, tokenizer, cfg.seed, world.rank, world.world_size)
     n_eval_contexts = max(math.ceil(cfg.eval.n_tokens / cfg.data.context_size), 1)
     with phase("held-out contexts"):  # tokenizes until enough held-out documents are found
         held_out = tokens.held_out(
@@ -206,7 +232,7 @@ def _run(
         )
     loggers: list[CompositeLogger] = []
     try:
-        for job in jobs:
+        for i, job in enumerate(jobs):
             loggers.append(
                 open_logger(
                     cfg.logger,
@@ -214,6 +240,8 @@ def _run(
                     dataclasses.asdict(job.cfg),
                     prefix=job.name if len(jobs) > 1 else "",
                 )
+                if dp.writes(i)
+                else CompositeLogger([])  # another rank writes this dictionary's rows
             )
         setup = _Setup(
             cfg,
@@ -228,6 +256,7 @@ def _run(
             device,
             sites,
             started,
+            dp,
         )
         return _evaluate_and_save(setup, _train(setup))
     except BaseException:
@@ -252,16 +281,20 @@ class _Setup:
     device: torch.device
     sites: list[str]
     started: float
+    dp: DataParallel
 
 
 def _train(setup: _Setup) -> dict[str, Any]:
     """The stream, the buffer and the training loop (checkpoints, signals) for every job;
     returns what saetrain_run.json records about the stream."""
     cfg, checkpoint, jobs, sites = setup.cfg, setup.checkpoint, setup.jobs, setup.sites
-    source, cache, device = setup.source, setup.cache, setup.device
+    source, cache, device, dp = setup.source, setup.cache, setup.device, setup.dp
     row_width = sum(source.width(site) for site in sites)
     buffer_dtype = TORCH_DTYPES[cfg.buffer.dtype]
     total_steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
+    # This rank's buffer and batch: its share of the global ones (all of them in one process).
+    buffer_tokens = dp.local(cfg.buffer.size_tokens)
+    batch_tokens = dp.local(cfg.trainer.batch_tokens)
     stop = StopRequest()
     pipeline_start = time.time()
     stream = TrainingStream(
@@ -273,34 +306,34 @@ def _train(setup: _Setup) -> dict[str, Any]:
         cache,
         _prefetch_batches(cfg, device),
         torch.Generator().manual_seed(cfg.seed + 1),
-        limit_tokens=ActivationBuffer.rows_needed(
-            cfg.buffer.size_tokens, cfg.trainer.batch_tokens, total_steps
-        ),
+        limit_tokens=ActivationBuffer.rows_needed(buffer_tokens, batch_tokens, total_steps),
         position=checkpoint["stream"] if checkpoint is not None else None,
     )
     try:
         buffer = ActivationBuffer(
             stream,
-            cfg.buffer.size_tokens,
+            buffer_tokens,
             row_width,
             buffer_dtype,
             device,
-            torch.Generator().manual_seed(cfg.seed),
+            torch.Generator().manual_seed(dp.seed(cfg.seed)),
             state=checkpoint["buffer"] if checkpoint is not None else None,
         )
         log.info(
             "buffer: %d tokens × %d sites (%d wide in all) (%s) = %.1f MiB on %s",
-            cfg.buffer.size_tokens,
+            buffer_tokens,
             len(sites),
             row_width,
             cfg.buffer.dtype,
             buffer.storage_bytes() / 2**20,
             device,
         )
-        if checkpoint is None:
-            samples = buffer.peek(cfg.trainer.init_batches * cfg.trainer.batch_tokens)
+        if checkpoint is None:  # every rank's share: the same samples on every rank
+            samples = dp.gather(buffer.peek(cfg.trainer.init_batches * batch_tokens))
         for i, job in enumerate(jobs):
             name = job.name if len(jobs) > 1 else ""
+            if not dp.mine(i):
+                continue  # another rank trains it
             if checkpoint is None:
                 job.trainer = prepare_trainer(
                     job.cfg.dictionary,
@@ -314,6 +347,12 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     name=name,
                 )
             else:
+                if checkpoint["trainers"][i] is None:
+                    raise ConfigError(
+                        f"resume: this rank ({dp.world.rank}) trains dictionary {job.name}, but "
+                        "its state is in another rank's part of the checkpoint; resume with the "
+                        "run's distributed.assign"
+                    )
                 job.trainer = restore_trainer(
                     job.cfg.dictionary,
                     job.cfg.trainer,
@@ -327,7 +366,9 @@ def _train(setup: _Setup) -> dict[str, Any]:
             _announce(job)
         if checkpoint is not None:
             set_rng_state(checkpoint["rng"])
-        trainers = [job.trainer for job in jobs if job.trainer is not None]
+        mine = [i for i, job in enumerate(jobs) if job.trainer is not None]
+        trainers = [jobs[i].trainer for i in mine]
+        dp.report_memory(_memory(trainers, buffer))
 
         def save(step: int) -> Path:
             state = {
@@ -335,48 +376,66 @@ def _train(setup: _Setup) -> dict[str, Any]:
                 "config": dataclasses.asdict(cfg),
                 "step": step,
                 "names": [job.name for job in jobs],
-                "trainers": [t.state_dict() for t in trainers],
+                # Each dictionary's state from the rank that writes it (None elsewhere).
+                "trainers": [
+                    job.trainer.state_dict() if job.trainer is not None and dp.writes(i) else None
+                    for i, job in enumerate(jobs)
+                ],
                 "buffer": buffer.state_dict(),
                 "stream": stream.position(),
                 "rng": rng_state(),
             }
-            return save_checkpoint(setup.output_dir, step, state, cfg.checkpoint.keep_last)
+            return save_checkpoint(
+                setup.output_dir, step, state, cfg.checkpoint.keep_last, dp.world
+            )
 
         every = cfg.checkpoint.every_tokens
         resumed_tokens = trainers[0].state.tokens  # 0 unless resumed
         train_start = time.time()
-        with stop.installed():
+        with stop.installed(), dp.diverging_together():
             train_together(
                 trainers,
-                [job.view for job in jobs],
-                buffer.next_batch,
+                [jobs[i].view for i in mine],
+                # The global batch, from every rank's rows (the columns this rank trains on).
+                dp.batches(buffer.next_batch, [job.columns for job in jobs]),
                 cfg.logger.log_every,
-                on_log=lambda i, row: setup.loggers[i].log(row),
+                on_log=lambda i, row: setup.loggers[mine[i]].log(row),
                 checkpoint_every=max(every // cfg.trainer.batch_tokens, 1) if every else 0,
                 save=save,
-                stop=stop.is_set,
+                stop=dp.stop_agreed(stop.is_set),
             )
         train_seconds = time.time() - train_start
         pipeline_seconds = time.time() - pipeline_start
     finally:
         stream.close()
+    # Over every rank (under torchrun each ran the LM on its own share).
+    counts = dp.total(
+        {
+            "lm_tokens": stream.lm_tokens,
+            "lm_contexts": stream.lm_contexts,
+            "cached_tokens": stream.cached_tokens,
+        }
+    )
+    lm_tokens, lm_contexts, cached_tokens = (
+        int(counts[k]) for k in ("lm_tokens", "lm_contexts", "cached_tokens")
+    )
     stream_info = {
         "sites": sites,
         "buffer_tokens": cfg.buffer.size_tokens,
         "buffer_bytes": buffer.storage_bytes(),
-        "lm_tokens": stream.lm_tokens,
-        "lm_contexts": stream.lm_contexts,
-        "cached_tokens": stream.cached_tokens,
+        "lm_tokens": lm_tokens,
+        "lm_contexts": lm_contexts,
+        "cached_tokens": cached_tokens,
         "cache_dir": str(cache.folder) if cache is not None else None,
-        "position": stream.position(),
+        "position": stream.position(),  # this rank's (every rank's is in the checkpoints)
+        "world_size": dp.world.world_size,
         "resumed_at_step": checkpoint["step"] if checkpoint is not None else None,
         "train_seconds": train_seconds,
         # From the first buffer fill to the last step: what the LM + buffer + training cost.
         "pipeline_seconds": pipeline_seconds,
         # Tokens trained by this process: a resumed run's checkpointed tokens were made before.
         "tokens_per_s": (trainers[0].state.tokens - resumed_tokens) / max(train_seconds, 1e-9),
-        "pipeline_rows_per_s": (stream.lm_tokens + stream.cached_tokens)
-        / max(pipeline_seconds, 1e-9),
+        "pipeline_rows_per_s": (lm_tokens + cached_tokens) / max(pipeline_seconds, 1e-9),
     }
     log.info(
         "trained %d dictionar%s on %d tokens in %.1f s (LM on %d tokens, %d from the cache)",
@@ -384,19 +443,22 @@ def _train(setup: _Setup) -> dict[str, Any]:
         "y" if len(jobs) == 1 else "ies",
         trainers[0].state.tokens,
         train_seconds,
-        stream.lm_tokens,
-        stream.cached_tokens,
+        lm_tokens,
+        cached_tokens,
     )
     return stream_info
 
 
 def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
-    """Fold, evaluate, save (and upload) each trained dictionary."""
-    cfg, jobs = setup.cfg, setup.jobs
-    results: list[DictionaryResult] = []
+    """Fold, evaluate, save (and upload) each trained dictionary. Under torchrun each rank does
+    that for the dictionaries it trains, and only the rank that writes a dictionary saves, logs
+    and uploads it; every rank returns every dictionary's result."""
+    cfg, jobs, dp = setup.cfg, setup.jobs, setup.dp
+    results: list[tuple[int, DictionaryResult]] = []
     publish_errors: list[str] = []
-    for job, logger in zip(jobs, setup.loggers, strict=True):
-        assert job.trainer is not None
+    for i, (job, logger) in enumerate(zip(jobs, setup.loggers, strict=True)):
+        if job.trainer is None:
+            continue  # another rank's
         fitted = fold(job.trainer)
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
         frequencies: list[torch.Tensor] = []
@@ -423,13 +485,16 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             "final_metrics": metrics,
             "train_log": state.history,
         }
+        if not dp.writes(i):
+            results.append((i, DictionaryResult(job.name, setup.output_dir / job.name, metrics)))
+            continue
         sae_metadata = saelens_metadata(job.cfg, setup.source, exported.architecture)
         with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
             folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
         logger.log_density(frequencies[0], state.step)
         logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
-        results.append(DictionaryResult(job.name, folder, metrics))
+        results.append((i, DictionaryResult(job.name, folder, metrics)))
         if cfg.publish.repo_id:
             try:
                 prefix = cfg.publish.prefix
@@ -441,15 +506,20 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             except PublishError as e:
                 log.error("%s", e)
                 publish_errors.append(str(e))
+    # Every rank's, once every rank has saved its own.
+    tokens_seen = next(job.trainer.state.tokens for job in jobs if job.trainer is not None)
+    gathered, publish_errors = dp.collect(results), dp.collect(publish_errors)
+    results = sorted({i: result for i, result in gathered}.items())
     # Saved (an upload that failed can be redone by hand): resume now answers "already finished".
-    tokens_seen = jobs[0].trainer.state.tokens if jobs[0].trainer is not None else 0
-    mark_finished(setup.output_dir, [r.name for r in results], tokens_seen)
+    if dp.world.is_main:
+        mark_finished(setup.output_dir, [r.name for _, r in results], tokens_seen)
     if publish_errors:
         raise PublishError(
             "training finished and every dictionary is saved locally, but uploading failed:\n  "
             + "\n  ".join(publish_errors)
         )
-    return RunResult(setup.output_dir, results[0].dictionary_dir, results[0].metrics, results)
+    done = [r for _, r in results]
+    return RunResult(setup.output_dir, done[0].dictionary_dir, done[0].metrics, done)
 
 
 def _evaluate(
@@ -479,17 +549,31 @@ def _evaluate(
     return metrics
 
 
-def _already_finished(output_dir: Path) -> RunResult:
-    """The result a finished run saved, for a resume that has nothing left to do."""
+def _already_finished(output_dir: Path, says: bool = True) -> RunResult:
+    """The result a finished run saved, for a resume that has nothing left to do (`says`: the
+    rank that reports it)."""
     marker = finished(output_dir) or {}
     results = []
     for name in marker.get("dictionaries", []):
         folder = output_dir / name
         info = json.loads((folder / "saetrain_run.json").read_text())
         results.append(DictionaryResult(name, folder, info["final_metrics"]))
-    emit(f"saetrain: already finished: {output_dir} (nothing to resume; left as it was)", log)
+    if says:
+        emit(f"saetrain: already finished: {output_dir} (nothing to resume; left as it was)", log)
     first = results[0] if results else DictionaryResult("", output_dir, {})
     return RunResult(output_dir, first.dictionary_dir, first.metrics, results, True)
+
+
+def _cost(job: _Job) -> float:
+    """What a dictionary weighs on the rank that trains it (for sharing them out)."""
+    d = job.cfg.dictionary
+    return dictionary_cost(d.n_latents or d.expansion_factor * job.d_in, job.d_in, job.d_out)
+
+
+def _memory(trainers: list[Trainer], buffer: ActivationBuffer) -> dict[str, int]:
+    """Bytes this rank holds for training: weights, Adam's two moments of them, the buffer."""
+    weights = sum(p.numel() * p.element_size() for t in trainers for p in t.dictionary.parameters())
+    return {"weights": weights, "adam_state": 2 * weights, "buffer": buffer.storage_bytes()}
 
 
 def _prefetch_batches(cfg: Config, device: torch.device) -> int:

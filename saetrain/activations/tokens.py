@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from saetrain.config import ConfigError, DataConfig
+from saetrain.distributed.sharding import rank_items
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +322,12 @@ class TokenSource:
     dataset, or one whose training split yields no full context, is an error.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, seed: int):
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
         self.seed = seed
+        # Under torchrun each rank trains on its own share of the contexts (every world_size-th,
+        # from its rank: saetrain.distributed.sharding.rank_items); one process takes them all.
+        self.rank, self.world_size = rank, world_size
         self.holdout_percent = cfg.holdout_percent
         self.packer = ContextPacker(
             tokenizer, cfg.context_size, cfg.prepend_bos, packing=cfg.packing
@@ -359,12 +362,14 @@ class TokenSource:
         return list(batched(iter(contexts), batch_size, self.packer))
 
     def training(self, batch_size: int, skip_contexts: int = 0) -> Iterator[TokenBatch]:
-        """Endless training batches, epoch after epoch.
+        """Endless training batches of this rank's contexts, epoch after epoch.
 
-        The first `skip_contexts` contexts are packed but not returned: a resumed run, or one that
+        The first `skip_contexts` of them are packed but not returned: a resumed run, or one that
         read them from the activation cache, continues the same stream where it stopped.
         """
-        contexts = itertools.islice(self._training_contexts(), skip_contexts, None)
+        contexts = rank_items(
+            self._training_contexts(), self.world_size, self.rank, skip_local=skip_contexts
+        )
         yield from batched(contexts, batch_size, self.packer)
 
     def _training_contexts(self) -> Iterator[torch.Tensor]:

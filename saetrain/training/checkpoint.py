@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from saetrain.config import ConfigError
+from saetrain.distributed.collectives import barrier
+from saetrain.distributed.world import World
 from saetrain.export.atomic import _fsync_dir
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ MAY_DIFFER = (
     "buffer.prefetch_batches",
     "cache.verify",
     "cache.shard_tokens",
+    # The timeout, and how dictionaries are assigned to ranks (a resume that assigns them
+    # otherwise finds a state missing and says so: run.py).
+    "distributed.",
 )
 # Not in MAY_DIFFER: cache.dir. The stream position counts cached chunks and contexts of that
 # cache; resumed against another (or none) it would repeat and skip tokens.
@@ -85,12 +90,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` as checkpoint `step` atomically, then delete all but the newest `keep_last`."""
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:09d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+def _write_atomically(path: Path, state: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -100,15 +101,82 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
-    log.info("checkpoint written: %s", path)
+    _fsync_dir(path.parent)
+
+
+# What each rank of a torchrun run holds for itself: its share of the stream, its buffer, its
+# RNG, and the trainers it writes (None for the others': a dictionary's state is written by the
+# rank that owns it, or by rank 0 when every rank trains it). The rest (config, step) is the
+# same on every rank and written once, by rank 0.
+RANK_KEYS = ("buffer", "stream", "rng", "trainers")
+
+
+def rank_part(path: Path, rank: int) -> Path:
+    """Rank `rank`'s part of checkpoint `path` (rank 0's is inside `path` itself)."""
+    return path.with_name(f"{path.stem}.rank-{rank}.pt")
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    world: World | None = None,
+) -> Path:
+    """Write `state` as checkpoint `step` atomically, then delete all but the newest `keep_last`.
+
+    Under torchrun every rank calls this with its own `state`: ranks 1.. write their RANK_KEYS
+    to a part file each, and rank 0 writes step-N.pt (the shared state and its own part) only
+    once every part is on disk, so a rank that dies while saving leaves no checkpoint that looks
+    complete. Each rank deletes only its own files.
+    """
+    world = world or World()
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:09d}.pt"
+    if world.rank > 0:
+        _write_atomically(rank_part(path, world.rank), {k: state[k] for k in RANK_KEYS})
+    barrier(world, f"checkpoint step {step}: every rank's part written")
+    if world.is_main:
+        _write_atomically(
+            path, {**state, "world_size": world.world_size} if world.distributed else state
+        )
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+        log.info("checkpoint written: %s", path)
+    barrier(world, f"checkpoint step {step}: written")
+    if world.rank > 0:  # this rank's parts of the checkpoints rank 0 deleted
+        for part in folder.glob(f"step-*.rank-{world.rank}.pt"):
+            if not part.with_name(part.name.replace(f".rank-{world.rank}", "")).exists():
+                part.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, world: World | None = None) -> dict[str, Any]:
+    """Checkpoint `path` as this rank saved it (its own part merged in under torchrun).
+
+    A checkpoint is resumed by as many ranks as wrote it: the stream's shares and the buffers
+    are per rank.
+    """
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    world = world or World()
+    saved = int(state.pop("world_size", 1))
+    if saved != world.world_size:
+        how = "python -m saetrain" if saved == 1 else f"torchrun --nproc-per-node={saved}"
+        raise ConfigError(
+            f"resume: checkpoint {path} was written by {saved} rank(s), and this run has "
+            f"{world.world_size}: each rank's share of the stream and its buffer are in the "
+            f"checkpoint, so resume with {saved} ({how} ... resume=...)"
+        )
+    if world.rank > 0:
+        part = torch.load(rank_part(path, world.rank), map_location="cpu", weights_only=True)
+        shared = state["trainers"]
+        state.update(part)
+        state["trainers"] = [
+            a if a is not None else b for a, b in zip(shared, part["trainers"], strict=True)
+        ]
+    return state
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
