@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from saetrain.distributed.process_tree import kill_tree
 
 
 def free_port() -> int:
@@ -180,7 +181,7 @@ def run_torchrun(
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # the ranks too: torchrun puts each in its own session
         out, _ = proc.communicate()
         raise RanksFailed(
             f"torchrun {' '.join(args)} ran past {timeout_s:g} s (killed); output:\n{out[-4000:]}"

@@ -311,3 +311,30 @@ def test_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert "rank 0/2 local 0 sum 3" in done.stdout
     assert "rank 1/2 local 1 sum 3" in done.stdout
+
+
+def test_torchrun_past_its_limit_is_killed_with_its_ranks(tmp_path):
+    """torchrun gives each worker its own session: the limit must end them too."""
+    import os
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "sleeper.py"
+    script.write_text(
+        "import os, pathlib, sys, time\n"
+        f"pathlib.Path({str(pids)!r}, os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    start = time.monotonic()
+    with pytest.raises(RanksFailed, match="ran past 15 s"):
+        run_torchrun([str(script)], nproc=2, timeout_s=15)
+    assert time.monotonic() - start < 60  # not the ranks' 120 s
+    ranks = [int(p.read_text()) for p in pids.iterdir()]
+    assert len(ranks) == 2
+    for pid in ranks:
+        try:
+            os.kill(pid, 0)
+            alive = not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")
+        except (ProcessLookupError, FileNotFoundError):
+            alive = False
+        assert not alive, f"rank process {pid} survived the limit"
