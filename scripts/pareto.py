@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_common import collect_rows, default_data, fit_on_rows, lm_source
 
-from saetrain.activations.model import load_lm, resolve_device
-from saetrain.activations.source import ActivationSource
+from saetrain.activations.model import resolve_device
 from saetrain.activations.tokens import TokenSource
-from saetrain.config import DataConfig, DictionaryConfig, ModelConfig, TrainerConfig
+from saetrain.config import DictionaryConfig, ModelConfig, TrainerConfig
 from saetrain.evaluation.evaluate import evaluate_dictionary
-from saetrain.training.fit import fit_dictionary
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 # Sparsity settings per architecture: k for the TopK family, λ for relu and gated, and the
@@ -99,28 +97,14 @@ def main() -> int:
         sweep[arch] = [float(v) for v in values.split(",")]
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    data = DataConfig(sample_by=args.sample_by)
-    if args.data:
-        data = replace(data, data_files=[args.data])
-    else:
-        import sysconfig
-
-        data = replace(data, data_files=[os.path.join(sysconfig.get_paths()["stdlib"], "*.py")])
-
-    model, tokenizer = load_lm(ModelConfig(device=args.device), device)
-    source = ActivationSource(model, [args.site])
+    data = default_data(args.data, args.sample_by)
+    _, tokenizer, source = lm_source(ModelConfig(device=args.device), args.site, device)
     tokens = TokenSource(data, tokenizer, args.seed)
     n_eval = max(math.ceil(args.eval_tokens / data.context_size), args.ce_contexts, 1)
     held_out = tokens.held_out(n_eval, 16)
 
     t0 = time.time()
-    chunks, have = [], 0
-    for rows in source.rows(tokens.training(16), [args.site], torch.float32):
-        chunks.append(rows)
-        have += len(rows)
-        if have >= args.tokens:
-            break
-    acts = torch.cat(chunks)[: args.tokens].to(device)
+    acts = collect_rows(source, tokens.training(16), args.site, args.tokens).to(device)
     lm_seconds = time.time() - t0
     print(f"collected {len(acts)} activations at {args.site} in {lm_seconds:.0f}s", flush=True)
 
@@ -138,28 +122,8 @@ def main() -> int:
                 sparsity_warmup_steps=30,
                 dead_after_tokens=50_000,
             )
-            gen = torch.Generator().manual_seed(args.seed)
-            order = torch.randperm(len(acts), generator=gen).to(device)
-            cursor = [0]
-
-            def next_batch(n: int, order: torch.Tensor = order, cursor: list[int] = cursor):
-                rows = order[cursor[0] : cursor[0] + n]
-                cursor[0] += n
-                return acts[rows]
-
             t = time.time()
-            fitted = fit_dictionary(
-                dict_cfg,
-                trainer_cfg,
-                next_batch,
-                acts[order[:16384]],
-                acts.shape[1],
-                acts.shape[1],
-                False,
-                device,
-                gen,
-                log_every=10**9,
-            )
+            fitted = fit_on_rows(dict_cfg, trainer_cfg, acts, args.seed, device)
             with_ce = args.ce_contexts > 0
             m = evaluate_dictionary(
                 source, fitted.exported, held_out, args.site, None, with_ce, args.ce_contexts
