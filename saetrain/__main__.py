@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -16,6 +18,7 @@ from saetrain import config_dir
 from saetrain.activations.cache import CacheError
 from saetrain.activations.sites import SiteError
 from saetrain.config import ConfigError, register_configs, to_config
+from saetrain.distributed import DistributedError
 from saetrain.export.hub import PublishError
 from saetrain.training.checkpoint import TrainingDiverged, TrainingInterrupted
 from saetrain.training.run_folder import RunStopped
@@ -55,6 +58,9 @@ def _main(node: DictConfig) -> dict[str, float]:
         if e.resumable:
             print(f"saetrain: resume with: {resume_command(e.run_dir)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except DistributedError as e:  # under torchrun: a rank died or stopped answering
+        print(f"saetrain: {e}", file=sys.stderr)
+        sys.exit(4)
     except KeyboardInterrupt:
         print("saetrain: interrupted (a second Ctrl-C: no checkpoint written)", file=sys.stderr)
         sys.exit(130)
@@ -76,7 +82,18 @@ def resume_command(run_dir: Path) -> str:
         overrides = []
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "resume"]
     args = [*kept, f"resume={Path(run_dir).resolve()}"]
-    return shlex.join(["python", "-m", "saetrain", *args])
+    return shlex.join([*launcher(), "-m", "saetrain", *args])
+
+
+def launcher(env: Mapping[str, str] | None = None) -> list[str]:
+    """`python`, or the torchrun line with this run's world size: a checkpoint written by N
+    ranks resumes only with N (each rank's buffer and stream position are in it)."""
+    env = os.environ if env is None else env
+    world, local = int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if world <= 1:
+        return ["python"]
+    nodes = [f"--nnodes={world // local}"] if world > local else []
+    return ["torchrun", *nodes, f"--nproc-per-node={local}"]
 
 
 def main() -> None:

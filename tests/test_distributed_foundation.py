@@ -338,3 +338,19 @@ def test_torchrun_past_its_limit_is_killed_with_its_ranks(tmp_path):
         except (ProcessLookupError, FileNotFoundError):
             alive = False
         assert not alive, f"rank process {pid} survived the limit"
+
+
+def test_the_resume_command_names_torchrun_with_the_world_size():
+    from saetrain.__main__ import launcher
+
+    assert launcher({}) == ["python"]
+    assert launcher({"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}) == ["python"]
+    assert launcher({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) == [
+        "torchrun",
+        "--nproc-per-node=2",
+    ]
+    assert launcher({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+    ]
