@@ -103,6 +103,11 @@ class SiteConfig:
     # Target site; null (or the input site) makes an SAE, another site a transcoder that predicts
     # it from the input (e.g. input mlp_in.6, target mlp_out.6).
     target: str | None = None
+    # The layers a `*` in input / target stands for (e.g. site.input=mlp_in.* site.target=mlp_out.*
+    # site.layers=[0,1,2,3,4,5]); null: every layer of the model. With dictionary.kind=single a
+    # pattern trains one dictionary per layer (a transcoder set); a crosscoder or CLT reads them all
+    # (saetrain/site_patterns.py).
+    layers: list[int] | None = None
 
 
 @dataclass
@@ -141,6 +146,12 @@ class DictionaryConfig:
 
     # Architecture; see saetrain.dictionaries.ARCHITECTURES.
     architecture: str = "topk"
+    # What the latents read and write: single (an SAE or transcoder on one site; with a `*` site
+    # pattern, one per layer) | crosscoder (one code read from and decoded to the site at every
+    # layer of site.layers; Lindsey et al. 2024) | clt (a cross-layer transcoder: per layer ℓ an
+    # encoder of input.ℓ whose latents write target.ℓ' for every ℓ' ≥ ℓ; Ameisen et al. 2025).
+    # For a CLT, n_latents / expansion_factor count the latents of one layer.
+    kind: str = "single"
     # Number of latents; null means expansion_factor × d_in.
     n_latents: int | None = None
     expansion_factor: int = 8
@@ -416,7 +427,16 @@ def validate(cfg: Config) -> None:
 
 
 def site_folder(site: SiteConfig) -> str:
-    """The output folder of a dictionary on `site`: the site, or `input-target` for transcoders."""
+    """The output folder of a dictionary on `site`: the site, or `input-target` for transcoders;
+    over several layers, `*` becomes the layers (`resid_post.2_4_6`, `mlp_in.0-5-mlp_out.0-5`)."""
+    if site.layers is not None:
+        from saetrain.site_patterns import LAYER, layers_label
+
+        label = layers_label(list(site.layers))
+        site = SiteConfig(
+            input=site.input.replace(LAYER, label),
+            target=site.target.replace(LAYER, label) if site.target else None,
+        )
     target = site.target or site.input
     return site.input if target == site.input else f"{site.input}-{target}"
 
@@ -433,14 +453,21 @@ def merged(base: Any, overrides: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {message}") from None
 
 
-def dictionary_configs(cfg: Config) -> list[tuple[str, Config]]:
+def dictionary_configs(cfg: Config, n_layers: int | None = None) -> list[tuple[str, Config]]:
     """(output folder name, full config) of every dictionary the run trains.
 
     Without `dictionaries` that is the run's own config; otherwise each entry's overrides applied
-    to the run's site / dictionary / trainer / seed.
+    to the run's site / dictionary / trainer / seed. A `*` site pattern is then expanded over
+    `site.layers` (or the model's `n_layers` layers; layer 0 alone while that is unknown, to check
+    the pattern early): one dictionary per layer for dictionary.kind=single, the layer list set on
+    the one crosscoder or CLT otherwise (saetrain/site_patterns.py).
     """
+    from saetrain.site_patterns import has_pattern
+
     if not cfg.dictionaries:
-        return [(site_folder(cfg.site), cfg)]
+        return _expand_patterns([(None, cfg)], n_layers) if has_pattern(cfg.site) else [
+            (site_folder(cfg.site), cfg)
+        ]
     subs: list[tuple[str | None, Config]] = []
     for i, spec in enumerate(cfg.dictionaries):
         where = f"dictionaries[{i}]"
@@ -466,9 +493,44 @@ def dictionary_configs(cfg: Config) -> list[tuple[str, Config]]:
             dictionaries=[],
         )
         subs.append((spec.name, sub))
+    if any(has_pattern(sub.site) for _, sub in subs):
+        return _expand_patterns(subs, n_layers)
     folders = [site_folder(sub.site) for _, sub in subs]
     out: list[tuple[str, Config]] = []
     for i, (name, sub) in enumerate(subs):
+        if name is None:
+            name = folders[i] if folders.count(folders[i]) == 1 else f"{folders[i]}-{i}"
+        out.append((name, sub))
+    return out
+
+
+def _expand_patterns(
+    subs: list[tuple[str | None, Config]], n_layers: int | None
+) -> list[tuple[str, Config]]:
+    """Named dictionaries with every `*` pattern over its layers (see dictionary_configs)."""
+    from saetrain.site_patterns import at_layer, check_kind, has_pattern, pattern_layers
+
+    expanded: list[tuple[str | None, Config]] = []
+    for name, sub in subs:
+        check_kind(sub.dictionary.kind, sub.site)
+        if not has_pattern(sub.site):
+            expanded.append((name, sub))
+            continue
+        layers = pattern_layers(sub.site, n_layers)
+        if sub.dictionary.kind != "single":  # one dictionary over all the layers
+            site = dataclasses.replace(sub.site, layers=layers)
+            expanded.append((name, dataclasses.replace(sub, site=site)))
+            continue
+        for layer in layers:  # one dictionary per layer
+            site = SiteConfig(
+                input=at_layer(sub.site.input, layer),
+                target=at_layer(sub.site.target, layer) if sub.site.target else None,
+            )
+            per_layer = dataclasses.replace(sub, site=_canonical_site(site))
+            expanded.append((f"{name}.{layer}" if name else None, per_layer))
+    folders = [site_folder(sub.site) for _, sub in expanded]
+    out: list[tuple[str, Config]] = []
+    for i, (name, sub) in enumerate(expanded):
         if name is None:
             name = folders[i] if folders.count(folders[i]) == 1 else f"{folders[i]}-{i}"
         out.append((name, sub))
@@ -555,29 +617,37 @@ def _validate_one(cfg: Config) -> None:
             f"trainer.batch_tokens={cfg.trainer.batch_tokens} (the buffer refills at half)"
         )
     from saetrain.activations.sites import Site, SiteError
+    from saetrain.site_patterns import at_layer, check_kind
 
-    for name in ("input", "target"):
-        value = getattr(cfg.site, name)
+    check_kind(cfg.dictionary.kind, cfg.site)
+    # A `*` pattern is checked at layer 0: every layer has the same kinds of site.
+    site_in = at_layer(cfg.site.input, 0)
+    site_out = at_layer(cfg.site.target, 0) if cfg.site.target is not None else None
+    for name, value in (("input", site_in), ("target", site_out)):
         if value is None:
             continue
         try:
             Site.parse(value)
         except SiteError as e:
             raise ConfigError(f"site.{name}: {e}") from None
-    transcoder = cfg.site.target is not None and cfg.site.target != cfg.site.input
+    transcoder = site_out is not None and cfg.site.target != cfg.site.input
     if cfg.dictionary.skip and not transcoder:
         raise ConfigError(
             "dictionary.skip=true makes a skip transcoder: set site.target to a site other than "
             f"site.input={cfg.site.input!r}"
         )
     if transcoder:
-        source, target = Site.parse(cfg.site.input), Site.parse(cfg.site.target)
+        assert site_out is not None
+        source, target = Site.parse(site_in), Site.parse(site_out)
         if _forward_position(target) <= _forward_position(source):
             raise ConfigError(
                 f"site.target={cfg.site.target!r} does not come after site.input="
                 f"{cfg.site.input!r} in the forward; a transcoder predicts a later activation "
                 "(e.g. mlp_in.L → mlp_out.L)"
             )
+    from saetrain.dictionaries.layout import check_cross_layer
+
+    check_cross_layer(cfg.dictionary)
     _positive("dictionary.sparsity_coefficient", cfg.dictionary.sparsity_coefficient, True)
     _positive("dictionary.jumprelu_bandwidth", cfg.dictionary.jumprelu_bandwidth)
     _positive("dictionary.jumprelu_init_threshold", cfg.dictionary.jumprelu_init_threshold)
@@ -699,6 +769,7 @@ def canonical_sites(cfg: Config) -> Config:
 
 def _canonical_site(site: SiteConfig) -> SiteConfig:
     from saetrain.activations.sites import Site, SiteError
+    from saetrain.site_patterns import LAYER, at_layer
 
     out = {}
     for name in ("input", "target"):
@@ -706,7 +777,8 @@ def _canonical_site(site: SiteConfig) -> SiteConfig:
         if value is None:
             continue
         try:
-            out[name] = Site.parse(value).name
+            parsed = Site.parse(at_layer(value, 0))  # a pattern keeps its `*`
+            out[name] = f"{parsed.kind}.{LAYER}" if LAYER in value else parsed.name
         except SiteError as e:
             raise ConfigError(f"site.{name}: {e}") from None
     return dataclasses.replace(site, **out)

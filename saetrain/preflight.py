@@ -75,7 +75,7 @@ def preflight(cfg: Config) -> ModelShape:
             f"data.context_size={cfg.data.context_size} exceeds the model's "
             f"max_position_embeddings={shape.max_positions}"
         )
-    for i, (_, sub) in enumerate(dictionary_configs(cfg)):
+    for i, (_, sub) in enumerate(dictionary_configs(cfg, shape.n_layers)):
         where = f"dictionaries[{i}]." if cfg.dictionaries else ""
         check_dictionary(sub, shape, where)
     log.info(
@@ -92,22 +92,23 @@ def preflight(cfg: Config) -> ModelShape:
 def check_dictionary(cfg: Config, shape: ModelShape, where: str = "") -> None:
     """One dictionary's sites and sizes against the model: layers in range, k, aux_k and the
     Matryoshka prefixes within the number of latents the expansion factor gives."""
+    from saetrain.site_patterns import site_lists
+
+    inputs, targets = site_lists(cfg.site, cfg.dictionary.kind)
     sites: dict[str, Site] = {}
-    for name in ("input", "target"):
-        value = getattr(cfg.site, name)
-        if value is None:
-            continue
-        site = Site.parse(value)
-        if site.layer >= shape.n_layers:
-            raise ConfigError(
-                f"{where}site.{name}={value!r}: layer {site.layer} is out of range; the model has "
-                f"{shape.n_layers} layers, valid layers are 0..{shape.n_layers - 1}"
-            )
-        try:
-            check_site_exists(shape.model_type, shape.config, site)
-        except SiteError as e:
-            raise ConfigError(f"{where}site.{name}: {e}") from None
-        sites[name] = site
+    for name, values in (("input", inputs), ("target", targets)):
+        for value in values:
+            site = Site.parse(value)
+            if site.layer >= shape.n_layers:
+                raise ConfigError(
+                    f"{where}site.{name}={value!r}: layer {site.layer} is out of range; the model "
+                    f"has {shape.n_layers} layers, valid layers are 0..{shape.n_layers - 1}"
+                )
+            try:
+                check_site_exists(shape.model_type, shape.config, site)
+            except SiteError as e:
+                raise ConfigError(f"{where}site.{name}: {e}") from None
+            sites.setdefault(name, site)
     d_in = shape.width(sites["input"])
     d = cfg.dictionary
     n_latents = d.n_latents if d.n_latents is not None else d.expansion_factor * d_in

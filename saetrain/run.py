@@ -31,19 +31,20 @@ from saetrain.config import (
     merged,
     validate,
 )
-from saetrain.dictionaries import Dictionary
+from saetrain.dictionaries import Dictionary, Layout
 from saetrain.distributed import world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
 from saetrain.distributed.sharding import dictionary_cost
 from saetrain.evaluation.density import density_summary
-from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts
+from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts, splice_member
 from saetrain.evaluation.metrics import training_dead_metrics
-from saetrain.evaluation.splice import spliced_lm_metrics
+from saetrain.evaluation.splice import replacement_lm_metrics
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.preflight import preflight
 from saetrain.progress import ReportedList, emit, phase
+from saetrain.site_patterns import site_lists
 from saetrain.training.checkpoint import (
     StopRequest,
     check_resumable,
@@ -56,6 +57,7 @@ from saetrain.training.checkpoint import (
     wants_resume,
 )
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
+from saetrain.training.initialization import scale_summary
 from saetrain.training.run_folder import (
     RunGuard,
     finished,
@@ -85,21 +87,37 @@ class RunResult:
 
 @dataclass
 class _Job:
-    """One dictionary of the run: its config, where its columns sit in the stream, their widths
-    (d_in at the input site, d_out at the target; they differ when one is attn_z), its trainer."""
+    """One dictionary of the run: its config, its input and target sites (one each for an SAE or
+    transcoder, one per layer for a crosscoder or CLT), where their columns sit in the stream, the
+    sites' widths (attn_z differs from d_model), its trainer."""
 
     name: str
     cfg: Config
-    input_site: str
-    target_site: str
+    inputs: list[str]
+    targets: list[str]
     columns: list[slice]
-    d_in: int
-    d_out: int
+    layout: Layout
     trainer: Trainer | None = None
 
     @property
     def transcoder(self) -> bool:
-        return self.target_site != self.input_site
+        return self.targets != self.inputs
+
+    @property
+    def d_in(self) -> int:
+        return self.layout.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.layout.d_out
+
+    @property
+    def input_site(self) -> str:
+        return self.inputs[0]
+
+    @property
+    def target_site(self) -> str:
+        return self.targets[0]
 
     def view(self, rows: torch.Tensor) -> torch.Tensor:
         """This dictionary's raw rows ([x] or [x, y]) out of the stream's rows."""
@@ -148,7 +166,7 @@ def _run(
     started = time.time()
     # Data, sites and sizes against the model's config: before any weights load, and before the
     # run folder is touched.
-    preflight(cfg)
+    shape = preflight(cfg)
     output_dir = Path(output_dir)
     checkpoint: dict[str, Any] | None = None
     if wants_resume(cfg.resume):
@@ -180,10 +198,11 @@ def _run(
 
     with phase(f"model load ({cfg.model.name})"):
         model, tokenizer = load_lm(cfg.model, device)
-    configs = dictionary_configs(cfg)
+    configs = dictionary_configs(cfg, shape.n_layers)
+    site_sets = [site_lists(sub.site, sub.dictionary.kind) for _, sub in configs]
     sites: list[str] = []
-    for _, sub in configs:
-        for site in (sub.site.input, sub.site.target or sub.site.input):
+    for inputs, targets in site_sets:
+        for site in inputs + targets:
             if site not in sites:
                 sites.append(site)
     source = ActivationSource(model, sites)  # unknown site / layer out of range fail here
@@ -195,20 +214,14 @@ def _run(
         column[site] = slice(start, start + source.width(site))
         start = column[site].stop
     jobs: list[_Job] = []
-    for name, sub in configs:
-        target = sub.site.target or sub.site.input
-        cols = [column[sub.site.input]] + ([column[target]] if target != sub.site.input else [])
-        jobs.append(
-            _Job(
-                name,
-                sub,
-                sub.site.input,
-                target,
-                cols,
-                source.width(sub.site.input),
-                source.width(target),
-            )
+    for (name, sub), (inputs, targets) in zip(configs, site_sets, strict=True):
+        read = inputs + (targets if targets != inputs else [])
+        layout = Layout(
+            sub.dictionary.kind,
+            tuple(source.width(site) for site in inputs),
+            tuple(source.width(site) for site in targets),
         )
+        jobs.append(_Job(name, sub, inputs, targets, [column[site] for site in read], layout))
     # Several dictionaries under torchrun: each trained (and written) by one rank.
     dp.own([_cost(job) for job in jobs], cfg.distributed.assign)
 
@@ -345,6 +358,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     device,
                     torch.Generator().manual_seed(job.cfg.seed),
                     name=name,
+                    layout=job.layout,
                 )
             else:
                 if checkpoint["trainers"][i] is None:
@@ -362,6 +376,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     job.transcoder,
                     device,
                     name=name,
+                    layout=job.layout,
                 )
             _announce(job)
         if checkpoint is not None:
@@ -477,8 +492,8 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             "device": str(setup.device),
             "tokens_seen": state.tokens,
             "steps": state.step,
-            "normalization_scale": fitted.scale_in,
-            "target_normalization_scale": fitted.scale_out,
+            "normalization_scale": scale_summary(fitted.scale_in),
+            "target_normalization_scale": scale_summary(fitted.scale_out),
             "stream": stream_info,
             "train_seconds": stream_info["train_seconds"],
             "total_seconds": time.time() - setup.started,
@@ -488,7 +503,9 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         if not dp.writes(i):
             results.append((i, DictionaryResult(job.name, setup.output_dir / job.name, metrics)))
             continue
-        sae_metadata = saelens_metadata(job.cfg, setup.source, exported.architecture)
+        sae_metadata = saelens_metadata(
+            job.cfg, setup.source, exported.architecture, job.inputs, job.targets
+        )
         with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
             folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
         logger.log_density(frequencies[0], state.step)
@@ -532,19 +549,17 @@ def _evaluate(
         source,
         exported,
         ReportedList(setup.held_out, f"{tag}evaluation", "contexts", len),
-        job.input_site,
-        job.target_site,
+        job.inputs,
+        job.targets,
         compute_ce=False,
         frequencies_out=frequencies,
     )
     if cfg.eval.compute_ce:
         ce_batches = first_contexts(setup.held_out, cfg.eval.ce_contexts)
-        metrics |= spliced_lm_metrics(
+        metrics |= replacement_lm_metrics(
             source.model,
-            source.sites[job.target_site],
-            exported,
+            [splice_member(source, exported, job.inputs, job.targets)],
             ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
-            input_site=source.sites[job.input_site] if job.transcoder else None,
         )
     return metrics
 
@@ -567,7 +582,9 @@ def _already_finished(output_dir: Path, says: bool = True) -> RunResult:
 def _cost(job: _Job) -> float:
     """What a dictionary weighs on the rank that trains it (for sharing them out)."""
     d = job.cfg.dictionary
-    return dictionary_cost(d.n_latents or d.expansion_factor * job.d_in, job.d_in, job.d_out)
+    per_site = d.n_latents or d.expansion_factor * job.layout.in_widths[0]
+    n_latents = per_site * (len(job.inputs) if d.kind == "clt" else 1)
+    return dictionary_cost(n_latents, job.d_in, job.d_out)
 
 
 def _memory(trainers: list[Trainer], buffer: ActivationBuffer) -> dict[str, int]:
@@ -601,26 +618,49 @@ def _announce(job: _Job) -> None:
     trainer = job.trainer
     assert trainer is not None
     dictionary = trainer.dictionary
+    what = {"crosscoder": "crosscoder", "clt": "CLT"}.get(
+        dictionary.kind, "transcoder" if job.transcoder else "SAE"
+    )
     log.info(
-        "dictionary %s: %s %s, %s → %s, %d latents; normalisation scales %.4g / %.4g; "
+        "dictionary %s: %s %s, %s → %s, %d latents; normalisation scales %s / %s; "
         "%d steps of %d tokens, lr %.3g",
         job.name,
         dictionary.architecture,
-        "transcoder" if job.transcoder else "SAE",
-        job.input_site,
-        job.target_site,
+        what,
+        ", ".join(job.inputs),
+        ", ".join(job.targets),
         dictionary.n_latents,
-        trainer.scale,
-        trainer.target_scale,
+        _scales_text(trainer.scale),
+        _scales_text(trainer.target_scale),
         trainer.total_steps,
         trainer.cfg.batch_tokens,
         trainer.base_lr,
     )
 
 
-def saelens_metadata(cfg: Config, source: ActivationSource, architecture: str) -> dict[str, Any]:
-    """cfg.json's metadata block: which model, hook(s) and data the dictionary belongs to."""
-    resolved = source.sites[cfg.site.input]
+def _scales_text(scale: float | torch.Tensor) -> str:
+    summary = scale_summary(scale)
+    if isinstance(summary, list):
+        return "[" + ", ".join(f"{v:.4g}" for v in summary) + "]"
+    return f"{summary:.4g}"
+
+
+def saelens_metadata(
+    cfg: Config,
+    source: ActivationSource,
+    architecture: str,
+    inputs: list[str] | None = None,
+    targets: list[str] | None = None,
+) -> dict[str, Any]:
+    """cfg.json's metadata block: which model, hook(s) and data the dictionary belongs to.
+
+    `inputs` / `targets`: the sites of a dictionary that reads several (a crosscoder's sources, a
+    CLT's layers); SAELens's single-hook fields then name the first, and `hook_names` (and
+    `hook_names_out`) list them all.
+    """
+    inputs = inputs or [cfg.site.input]
+    targets = targets or [cfg.site.target or cfg.site.input]
+    resolved = source.sites[inputs[0]]
     metadata: dict[str, Any] = {
         "model_name": cfg.model.name,
         "hook_name": resolved.tl_hook_name,
@@ -631,17 +671,27 @@ def saelens_metadata(cfg: Config, source: ActivationSource, architecture: str) -
         "dataset_path": cfg.data.path if cfg.data.path != "text" else "local text files",
         "model_from_pretrained_kwargs": {},
         "saetrain_architecture": architecture,
-        "saetrain_site": cfg.site.input,
+        "saetrain_site": inputs[0],
     }
-    target = cfg.site.target
-    if target is not None and target != cfg.site.input:
-        resolved_out = source.sites[target]
+    if len(inputs) > 1:
+        metadata |= {
+            "saetrain_kind": cfg.dictionary.kind,
+            "hook_names": [source.sites[site].tl_hook_name for site in inputs],
+            "saetrain_sites": inputs,
+        }
+    if targets != inputs:
+        resolved_out = source.sites[targets[0]]
         metadata |= {
             "hook_name_out": resolved_out.tl_hook_name,
             "hook_layer_out": resolved_out.site.layer,
             "hook_head_index_out": None,
-            "saetrain_target_site": target,
+            "saetrain_target_site": targets[0],
         }
+        if len(targets) > 1:
+            metadata |= {
+                "hook_names_out": [source.sites[site].tl_hook_name for site in targets],
+                "saetrain_target_sites": targets,
+            }
     return metadata
 
 

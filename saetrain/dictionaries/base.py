@@ -93,10 +93,24 @@ def squared_error(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (target - x_hat).pow(2).sum(-1).mean()
 
 
+# A normalisation scale: one factor for all columns, or one per column (several sites side by
+# side, each scaled so that E‖s·x_site‖² = its width).
+Scale = float | torch.Tensor
+
+
+def column_scales(scale: Scale, width: int, like: torch.Tensor) -> torch.Tensor:
+    """[width] per-column factors of `scale`, on `like`'s device and dtype."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=like.device, dtype=like.dtype).expand(width)
+    return torch.full((width,), float(scale), device=like.device, dtype=like.dtype)
+
+
 class Dictionary(nn.Module):
     """Base class: a linear encoder with a sparse activation, and a linear decoder."""
 
     architecture: ClassVar[str]
+    # What the latents read and write (dictionary.kind): single, crosscoder or clt.
+    kind: ClassVar[str] = "single"
     # Keep decoder rows at unit norm (the penalty then cannot shrink codes by growing rows).
     unit_norm_decoder: ClassVar[bool] = True
     # The norm of each encoder column at init (dictionary.encoder_init_norm overrides both).
@@ -133,10 +147,28 @@ class Dictionary(nn.Module):
         self.transcoder = transcoder or self.d_out != d_in
         if skip and not self.transcoder:
             raise ValueError("dictionary.skip=true needs a transcoder (a site.target)")
-        W_dec = torch.randn(n_latents, self.d_out, generator=generator, dtype=torch.float32)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
         if encoder_init_norm is not None and not encoder_init_norm > 0:
             raise ValueError(f"dictionary.encoder_init_norm={encoder_init_norm} must be > 0")
+        self.init_parameters(
+            skip, {"dtype": dtype, "device": device}, generator, encoder_init_norm
+        )
+
+    def init_parameters(
+        self,
+        skip: bool,
+        opts: dict[str, Any],
+        generator: torch.Generator | None,
+        encoder_init_norm: float | None,
+    ) -> None:
+        """Create W_enc, b_enc, W_dec, b_dec (and W_skip): the one place a layout is chosen.
+
+        A dictionary whose latents are structured differently (a cross-layer transcoder's
+        per-layer encoders and decoders) overrides this alone, so that no full [d_in, n] matrix
+        is ever made for it.
+        """
+        d_in, n_latents = self.d_in, self.n_latents
+        W_dec = torch.randn(n_latents, self.d_out, generator=generator, dtype=torch.float32)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
         if not self.transcoder:
             # tied init (Gao et al.): every latent starts as a direction
             norm = self.encoder_init_norm if encoder_init_norm is None else encoder_init_norm
@@ -144,7 +176,6 @@ class Dictionary(nn.Module):
         else:  # input and output spaces differ: tying them means nothing
             norm = self.transcoder_encoder_scale if encoder_init_norm is None else encoder_init_norm
             W_enc = norm / d_in**0.5 * torch.randn(d_in, n_latents, generator=generator)
-        opts = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(W_enc.to(**opts))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, **opts))
         self.W_dec = nn.Parameter(W_dec.to(**opts))
@@ -264,21 +295,32 @@ class Dictionary(nn.Module):
         self.W_dec.grad -= parallel * W
 
     @torch.no_grad()
-    def fold_input_scale(self, scale_in: float, scale_out: float) -> None:
+    def fold_input_scale(self, scale_in: Scale, scale_out: Scale) -> None:
         """Make a dictionary trained on (s_in·x → s_out·y) work on raw (x → y).
 
         Decoding with W_dec/s_out, b_dec/s_out (and W_skip·s_in/s_out) gives y's raw scale. An
         SAE's encoder then sees (x − b_dec/s_out)·(s_in·W_enc); for it to equal the normalised
         model's (s_in·x − b_dec)·W_enc, the encoder biases absorb (s_in/s_out − 1)·b_dec·W_enc, so
-        the pre-activations — and the codes — are unchanged.
+        the pre-activations — and the codes — are unchanged. A scale is one number, or one per
+        input (output) column when the dictionary reads several sites, each scaled on its own.
         """
-        if self.apply_b_dec_to_input and scale_in != scale_out:
-            self.absorb_input_shift((scale_in / scale_out - 1.0) * self.b_dec)
-        self.W_enc *= scale_in
+        if not isinstance(scale_in, torch.Tensor) and not isinstance(scale_out, torch.Tensor):
+            ratio = scale_in / scale_out  # one number each: exact in double precision
+            if self.apply_b_dec_to_input and scale_in != scale_out:
+                self.absorb_input_shift((ratio - 1.0) * self.b_dec)
+            self.W_enc *= scale_in
+            skip_factor: Scale = ratio
+        else:
+            s_in = column_scales(scale_in, self.d_in, self.W_enc)
+            scale_out = column_scales(scale_out, self.d_out, self.W_enc)
+            if self.apply_b_dec_to_input and not torch.equal(s_in, scale_out):
+                self.absorb_input_shift((s_in / scale_out - 1.0) * self.b_dec)
+            self.W_enc *= s_in[:, None]
+            skip_factor = s_in[None, :] / scale_out[:, None]
         self.W_dec /= scale_out
         self.b_dec /= scale_out
         if self.W_skip is not None:
-            self.W_skip *= scale_in / scale_out
+            self.W_skip *= skip_factor
 
     @torch.no_grad()
     def absorb_input_shift(self, delta: torch.Tensor) -> None:

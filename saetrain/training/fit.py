@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from saetrain.config import DictionaryConfig, TrainerConfig
-from saetrain.dictionaries import Dictionary, build_dictionary
+from saetrain.dictionaries import Dictionary, Layout, build_dictionary
+from saetrain.dictionaries.base import Scale
 from saetrain.progress import phase
 from saetrain.training.checkpoint import TrainingInterrupted
-from saetrain.training.initialization import initial_b_dec, normalization_scale
+from saetrain.training.initialization import block_normalization_scales, initial_b_dec
 from saetrain.training.trainer import Trainer, TrainState
 
 
@@ -28,8 +29,8 @@ class Fitted:
     exported: Dictionary  # folded: works on raw activations
     trainer: Trainer
     state: TrainState
-    scale_in: float
-    scale_out: float
+    scale_in: Scale
+    scale_out: Scale
 
 
 def prepare_trainer(
@@ -42,21 +43,31 @@ def prepare_trainer(
     device: torch.device,
     generator: torch.Generator,
     name: str = "",
+    layout: Layout | None = None,
 ) -> Trainer:
     """A new dictionary, its normalisation scales and b_dec set from `samples`, and its trainer.
 
-    `samples` are raw rows ([x, y] side by side for a transcoder).
+    `samples` are raw rows ([x, y] side by side for a transcoder). With a `layout` of several
+    sites (a crosscoder, a CLT), each site gets its own scale.
     """
+    layout = layout or Layout.single(d_in, d_out)
     # Usually quick; a line (and a name for a signal's message) when it is not.
     with phase(f"initialisation{f' of {name}' if name else ''}", quiet_below=2.0):
         samples = samples.float()
         x, y = (samples[:, :d_in], samples[:, d_in:]) if transcoder else (samples, samples)
         normalize = dict_cfg.normalize_activations
-        scale_in = normalization_scale(x) if normalize else 1.0
-        scale_out = normalization_scale(y) if normalize and transcoder else scale_in
-        dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder)
+        scale_in = block_normalization_scales(x, layout.in_widths) if normalize else 1.0
+        scale_out = (
+            block_normalization_scales(y, layout.out_widths)
+            if normalize and transcoder
+            else scale_in
+        )
+        dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder, layout)
         with torch.no_grad():
-            b_dec = initial_b_dec(y.to(device) * scale_out, dict_cfg.b_dec_init)
+            # per-column scales broadcast over the columns
+            s_out = scale_out.to(y.device) if isinstance(scale_out, torch.Tensor) else scale_out
+            y_scaled = y * s_out
+            b_dec = initial_b_dec(y_scaled.to(device), dict_cfg.b_dec_init)
             dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
     return Trainer(
@@ -73,16 +84,17 @@ def restore_trainer(
     transcoder: bool,
     device: torch.device,
     name: str = "",
+    layout: Layout | None = None,
 ) -> Trainer:
     """A trainer continuing from a checkpoint's `state` (see Trainer.state_dict)."""
-    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, None, transcoder)
+    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, None, transcoder, layout)
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
     trainer = Trainer(
         dictionary,
         trainer_cfg,
-        float(state["scale"]),
+        state["scale"],
         total_steps,
-        target_scale=float(state["target_scale"]),
+        target_scale=state["target_scale"],
         name=name,
     )
     trainer.load_state_dict(state)

@@ -11,6 +11,29 @@ def normalization_scale(samples: torch.Tensor) -> float:
     return float((samples.shape[-1] / mean_sq_norm).sqrt())
 
 
+def block_normalization_scales(
+    samples: torch.Tensor, widths: tuple[int, ...]
+) -> float | torch.Tensor:
+    """One site: its scale. Several side by side (a crosscoder's or CLT's): each site's own
+    scale, repeated over its columns ([Σ widths]), so every site enters with E‖s·x‖² = width."""
+    if len(widths) == 1:
+        return normalization_scale(samples)
+    parts, start = [], 0
+    for width in widths:
+        scale = normalization_scale(samples[:, start : start + width])
+        parts.append(torch.full((width,), scale, dtype=torch.float32))
+        start += width
+    return torch.cat(parts)
+
+
+def scale_summary(scale: float | torch.Tensor) -> float | list[float]:
+    """A scale for JSON and logs: the number, or each site's (one per block of equal values)."""
+    if not isinstance(scale, torch.Tensor):
+        return float(scale)
+    values = scale.detach().cpu().tolist()
+    return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+
+
 def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """The point minimising the sum of Euclidean distances (Weiszfeld's algorithm).
 

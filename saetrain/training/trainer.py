@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from saetrain.config import TrainerConfig
-from saetrain.dictionaries.base import Dictionary, TrainOutput, active_count, fired_latents
+from saetrain.dictionaries.base import (
+    Dictionary,
+    Scale,
+    TrainOutput,
+    active_count,
+    fired_latents,
+)
 from saetrain.evaluation.metrics import reconstruction_metrics
 from saetrain.progress import duration, human
 from saetrain.training.checkpoint import TrainingDiverged
@@ -32,23 +38,24 @@ class Trainer:
     """Adam on a dictionary, with its decoder constraint, sparsity warm-up and dead-latent tracking.
 
     Activations arrive raw and are multiplied by `scale` (so E‖x‖² = d). A transcoder's batches
-    are rows [x, y] of width d_in + d_out; y is multiplied by `target_scale`.
+    are rows [x, y] of width d_in + d_out; y is multiplied by `target_scale`. A dictionary on
+    several sites has one scale per column (each site's own, see block_normalization_scales).
     """
 
     def __init__(
         self,
         dictionary: Dictionary,
         cfg: TrainerConfig,
-        scale: float,
+        scale: Scale,
         total_steps: int,
-        target_scale: float | None = None,
+        target_scale: Scale | None = None,
         name: str = "",
     ):
         self.dictionary = dictionary
         self.name = name  # prefixes progress lines when several dictionaries train together
         self.cfg = cfg
-        self.scale = scale
-        self.target_scale = scale if target_scale is None else target_scale
+        self.scale = self._on_device(scale)
+        self.target_scale = self.scale if target_scale is None else self._on_device(target_scale)
         self.total_steps = total_steps
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(dictionary.n_latents)
         self.optimizer = torch.optim.Adam(
@@ -68,14 +75,20 @@ class Trainer:
             L0Controller(target_l0, cfg.target_l0_gain) if target_l0 is not None else None
         )
 
+    def _on_device(self, scale: Scale) -> Scale:
+        """A number stays a float; per-column scales live beside the weights."""
+        if isinstance(scale, torch.Tensor):
+            return scale.to(self.dictionary.b_dec.device, torch.float32)
+        return float(scale)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: weights, Adam, counters, scales."""
         return {
             "dictionary": self.dictionary.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tokens_since_fired.cpu(),
-            "scale": self.scale,
-            "target_scale": self.target_scale,
+            "scale": self._saved(self.scale),
+            "target_scale": self._saved(self.target_scale),
             "step": self.state.step,
             "tokens": self.state.tokens,
             "history": self.state.history,
@@ -90,11 +103,15 @@ class Trainer:
         self.dictionary.load_state_dict(state["dictionary"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        self.scale = float(state["scale"])
-        self.target_scale = float(state["target_scale"])
+        self.scale = self._on_device(state["scale"])
+        self.target_scale = self._on_device(state["target_scale"])
         self.state = TrainState(int(state["step"]), int(state["tokens"]), list(state["history"]))
         if self.l0_controller is not None and "l0_controller" in state:
             self.l0_controller.load_state_dict(state["l0_controller"])
+
+    @staticmethod
+    def _saved(scale: Scale) -> Scale:
+        return scale.detach().cpu() if isinstance(scale, torch.Tensor) else scale
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
@@ -103,10 +120,12 @@ class Trainer:
         """(input, target), normalised, from a raw batch."""
         d = self.dictionary
         batch = batch.to(d.W_enc.dtype)
+        dtype = d.W_enc.dtype  # per-column scales are float32: the product keeps the weights' dtype
         if not d.transcoder:
-            x = batch * self.scale
+            x = (batch * self.scale).to(dtype)
             return x, x
-        return batch[:, : d.d_in] * self.scale, batch[:, d.d_in :] * self.target_scale
+        x, y = batch[:, : d.d_in] * self.scale, batch[:, d.d_in :] * self.target_scale
+        return x.to(dtype), y.to(dtype)
 
     def step(self, batch: torch.Tensor) -> tuple[torch.Tensor, TrainOutput]:
         """One optimiser step on a batch of raw activations.
