@@ -241,9 +241,10 @@ def coverage_warning(layers: Iterable[int], n_model_layers: int | None) -> str |
     missing = sorted(set(range(n_model_layers)) - set(covered))
     return (
         f"covers layers {_ranges(covered)} of a {n_model_layers}-layer model (missing "
-        f"{_ranges(missing)}): circuit-tracer loads it, but its replacement model replaces the "
-        f"MLP of every layer 0..{n_model_layers - 1} and needs a transcoder for each, so "
-        "attribution with this export fails or leaves the missing layers' MLPs as error nodes"
+        f"{_ranges(missing)}): circuit-tracer loads it and attributes with it, but its graph then "
+        "has features and error nodes for the covered layers only, so the missing layers' MLPs "
+        "drop out of the graph (circuit-tracer 0.5.0; its graph scores assume one error node per "
+        "model layer); export every layer for attribution graphs"
     )
 
 
