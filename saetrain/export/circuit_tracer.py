@@ -343,6 +343,7 @@ def write_transcoder_set(
     skip = first.W_skip is not None
     for i in indices:
         _check_layer(i, by_layer[i], d, n, activation, skip)
+    warnings = _warnings(indices, n_model_layers, activation)
     folder = _start(folder)
     files = []
     for i in indices:
@@ -374,7 +375,6 @@ def write_transcoder_set(
     if transcoder_uri_prefix is not None:
         prefix = transcoder_uri_prefix.rstrip("/")
         config["transcoders"] = [f"{prefix}/{name}" for name in files]
-    warnings = _warnings(indices, n_model_layers, activation)
     config["saetrain"] = _saetrain_block(
         activation, k, len(indices), n_model_layers, d, n, skip, warnings, metadata
     )
@@ -413,6 +413,7 @@ def write_clt(
         if clt.threshold is not None:
             _shape(f"threshold[{i}]", clt.threshold[i], (n,))
     activation: Activation = "jumprelu" if clt.threshold is not None else "relu"
+    warnings = _warnings(range(L), n_model_layers, activation)
     folder = _start(folder)
     files = []
     for i in range(L):
@@ -435,7 +436,6 @@ def write_clt(
     }
     if scan is not None:
         config["scan"] = scan
-    warnings = _warnings(range(L), n_model_layers, activation)
     config["saetrain"] = _saetrain_block(
         activation, None, L, n_model_layers, d, n, False, warnings, metadata
     )
@@ -487,6 +487,11 @@ def _shape(name: str, t: Tensor, expected: tuple[int, ...]) -> None:
 
 
 def _warnings(layers: Iterable[int], n_model_layers: int | None, activation: str) -> list[str]:
+    layers = list(layers)
+    if n_model_layers is not None and max(layers) >= n_model_layers:
+        raise CircuitTracerExportError(
+            f"{len(layers)} layers exported for a model with {n_model_layers} layers"
+        )
     warnings = []
     coverage = coverage_warning(layers, n_model_layers)
     if coverage:
