@@ -59,12 +59,14 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
 TOPK_COMPATIBILITY = (
     "A TopK transcoder set is written with `activation: topk` and `k` in config.yaml. Only "
     "circuit-tracer's main branch reads them (decoderesearch/circuit-tracer pull request #94, "
-    "merged 2026-04-16; per-layer transcoders only, no TopK CLT). circuit-tracer 0.5.0 from PyPI "
-    "and earlier ignore both keys and load the set as plain ReLU transcoders without a warning: "
-    "every feature with a positive pre-activation fires, so its graphs are wrong. Use a TopK set "
-    "with circuit-tracer installed from its main branch, or train BatchTopK / Matryoshka / "
-    "JumpReLU transcoders, which export as the JumpReLU they compute at inference and load "
-    "exactly in 0.5.0."
+    "merged 2026-04-16; per-layer transcoders only, no TopK CLT). circuit-tracer 0.5.0 (PyPI) "
+    "ignores both keys and loads the set as plain ReLU transcoders without a warning: every "
+    "feature with a positive pre-activation fires, so its graphs are wrong. circuit-tracer's TopK "
+    "module keeps the k largest pre-activations even when negative, where saetrain's TopK zeroes "
+    "those: the two agree whenever at least k pre-activations are positive. Use a TopK set with "
+    "circuit-tracer installed from its main branch, or train BatchTopK / Matryoshka / JumpReLU "
+    "transcoders, which export as the JumpReLU they compute at inference and load exactly in "
+    "0.5.0."
 )
 
 # Our site kinds → circuit-tracer's hook names (relative to `blocks.{l}.`). circuit-tracer reads a
