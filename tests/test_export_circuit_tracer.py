@@ -245,6 +245,14 @@ def test_hook_names_follow_the_sites_trained():
         hooks_for_layers({0: ("mlp_in.0", "mlp_out.0"), 1: ("resid_mid.1", "mlp_out.1")})
     with pytest.raises(CircuitTracerExportError, match="at another layer"):
         hooks_for_layers({0: ("mlp_in.1", "mlp_out.1")})
+    with pytest.raises(CircuitTracerExportError, match="relative to blocks"):
+        write_transcoder_set(
+            "unused",
+            [],
+            feature_input_hook="blocks.0.mlp.hook_in",
+            feature_output_hook="hook_mlp_out",
+            activation="relu",
+        )
 
 
 def test_clt_files_tensors_config_and_round_trip(tmp_path):

@@ -337,9 +337,10 @@ def write_transcoder_set(
     working directory, while without a list it finds the layer files itself (hub or local).
     `metadata` goes into config.yaml's `saetrain` block.
     """
+    _check_hooks(feature_input_hook, feature_output_hook)
+    _check_activation(activation, k)
     by_layer = dict(enumerate(layers)) if isinstance(layers, Sequence) else dict(layers)
     indices = _check_contiguous(by_layer, "transcoder set")
-    _check_activation(activation, k, TRANSCODER_SET)
     first = by_layer[0]
     d, n = first.W_enc.shape
     skip = first.W_skip is not None
@@ -397,6 +398,7 @@ def write_clt(
     """Write a cross-layer transcoder for circuit-tracer (ReLU, or JumpReLU when `clt.threshold`
     is given). Arguments as `write_transcoder_set`; a CLT has no TopK and no skip connection in
     circuit-tracer's files."""
+    _check_hooks(feature_input_hook, feature_output_hook)
     L = clt.n_layers
     if L == 0:
         raise CircuitTracerExportError("a CLT needs at least one layer")
@@ -444,7 +446,27 @@ def write_clt(
     return _finish(folder, files, config, warnings)
 
 
-def _check_activation(activation: str, k: int | None, kind: str) -> None:
+# The hook names circuit-tracer 0.5.0 knows (its nnsight mappings, utils/tl_nnsight_mapping.py;
+# the TransformerLens backend resolves any attribute path under a block).
+_KNOWN_INPUT_HOOKS = ("hook_resid_mid", "mlp.hook_in", "ln2.hook_normalized")
+_KNOWN_OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+
+
+def _check_hooks(feature_input_hook: str, feature_output_hook: str) -> None:
+    """Refuse full TransformerLens names (circuit-tracer prepends `blocks.{l}.` itself) and names
+    its replacement model does not know."""
+    for hook, known in (
+        (feature_input_hook, _KNOWN_INPUT_HOOKS),
+        (feature_output_hook, _KNOWN_OUTPUT_HOOKS),
+    ):
+        if hook not in known:
+            raise CircuitTracerExportError(
+                f"hook {hook!r}: circuit-tracer takes one of {', '.join(known)} here, relative to "
+                "blocks.{l} (circuit_tracer_hooks turns saetrain sites into these names)"
+            )
+
+
+def _check_activation(activation: str, k: int | None) -> None:
     if activation not in ACTIVATIONS:
         raise CircuitTracerExportError(
             f"activation={activation!r}; circuit-tracer reads one of: {', '.join(ACTIVATIONS)}"
