@@ -1,0 +1,459 @@
+"""Check that circuit-tracer loads saetrain's circuit-tracer exports and computes what they mean.
+
+Needs `circuit-tracer` in the same environment (it is not a dependency of saetrain), e.g.
+
+    python -m venv /tmp/ct-venv
+    /tmp/ct-venv/bin/pip install -c constraints-cpu.txt circuit-tracer==0.5.0
+    PYTHONPATH=. /tmp/ct-venv/bin/python scripts/check_circuit_tracer_load.py --json out.json
+
+Builds random transcoder sets (ReLU, JumpReLU with and without a skip connection, TopK; a JumpReLU
+and a BatchTopK saetrain transcoder through `layer_from_dictionary`; a bf16 JumpReLU) and random
+CLTs (ReLU, JumpReLU) in memory, writes them with saetrain.export.circuit_tracer, loads each folder
+with circuit-tracer's own loader (`load_transcoder_from_hub` with the folder's absolute path: the
+route `ReplacementModel.from_pretrained(model, folder)` takes) and compares its encode / decode
+(for a CLT, every layer's output from all earlier layers) with a torch computation from the input
+tensors. Prints a table of max |Δ| per check and exits 1 when a check that should agree does not.
+A TopK set is expected to disagree in circuit-tracer 0.5.0, which ignores `activation: topk`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+D, N, L, ROWS = 16, 48, 3, 64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _random_layer(g: torch.Generator, *, threshold: bool, skip: bool):
+    from saetrain.export.circuit_tracer import TranscoderLayer
+
+    return TranscoderLayer(
+        W_enc=torch.randn(D, N, generator=g) / D**0.5,
+        b_enc=0.1 * torch.randn(N, generator=g),
+        W_dec=torch.randn(N, D, generator=g) / N**0.5,
+        b_dec=0.1 * torch.randn(D, generator=g),
+        threshold=(0.3 + 0.2 * torch.rand(N, generator=g)) if threshold else None,
+        W_skip=(0.1 * torch.randn(D, D, generator=g)) if skip else None,
+    )
+
+
+def _reference_codes(x, layer, activation: str, k: int | None):
+    """saetrain's inference codes from the SAELens-orientation tensors."""
+    pre = x @ layer.W_enc + layer.b_enc
+    if activation == "relu":
+        return pre.relu()
+    if activation == "jumprelu":
+        return pre * (pre > layer.threshold)
+    values, indices = pre.topk(k, dim=-1)  # saetrain's TopK: the k largest, then ReLU
+    return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+
+def _reference_decode(x, codes, layer):
+    out = codes @ layer.W_dec + layer.b_dec
+    return out if layer.W_skip is None else out + x @ layer.W_skip.T
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def check_set(name, folder, layers, activation, k, load, rows, expect_equal=True, dtype=None):
+    from saetrain.export.circuit_tracer import write_transcoder_set
+
+    result = write_transcoder_set(
+        folder,
+        layers,
+        feature_input_hook="mlp.hook_in",
+        feature_output_hook="hook_mlp_out",
+        activation=activation,
+        k=k,
+        n_model_layers=len(layers),
+        dtype=dtype,
+    )
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    ct, config = load(str(Path(folder).resolve()), **kwargs)
+    out = []
+    for i, layer in enumerate(layers):
+        x = rows[i] if dtype is None else rows[i].to(dtype)
+        with torch.no_grad():
+            ours = _reference_codes_in(x, layer, activation, k, dtype)
+            theirs = ct[i].encode(x)
+            dec_ours = _reference_decode_in(x, ours, layer, dtype)
+            dec_theirs = ct[i].decode(theirs, x)
+        out.append(
+            {
+                "check": f"{name} L{i}",
+                "class": f"{type(ct).__name__}/{type(ct[i].activation_function).__name__}",
+                "encode": _max_diff(ours, theirs),
+                "decode": _max_diff(dec_ours, dec_theirs),
+                "fired_mismatch": int(((ours != 0) != (theirs != 0)).sum()),
+                "expect_equal": expect_equal,
+            }
+        )
+    if activation == "topk":
+        from circuit_tracer.transcoder.activation_functions import TopK
+
+        x = rows[0]
+        with torch.no_grad():
+            pre = ct[0].encode(x, apply_activation_function=False)
+            theirs = TopK(k)(pre)
+        ours = _reference_codes(x, layers[0], "topk", k)
+        out.append(
+            {
+                "check": f"{name} L0 through circuit-tracer's TopK({k})",
+                "class": "activation_functions.TopK",
+                "encode": _max_diff(ours, theirs),
+                "decode": float("nan"),
+                "fired_mismatch": int(((ours != 0) != (theirs != 0)).sum()),
+                "expect_equal": True,
+            }
+        )
+    for row in out:
+        row["files"] = len(result.files)
+        row["config_keys"] = sorted(config)
+    return out
+
+
+def _reference_codes_in(x, layer, activation, k, dtype):
+    """The reference in `dtype` (pre-activations rounded as circuit-tracer's, θ kept fp32)."""
+    if dtype is None:
+        return _reference_codes(x, layer, activation, k)
+    pre = torch.nn.functional.linear(x, layer.W_enc.T.to(dtype), layer.b_enc.to(dtype))
+    assert activation == "jumprelu"
+    return pre * (pre.float() > layer.threshold.float()).to(dtype)
+
+
+def _reference_decode_in(x, codes, layer, dtype):
+    if dtype is None:
+        return _reference_decode(x, codes, layer)
+    return codes @ layer.W_dec.to(dtype) + layer.b_dec.to(dtype)
+
+
+def check_dictionaries(folder, load, rows):
+    """saetrain JumpReLU and BatchTopK transcoders through layer_from_dictionary: circuit-tracer's
+    output equals saetrain's own forward."""
+    from saetrain.dictionaries import BatchTopKSAE, JumpReLUSAE
+    from saetrain.export.circuit_tracer import layer_from_dictionary, write_transcoder_set
+
+    out = []
+    for cls in (JumpReLUSAE, BatchTopKSAE):
+        g = _gen(7)
+        dicts = []
+        for _ in range(2):
+            sae = cls(D, N, D, transcoder=True, generator=g)
+            with torch.no_grad():
+                for p in sae.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+                if cls is BatchTopKSAE:
+                    sae.threshold.fill_(0.2)
+            dicts.append(sae.eval())
+        converted = [layer_from_dictionary(s) for s in dicts]
+        layers = [c[0] for c in converted]
+        sub = Path(folder) / cls.architecture
+        write_transcoder_set(
+            sub,
+            layers,
+            feature_input_hook="mlp.hook_in",
+            feature_output_hook="hook_mlp_out",
+            activation=converted[0][1],
+        )
+        ct, _ = load(str(sub.resolve()))
+        for i, sae in enumerate(dicts):
+            x = rows[i]
+            with torch.no_grad():
+                codes_ours = sae.encode(x)
+                codes_theirs = ct[i].encode(x)
+                out.append(
+                    {
+                        "check": f"saetrain {cls.__name__} L{i} (layer_from_dictionary)",
+                        "class": f"{type(ct).__name__}/{type(ct[i].activation_function).__name__}",
+                        "encode": _max_diff(codes_ours, codes_theirs),
+                        "decode": _max_diff(sae(x), ct[i](x)),
+                        "fired_mismatch": int(((codes_ours != 0) != (codes_theirs != 0)).sum()),
+                        "expect_equal": True,
+                    }
+                )
+    return out
+
+
+def _random_clt(g: torch.Generator, threshold: bool):
+    from saetrain.export.circuit_tracer import CLTTensors
+
+    n = 32
+    return CLTTensors(
+        W_enc=[torch.randn(D, n, generator=g) / D**0.5 for _ in range(L)],
+        b_enc=[0.1 * torch.randn(n, generator=g) for _ in range(L)],
+        W_dec=[torch.randn(n, L - i, D, generator=g) / n**0.5 for i in range(L)],
+        b_dec=[0.1 * torch.randn(D, generator=g) for _ in range(L)],
+        threshold=[0.3 + 0.2 * torch.rand(n, generator=g) for _ in range(L)] if threshold else None,
+    )
+
+
+def check_clt(name, folder, clt, load, x):
+    """x [L, B, d]: layer i's input. Reference: codes_i = act(x_i·W_enc[i] + b_enc[i]); layer j's
+    output = Σ_{i≤j} codes_i·W_dec[i][:, j−i] + b_dec[j]."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    from saetrain.export.circuit_tracer import write_clt
+
+    write_clt(
+        folder,
+        clt,
+        feature_input_hook="hook_resid_mid",
+        feature_output_hook="hook_mlp_out",
+        n_model_layers=L,
+    )
+    codes = []
+    for i in range(L):
+        pre = x[i] @ clt.W_enc[i] + clt.b_enc[i]
+        codes.append(pre.relu() if clt.threshold is None else pre * (pre > clt.threshold[i]))
+    outputs = torch.stack(
+        [
+            sum(codes[i] @ clt.W_dec[i][:, j - i] for i in range(j + 1)) + clt.b_dec[j]
+            for j in range(L)
+        ]
+    )
+    loaded = {
+        "load_transcoder_from_hub (lazy decoder)": load(str(Path(folder).resolve()))[0],
+        "load_clt (eager)": load_clt(
+            str(Path(folder).resolve()), lazy_decoder=False, dtype=torch.float32, device="cpu"
+        ),
+    }
+    out = []
+    for how, ct in loaded.items():
+        with torch.no_grad():
+            theirs = ct.encode(x)
+            per_layer = torch.stack([ct.encode_layer(x[i], i) for i in range(L)])
+            decoded = ct.decode(theirs.to_sparse())
+        ours = torch.stack(codes)
+        out.append(
+            {
+                "check": f"{name} via {how}",
+                "class": f"{type(ct).__name__}/{type(ct.activation_function).__name__}",
+                "encode": max(_max_diff(ours, theirs), _max_diff(ours, per_layer)),
+                "decode": _max_diff(outputs, decoded),
+                "fired_mismatch": int(((ours != 0) != (theirs != 0)).sum()),
+                "expect_equal": True,
+            }
+        )
+    return out
+
+
+def _tiny_tokenizer(folder: Path):
+    """A word-level tokenizer over w0..w119, saved and reloaded (TransformerLens wants one that
+    knows its folder); the replacement model needs a tokenizer to run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i + 3 for i in range(120)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def check_replacement_model(folder, load):
+    """circuit-tracer's TransformerLens replacement model on a tiny random 3-layer model: the hook
+    names are accepted and attribute() runs, per hook pair and for a CLT; a set covering 2 of the
+    3 layers gets error nodes for 2 layers only; and `mlp.hook_in` is the MLP's input (the norm
+    with its weight) while `ln2.hook_normalized` is before the weight."""
+    from circuit_tracer import attribute
+    from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+        TransformerLensReplacementModel,
+    )
+    from transformer_lens import HookedTransformerConfig
+
+    from saetrain.export.circuit_tracer import write_clt, write_transcoder_set
+
+    cfg = HookedTransformerConfig(
+        n_layers=L, d_model=D, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=123,
+        act_fn="gelu", normalization_type="RMS", device="cpu", seed=0,
+    )  # fmt: skip
+    g = _gen(11)
+    tokens = torch.tensor([0, 5, 7, 9, 11, 3])
+    tokenizer = _tiny_tokenizer(Path(folder) / "tokenizer")
+    cases = [
+        ("set mlp.hook_in → hook_mlp_out", "mlp.hook_in", "hook_mlp_out", L, False),
+        ("set hook_resid_mid → mlp.hook_out", "hook_resid_mid", "mlp.hook_out", L, False),
+        ("set covering layers 0-1 of 3", "mlp.hook_in", "hook_mlp_out", L - 1, False),
+        ("clt hook_resid_mid → hook_mlp_out", "hook_resid_mid", "hook_mlp_out", L, True),
+    ]
+    out = []
+    for name, hook_in, hook_out, m, is_clt in cases:
+        sub = Path(folder) / name.split()[0] / hook_in / str(m)
+        if is_clt:
+            write_clt(sub, _random_clt(g, False), feature_input_hook=hook_in,
+                      feature_output_hook=hook_out, n_model_layers=L)  # fmt: skip
+        else:
+            layers = [_random_layer(g, threshold=False, skip=False) for _ in range(m)]
+            write_transcoder_set(sub, layers, feature_input_hook=hook_in,
+                                 feature_output_hook=hook_out, activation="relu",
+                                 n_model_layers=L)  # fmt: skip
+        ct, _ = load(str(sub.resolve()))
+        model = TransformerLensReplacementModel.from_config(cfg, ct)
+        model.set_tokenizer(tokenizer)
+        with torch.no_grad():
+            for block in model.blocks:  # norm weights ≠ 1, so the two hooks differ
+                block.ln2.w.copy_(1 + 0.5 * torch.randn(D, generator=g))
+        graph = attribute(tokens, model, max_n_logits=3, batch_size=16, verbose=False)
+        n_feat = graph.active_features.shape[0]
+        n_nodes = graph.adjacency_matrix.shape[0]
+        n_logits = len(graph.logit_tokens)
+        error_nodes = n_nodes - n_feat - len(tokens) - n_logits
+        row = {
+            "check": f"replacement model: {name}",
+            "class": f"attribute() ok, {error_nodes // len(tokens)} error layers",
+            "encode": float("nan"),
+            "decode": float("nan"),
+            "fired_mismatch": 0,
+            "expect_equal": True,
+            "error_node_layers": error_nodes // len(tokens),
+            "model_layers": L,
+        }
+        out.append(row)
+        if name.startswith("set mlp.hook_in"):
+            _, cache = model.run_with_cache(tokens)
+            hook_in_acts = cache["blocks.0.mlp.hook_in"]
+            normed = cache["blocks.0.ln2.hook_normalized"]
+            mid = cache["blocks.0.hook_resid_mid"]
+            out.append(
+                {
+                    "check": "TL: mlp.hook_in vs ln2(hook_resid_mid) [Δ=0 expected]",
+                    "class": "HookedTransformer (fold_ln=False)",
+                    "encode": _max_diff(hook_in_acts, model.blocks[0].ln2(mid)),
+                    "decode": float("nan"),
+                    "fired_mismatch": 0,
+                    "expect_equal": True,
+                }
+            )
+            out.append(
+                {
+                    "check": "TL: mlp.hook_in vs ln2.hook_normalized [Δ>0 expected]",
+                    "class": "HookedTransformer (fold_ln=False)",
+                    "encode": _max_diff(hook_in_acts, normed),
+                    "decode": float("nan"),
+                    "fired_mismatch": 0,
+                    "expect_equal": False,
+                }
+            )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the results as JSON here")
+    parser.add_argument("--folder", help="write the exports here (default: a temporary folder)")
+    parser.add_argument(
+        "--skip-replacement-model",
+        action="store_true",
+        help="skip running attribute() with circuit-tracer's replacement model on a tiny model",
+    )
+    args = parser.parse_args()
+
+    try:
+        import circuit_tracer
+        from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+    except ImportError:
+        print("circuit-tracer is not installed: pip install circuit-tracer", file=sys.stderr)
+        return 2
+    from importlib.metadata import version
+
+    def load(path: str, **kwargs):
+        kwargs.setdefault("dtype", torch.float32)
+        return load_transcoder_from_hub(path, device=torch.device("cpu"), **kwargs)
+
+    torch.manual_seed(0)
+    base = Path(args.folder or tempfile.mkdtemp(prefix="ct-export-"))
+    g = _gen(0)
+    rows = [torch.randn(ROWS, D, generator=g) for _ in range(L)]
+    results = []
+
+    relu = [_random_layer(g, threshold=False, skip=False) for _ in range(L)]
+    results += check_set("set relu", base / "relu", relu, "relu", None, load, rows)
+
+    jump = [_random_layer(g, threshold=True, skip=False) for _ in range(L)]
+    # a pre-activation exactly at its threshold: saetrain (pre > θ) does not fire it
+    pre0 = rows[0] @ jump[0].W_enc + jump[0].b_enc
+    jump[0].threshold[:8] = pre0[0, :8]
+    results += check_set("set jumprelu", base / "jumprelu", jump, "jumprelu", None, load, rows)
+
+    skip = [_random_layer(g, threshold=True, skip=True) for _ in range(L)]
+    results += check_set("set jumprelu+skip", base / "skip", skip, "jumprelu", None, load, rows)
+
+    bf16 = [_random_layer(g, threshold=True, skip=False) for _ in range(L)]
+    results += check_set(
+        "set jumprelu bf16", base / "bf16", bf16, "jumprelu", None, load, rows,
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+
+    topk = [_random_layer(g, threshold=False, skip=False) for _ in range(L)]
+    results += check_set(
+        "set topk (0.5.0 reads it as ReLU)", base / "topk", topk, "topk", 5, load, rows,
+        expect_equal=False,
+    )  # fmt: skip
+
+    results += check_dictionaries(base / "dictionaries", load, rows)
+
+    x = torch.stack([torch.randn(ROWS, D, generator=g) for _ in range(L)])
+    results += check_clt("clt relu", base / "clt_relu", _random_clt(g, False), load, x)
+    results += check_clt("clt jumprelu", base / "clt_jumprelu", _random_clt(g, True), load, x)
+
+    if not args.skip_replacement_model:
+        results += check_replacement_model(base / "replacement_model", load)
+
+    tol = 1e-5
+    failed = []
+    for r in results:
+        enc, dec = r["encode"], r["decode"]
+        agrees = (enc != enc or enc <= tol) and (dec != dec or dec <= tol)
+        agrees = agrees and r["fired_mismatch"] == 0
+        if "error_node_layers" in r:  # the partial set is expected to lose its missing layer
+            agrees = r["error_node_layers"] == r["model_layers"]
+            r["expect_equal"] = "covering" not in r["check"]
+        r["agrees"] = agrees
+        if agrees != r["expect_equal"]:
+            failed.append(r["check"])
+    ct_version = version("circuit-tracer")
+    print(f"circuit-tracer {ct_version} ({Path(circuit_tracer.__file__).parent}), torch "
+          f"{torch.__version__}; exports in {base}")  # fmt: skip
+    header = f"{'check':<62} {'circuit-tracer class':<34} {'enc |Δ|':>9} {'dec |Δ|':>9} fired≠ ok"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        mark = "yes" if r["agrees"] == r["expect_equal"] else "NO"
+        print(
+            f"{r['check']:<62} {r['class']:<34} {r['encode']:>9.2e} {r['decode']:>9.2e} "
+            f"{r['fired_mismatch']:>6} {mark}"
+        )
+    summary = {
+        "circuit_tracer_version": ct_version,
+        "torch_version": torch.__version__,
+        "tolerance": tol,
+        "results": results,
+        "failed": failed,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+        return 1
+    print("all checks as expected (TopK: 0.5.0 loads it as ReLU, see TOPK_COMPATIBILITY)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
