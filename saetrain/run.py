@@ -19,6 +19,7 @@ import torch
 from saetrain.activations.buffer import ActivationBuffer
 from saetrain.activations.cache import ActivationCache, activation_key_fields
 from saetrain.activations.model import TORCH_DTYPES, load_lm
+from saetrain.activations.sites import model_family, num_layers
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenBatch, TokenSource
@@ -39,6 +40,7 @@ from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts, splice_member
 from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import replacement_lm_metrics
+from saetrain.export.extras import kind_metrics, write_extras
 from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
@@ -65,6 +67,7 @@ from saetrain.training.run_folder import (
     mark_finished,
 )
 from saetrain.training.trainer import Trainer
+from saetrain.transcoder_sets import evaluate_and_export_set, find_sets
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +486,7 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         metrics |= training_dead_metrics(
             trainer.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
         )
+        metrics |= kind_metrics(exported, job.inputs)  # a crosscoder's decoder-norm shares
         run_info = {
             "config": dataclasses.asdict(job.cfg),
             "run_config": dataclasses.asdict(cfg) if len(jobs) > 1 else None,
@@ -508,6 +512,10 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         )
         with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
             folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
+            model = setup.source.model
+            write_extras(
+                exported, folder, job.inputs, job.targets, num_layers(model), model_family(model)
+            )
         logger.log_density(frequencies[0], state.step)
         logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
@@ -527,6 +535,8 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
     tokens_seen = next(job.trainer.state.tokens for job in jobs if job.trainer is not None)
     gathered, publish_errors = dp.collect(results), dp.collect(publish_errors)
     results = sorted({i: result for i, result in gathered}.items())
+    if dp.world.is_main:  # per-layer transcoders spliced together, and their circuit-tracer files
+        _transcoder_sets(setup, [r for _, r in results])
     # Saved (an upload that failed can be redone by hand): resume now answers "already finished".
     if dp.world.is_main:
         mark_finished(setup.output_dir, [r.name for _, r in results], tokens_seen)
@@ -537,6 +547,31 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         )
     done = [r for _, r in results]
     return RunResult(setup.output_dir, done[0].dictionary_dir, done[0].metrics, done)
+
+
+def _transcoder_sets(setup: _Setup, results: list[DictionaryResult]) -> None:
+    """Evaluate and write each transcoder set of the run (saetrain/transcoder_sets.py)."""
+    folders = {r.name: r.dictionary_dir for r in results}
+    sets = find_sets(
+        [
+            (job.cfg.dictionary.kind, job.input_site, job.target_site, folders[job.name])
+            for job in setup.jobs
+            if job.name in folders
+        ]
+    )
+    cfg, model = setup.cfg, setup.source.model
+    ce_batches = (
+        first_contexts(setup.held_out, cfg.eval.ce_contexts) if cfg.eval.compute_ce else None
+    )
+    for transcoder_set in sets:
+        evaluate_and_export_set(
+            transcoder_set,
+            setup.source,
+            ce_batches,
+            setup.output_dir,
+            num_layers(model),
+            model_family(model),
+        )
 
 
 def _evaluate(

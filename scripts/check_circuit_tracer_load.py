@@ -251,6 +251,51 @@ def check_clt(name, folder, clt, load, x):
     return out
 
 
+def check_saetrain_clt(folder, load, x):
+    """saetrain's own CLT classes (random weights, folded per-layer scales), written by
+    clt_from_dictionary: circuit-tracer's encode and per-layer outputs against saetrain's."""
+    from saetrain.config import DictionaryConfig
+    from saetrain.dictionaries import Layout, build_dictionary
+    from saetrain.export.circuit_tracer import clt_from_dictionary
+
+    out = []
+    for arch in ("relu", "jumprelu"):
+        cfg = DictionaryConfig(
+            architecture=arch, kind="clt", n_latents=N, jumprelu_init_threshold=0.3
+        )
+        layout = Layout("clt", (D,) * L, (D,) * L)
+        clt = build_dictionary(cfg, L * D, L * D, torch.device("cpu"), _gen(7), True, layout)
+        with torch.no_grad():
+            clt.b_enc.normal_(0, 0.1, generator=_gen(8))
+            clt.fold_input_scale(
+                torch.rand(L * D, generator=_gen(9)) + 0.5, torch.rand(L * D) + 0.5
+            )
+        tensors = clt_from_dictionary(clt)
+        rows = x.permute(1, 0, 2).reshape(x.shape[1], L * D)  # [B, L·d]: layers side by side
+        with torch.no_grad():
+            ours_codes = clt.encode(rows).reshape(-1, L, N).permute(1, 0, 2)
+            ours_out = clt(rows).reshape(-1, L, D).permute(1, 0, 2)
+        result = check_clt(f"saetrain {arch} CLT", Path(folder) / arch, tensors, load, x)
+        from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+        ct = load_clt(str((Path(folder) / arch).resolve()), lazy_decoder=False,
+                      dtype=torch.float32, device="cpu")  # fmt: skip
+        with torch.no_grad():
+            theirs = ct.encode(x)
+            decoded = ct.decode(theirs.to_sparse())
+        out.append(
+            {
+                "check": f"saetrain {arch} CLT (clt_from_dictionary) vs saetrain's forward",
+                "class": result[0]["class"],
+                "encode": _max_diff(ours_codes, theirs),
+                "decode": _max_diff(ours_out, decoded),
+                "fired_mismatch": int(((ours_codes != 0) != (theirs != 0)).sum()),
+                "expect_equal": True,
+            }
+        )
+    return out
+
+
 def _tiny_tokenizer(folder: Path):
     """A word-level tokenizer over w0..w119, saved and reloaded (TransformerLens wants one that
     knows its folder); the replacement model needs a tokenizer to run."""
@@ -411,6 +456,7 @@ def main() -> int:
     x = torch.stack([torch.randn(ROWS, D, generator=g) for _ in range(L)])
     results += check_clt("clt relu", base / "clt_relu", _random_clt(g, False), load, x)
     results += check_clt("clt jumprelu", base / "clt_jumprelu", _random_clt(g, True), load, x)
+    results += check_saetrain_clt(base / "saetrain_clt", load, x)
 
     if not args.skip_replacement_model:
         results += check_replacement_model(base / "replacement_model", load)

@@ -624,6 +624,30 @@ def layer_from_dictionary(dictionary: Any) -> tuple[TranscoderLayer, Activation,
     return layer, "relu", None
 
 
+def clt_from_dictionary(dictionary: Any) -> CLTTensors:
+    """The CLTTensors of a trained, folded saetrain CLT (saetrain/dictionaries/clt.py): per layer
+    W_enc [d, n], b_enc, the decoder row block [n, L − i, d] and θ (JumpReLU; fp32). TopK has no
+    circuit-tracer CLT and is refused, as is a skip connection (circuit-tracer reads none)."""
+    if dictionary.architecture == "topk":
+        raise CircuitTracerExportError(
+            "circuit-tracer 0.5.0 builds ReLU and JumpReLU CLTs only; a TopK CLT is not exported "
+            "for it (train dictionary.architecture=jumprelu for circuit-tracer)"
+        )
+    if dictionary.W_skip is not None:
+        raise CircuitTracerExportError("circuit-tracer reads no skip connection of a CLT")
+    L, d_out, n = dictionary.n_layers, dictionary.layer_d_out, dictionary.layer_latents
+    theta = None
+    if dictionary.architecture == "jumprelu":
+        theta = [t.detach().float().clone() for t in dictionary.threshold.reshape(L, n)]
+    return CLTTensors(
+        W_enc=[w.detach() for w in dictionary.W_enc],
+        b_enc=[b.detach() for b in dictionary.b_enc.reshape(L, n)],
+        W_dec=[w.detach().reshape(n, L - i, d_out) for i, w in enumerate(dictionary.W_dec)],
+        b_dec=[b.detach() for b in dictionary.b_dec.reshape(L, d_out)],
+        threshold=theta,
+    )
+
+
 # -- reading -------------------------------------------------------------------------------------
 
 
