@@ -150,6 +150,11 @@ class ResolvedEvaluation:
     input_site: str
     target_site: str
     seed: int
+    # A crosscoder's sources or a CLT's layers (dictionary.kind): every input and target site;
+    # [input_site] and [target_site] for an SAE or transcoder.
+    inputs: list[str]
+    targets: list[str]
+    kind: str
     output_dir: Path
     dense_threshold: float
     source: str  # where the defaults came from: "saetrain_run.json" or "cfg.json"
@@ -186,6 +191,7 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         site = _from_dict(SiteConfig, run_cfg["site"])
         eval_cfg = _from_dict(EvalConfig, run_cfg.get("eval", {}))
         seed = int(run_cfg.get("seed", 0))
+        kind = str(run_cfg.get("dictionary", {}).get("kind", "single"))
     else:
         source = CFG_FILE
         if not meta.get("model_name"):
@@ -217,6 +223,7 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
             site = SiteConfig(input=cfg.site.input)  # the user says where; replaced below
         eval_cfg = EvalConfig()
         seed = 0
+        kind = "single"
 
     model = _with_overrides(model, cfg.model, explicit, "model")
     data = _with_overrides(data, cfg.data, explicit, "data")
@@ -225,17 +232,26 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
     if cfg.seed is not None:
         seed = cfg.seed
     output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "eval"
+    from saetrain.site_patterns import check_kind, site_lists
+
+    check_kind(kind, site)
+    inputs, targets = site_lists(site, kind)
+    inputs = [_canonical("site.input", name) for name in inputs]
+    targets = [_canonical("site.target", name) for name in targets]
     return ResolvedEvaluation(
         folder=folder,
         model=model,
         data=data,
         eval=eval_cfg,
-        input_site=_canonical("site.input", site.input),
-        target_site=_canonical("site.target", site.target or site.input),
+        input_site=inputs[0],
+        target_site=targets[0],
         seed=seed,
         output_dir=output_dir,
         dense_threshold=cfg.dense_threshold,
         source=source,
+        inputs=inputs,
+        targets=targets,
+        kind=kind,
     )
 
 
@@ -256,15 +272,19 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     from saetrain.activations.model import load_lm, resolve_device
     from saetrain.activations.source import ActivationSource
     from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-    from saetrain.config import Config, validate
+    from saetrain.config import Config, DictionaryConfig, validate
     from saetrain.evaluation.density import count_firing
     from saetrain.evaluation.evaluate import evaluate_dictionary
     from saetrain.export.saelens import load_dictionary
 
     r = resolve(cfg, explicit)
     # The shared validation, on a run config holding the evaluation's groups.
-    validate(Config(model=r.model, data=r.data, eval=r.eval, site=SiteConfig(r.input_site,
-                    r.target_site if r.target_site != r.input_site else None)))  # fmt: skip
+    if r.kind == "single":
+        site = SiteConfig(r.input_site, r.target_site if r.target_site != r.input_site else None)
+    else:  # the sites' pattern over their layers, as the run had it
+        site = _saved_site(r.folder)
+    validate(Config(model=r.model, data=r.data, eval=r.eval, site=site,
+                    dictionary=DictionaryConfig(kind=r.kind)))  # fmt: skip
     torch.manual_seed(r.seed)
     device = resolve_device(r.model.device)
     if r.data.path in LOCAL_BUILDERS:
@@ -273,7 +293,7 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         dictionary = load_dictionary(r.folder, device)
     except ValueError as e:
         raise ConfigError(f"path={str(r.folder)!r}: {e}") from None
-    transcoder = r.target_site != r.input_site
+    transcoder = r.targets != r.inputs
     if transcoder != dictionary.transcoder:
         raise ConfigError(
             f"path={str(r.folder)!r} holds {'a transcoder' if dictionary.transcoder else 'an SAE'}"
@@ -290,15 +310,16 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         r.source,
     )
     model, tokenizer = load_lm(r.model, device)
-    sites = [r.input_site, r.target_site] if transcoder else [r.input_site]
+    sites = r.inputs + r.targets if transcoder else r.inputs
     source = ActivationSource(model, sites)
-    for site, width, name in ((r.input_site, dictionary.d_in, "d_in"),
-                              (r.target_site, dictionary.d_out, "d_out")):  # fmt: skip
-        if source.width(site) != width:
+    for names, width, name in ((r.inputs, dictionary.d_in, "d_in"),
+                               (r.targets, dictionary.d_out, "d_out")):  # fmt: skip
+        if sum(source.width(site) for site in names) != width:
             raise ConfigError(
-                f"model.name={r.model.name!r} has activations {source.width(site)} wide at "
-                f"{site} but the dictionary's {name} is {width}; is this the model (and the site) "
-                "it was trained on?"
+                f"model.name={r.model.name!r} has activations "
+                f"{'+'.join(str(source.width(site)) for site in names)} wide at "
+                f"{', '.join(names)} but the dictionary's {name} is {width}; is this the model "
+                "(and the site) it was trained on?"
             )
 
     # The held-out contexts exactly as run() draws them, so a run's folder gives the run's numbers.
@@ -311,8 +332,8 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         source,
         dictionary,
         held_out,
-        r.input_site,
-        r.target_site,
+        r.inputs,
+        r.targets,
         r.eval.compute_ce,
         r.eval.ce_contexts,
     )
@@ -321,7 +342,7 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     with torch.no_grad():
         codes = (
             dictionary.encode(row[:, : dictionary.d_in].to(dictionary.W_enc.device))
-            for row in source.rows(iter(held_out), [r.input_site], dtype)
+            for row in source.rows(iter(held_out), r.inputs, dtype)
         )
         counter = count_firing(codes, dictionary.n_latents)
     frequencies = counter.frequencies()
@@ -357,6 +378,12 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     plot_path = plot_density(frequencies, r.output_dir / DENSITY_PNG, title, r.dense_threshold)
     print_metrics(metrics, metrics_path, plot_path)
     return EvaluationReport(metrics, frequencies, metrics_path, plot_path, r)
+
+
+def _saved_site(folder: Path) -> SiteConfig:
+    """The site group a saetrain run saved for a dictionary on several sites."""
+    run_cfg = json.loads((folder / RUN_FILE).read_text())["config"]
+    return _from_dict(SiteConfig, run_cfg["site"])
 
 
 TRAINING_WINDOW_KEYS = ("dead_fraction", "dead_window_tokens")

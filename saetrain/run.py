@@ -32,7 +32,7 @@ from saetrain.config import (
     merged,
     validate,
 )
-from saetrain.dictionaries import Dictionary, Layout
+from saetrain.dictionaries import CLTStructure, Dictionary, Layout
 from saetrain.distributed import world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
 from saetrain.distributed.sharding import dictionary_cost
@@ -671,6 +671,21 @@ def _announce(job: _Job) -> None:
         trainer.cfg.batch_tokens,
         trainer.base_lr,
     )
+
+
+    if isinstance(dictionary, CLTStructure):
+        L, n, d = dictionary.n_layers, dictionary.layer_latents, dictionary.layer_d_out
+        decoder_bytes = sum(W.numel() * W.element_size() for W in dictionary.W_dec)
+        log.info(
+            "dictionary %s: CLT decoders: L(L+1)/2 = %d blocks of %d × %d (%.1f MiB, %.1f MiB "
+            "with Adam's two moments); they grow with the square of the layer count",
+            job.name,
+            L * (L + 1) // 2,
+            n,
+            d,
+            decoder_bytes / 2**20,
+            3 * decoder_bytes / 2**20,
+        )
 
 
 def _scales_text(scale: float | torch.Tensor) -> str:

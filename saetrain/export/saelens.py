@@ -106,8 +106,8 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
             f"{', '.join(SAELENS_LOADERS)}"
         )
     tensors = load_file(weights_path, device="cpu")
-    for name in ("W_enc", "W_dec"):
-        if name not in tensors:
+    for name in ("W_enc", "W_dec"):  # a CLT's decoders are W_dec.0, W_dec.1, …
+        if name not in tensors and f"{name}.0" not in tensors:
             raise ValueError(f"{weights_path} lacks the tensor {name}")
     try:
         dictionary = SAELENS_LOADERS[arch].from_saelens(cfg, tensors)
