@@ -146,6 +146,78 @@ def test_one_layer_clt_equals_a_transcoder(arch, skip, pre_act_latents, n_dead):
         torch.testing.assert_close(g_clt[key], g_tc[key], rtol=tol, atol=tol, msg=key)
 
 
+@pytest.mark.parametrize("dead_per_layer", [(9, 0, 2), (7, 8, 9), (0, 0, 0)],
+                         ids=["uneven", "every-layer", "none"])
+def test_topk_clt_loss_and_auxk_over_layers_match_a_dense_reference(dead_per_layer):
+    """3 layers: FVU of the dense prediction + AuxK where each layer's top min(aux_k, dead in that
+    layer) dead pre-activations decode through that layer's own decoders (to every later layer)
+    and the term is weighted by min(total dead / (aux_k·L), 1) (the module docstring); values,
+    terms and every gradient against a dense float64 autograd reference."""
+    L, d_i, d_o, n, N, k, aux_k, coef = 3, 5, 4, 12, 48, 3, 5, 0.5
+    g = torch.Generator().manual_seed(5)
+    clt = CLT_CLASSES["topk"](L * d_i, L * n, L * d_o, n_layers=L, k=k, aux_k=aux_k,
+                              aux_k_coefficient=coef, dtype=F64, generator=g)  # fmt: skip
+    _randomise(clt, g)
+    x = torch.randn(N, L * d_i, generator=g, dtype=F64)
+    y = torch.randn(N, L * d_o, generator=g, dtype=F64) + 1.0
+    dead = torch.zeros(L * n, dtype=torch.bool)
+    for l, count in enumerate(dead_per_layer):
+        dead[l * n + torch.randperm(n, generator=g)[:count]] = True
+    out = clt.training_forward(x, y, dead)
+    out.loss.backward()
+
+    leaves = {"W_enc": clt.W_enc.detach().clone(), "b_enc": clt.b_enc.detach().clone(),
+              "b_dec": clt.b_dec.detach().clone()}  # fmt: skip
+    for l in range(L):
+        leaves[f"W_dec.{l}"] = clt.W_dec[l].detach().clone()
+    for t in leaves.values():
+        t.requires_grad_()
+    codes, aux_codes = [], []
+    for l in range(L):
+        pre = x[:, l * d_i : (l + 1) * d_i] @ leaves["W_enc"][l] + leaves["b_enc"][l * n : (l + 1) * n]
+        top = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.detach().topk(k).indices, True)
+        codes.append(torch.where(top, pre.clamp_min(0), torch.zeros_like(pre)))
+        dl = dead[l * n : (l + 1) * n]
+        m = min(aux_k, int(dl.sum()))
+        sel = torch.zeros_like(top)
+        if m:
+            masked = pre.detach().masked_fill(~dl, float("-inf"))
+            sel.scatter_(1, masked.topk(m).indices, True)
+        aux_codes.append(torch.where(sel, pre.clamp_min(0), torch.zeros_like(pre)))
+
+    def decode(cs, bias):
+        outs = []
+        for lp in range(L):
+            acc = leaves["b_dec"][lp * d_o : (lp + 1) * d_o] if bias else 0
+            for l in range(lp + 1):
+                j = lp - l
+                acc = acc + cs[l] @ leaves[f"W_dec.{l}"][:, j * d_o : (j + 1) * d_o]
+            outs.append(acc * torch.ones(N, d_o, dtype=F64))
+        return torch.cat(outs, -1)
+
+    y_hat = decode(codes, True)
+    fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    loss = fvu
+    n_dead = int(dead.sum())
+    if n_dead:
+        e = (y - y_hat).detach()
+        e_hat = decode(aux_codes, False)
+        auxk = min(n_dead / (aux_k * L), 1.0) * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        loss = loss + coef * auxk
+        torch.testing.assert_close(out.terms["auxk"], auxk.detach(), rtol=1e-10, atol=0)
+    else:
+        assert "auxk" not in out.terms
+    loss.backward()
+    torch.testing.assert_close(out.terms["fvu"], fvu.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.loss.detach(), loss.detach(), rtol=1e-10, atol=0)
+    got = _grads(clt)
+    assert got.keys() == leaves.keys()
+    for key, leaf in leaves.items():
+        assert leaf.grad.abs().max() > 1e-3, key
+        # the CPU sparse kernels (encode_gather / sparse_decode backward) accumulate in float32
+        torch.testing.assert_close(got[key], leaf.grad, rtol=1e-6, atol=1e-6, msg=key)
+
+
 # -- 2. JumpReLU CLT: penalty gradients against a closed form ----------------------------------
 
 
@@ -309,6 +381,9 @@ def test_folded_clt_on_raw_inputs_equals_unfolded_on_scaled(arch, skip):
     s_in = torch.tensor([0.5, 2.0, 7.0], dtype=F64).repeat_interleave(d_i)
     s_out = torch.tensor([3.0, 0.25, 1.5], dtype=F64).repeat_interleave(d_o)
     _fold_check(clt, s_in, s_out, x)
+    # one number each (dictionary.normalize_activations=false gives 1.0)
+    _fold_check(clt, 2.5, 0.4, x)
+    _fold_check(clt, 1.0, 1.0, x)
 
 
 @pytest.mark.parametrize("arch", CROSSCODER_ARCHITECTURES)

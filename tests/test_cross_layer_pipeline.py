@@ -231,3 +231,27 @@ def test_transcoder_pattern_trains_one_folder_per_layer(tiny_model, corpus, tmp_
         assert saved["metadata"]["hook_name_out"] == f"blocks.{layer}.hook_mlp_out"
         metrics = json.loads((folder / "saetrain_run.json").read_text())["final_metrics"]
         assert 0 < metrics["fvu"] < 2 and metrics["l0"] > 0
+
+
+def test_clt_and_crosscoder_on_one_stream_equal_their_separate_runs(
+    tiny_model, corpus, tmp_path, clt_run, crosscoder_run
+):
+    """Both kinds in one run (`dictionaries`, one LM pass, rows holding every site) train to the
+    same weights, bit for bit, as each alone, and report the same held-out metrics."""
+    entries = [
+        {"name": "clt", "site": {"input": "mlp_in.*", "target": "mlp_out.*", "layers": [0, 1, 2]},
+         "dictionary": {"kind": "clt", "k": 4}},
+        {"name": "cc", "site": {"input": "resid_post.*", "layers": [0, 1, 2]},
+         "dictionary": {"kind": "crosscoder", "k": 4}},
+    ]  # fmt: skip
+    base = _cfg(tiny_model, corpus, ["dictionary.k=4"])
+    both = run(saetrain.api.check(replace(base, dictionaries=entries)), tmp_path)
+    assert [d.name for d in both.dictionaries] == ["clt", "cc"]
+    for (_, alone), result in zip((clt_run, crosscoder_run), both.dictionaries, strict=True):
+        a = load_file(alone.dictionary_dir / "sae_weights.safetensors")
+        b = load_file(result.dictionary_dir / "sae_weights.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (result.name, key)
+        for key, value in alone.metrics.items():
+            assert result.metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
