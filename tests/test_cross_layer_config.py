@@ -84,12 +84,37 @@ def test_the_accepted_forms_validate_and_expand():
         ["site.input=resid_post.*", "site.layers=[0,2]", "dictionary.kind=crosscoder"]))  # fmt: skip
     [(name, sub)] = dictionary_configs(cc, n_layers=3)
     assert sub.site.layers == [0, 2] and name == "resid_post.0_2"
+    saes = saetrain.config_from_overrides(_overrides(["site.input=resid_post.*"]))
+    assert [(n, s.site.input, s.site.target) for n, s in dictionary_configs(saes, 3)] == [
+        (f"resid_post.{l}", f"resid_post.{l}", None) for l in range(3)
+    ]
     tset = saetrain.config_from_overrides(_overrides(
         ["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[1,2]"]))  # fmt: skip
     assert [(n, s.site.input, s.site.target) for n, s in dictionary_configs(tset, 3)] == [
         ("mlp_in.1-mlp_out.1", "mlp_in.1", "mlp_out.1"),
         ("mlp_in.2-mlp_out.2", "mlp_in.2", "mlp_out.2"),
     ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ConfigError,
+    reason="validate compares dictionary.target_l0 with dictionary.n_latents, which for a CLT "
+    "counts ONE layer's latents, while the L0 the controller steers (and target_l0, as "
+    "configs/experiment/smollm2_clt.yaml says) is summed over the layers: a 3-layer CLT with 64 "
+    "latents per layer (192 in all) and target_l0=100 is refused ('dictionary.target_l0=100.0 "
+    "exceeds dictionary.n_latents=64')",
+)
+def test_clt_target_l0_is_checked_against_all_layers_latents():
+    cfg = saetrain.config_from_overrides(_overrides(
+        ["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[0,1,2]",
+         "dictionary.kind=clt", "dictionary.architecture=jumprelu", "dictionary.n_latents=64",
+         "dictionary.target_l0=100"]))  # fmt: skip
+    assert cfg.dictionary.target_l0 == 100
+    # still refused above the CLT's total (3 × 64)
+    _refused(["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[0,1,2]",
+              "dictionary.kind=clt", "dictionary.architecture=jumprelu", "dictionary.n_latents=64",
+              "dictionary.target_l0=200"])  # fmt: skip
 
 
 @pytest.mark.parametrize(

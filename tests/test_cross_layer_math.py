@@ -556,3 +556,50 @@ def test_clt_from_build_dictionary_counts_latents_per_layer():
     assert clt.aux_k == 5 // 2  # Gao et al.'s d/2 of one layer's input
     assert clt.transcoder and not clt.apply_b_dec_to_input
     assert math.isclose(float(clt.W_dec[0].detach().norm(dim=1).mean()), 1.0, rel_tol=1e-6)
+
+
+# -- the decoder constraint under the trainer --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["clt", "crosscoder"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu"])
+def test_trainer_keeps_whole_decoder_rows_at_unit_norm(kind, arch):
+    """TopK / JumpReLU: after every step each latent's whole decoder row (a CLT's decoders to all
+    later layers together; a crosscoder's to all sources) has norm 1, and the gradient parallel
+    to it is removed first; ReLU's rows are free."""
+    from saetrain.config import TrainerConfig
+    from saetrain.training.trainer import Trainer
+
+    L, d, n = 3, 6, 10
+    g = torch.Generator().manual_seed(6)
+    kw = {"k": 3} if arch == "topk" else {}
+    if kind == "clt":
+        dictionary = CLT_CLASSES[arch](L * d, L * n, L * d, n_layers=L, generator=g, **kw)
+        width = 2 * L * d
+    else:
+        dictionary = crosscoder_class(ARCHITECTURES[arch])(L * d, n, L * d, source_widths=(d,) * L,
+                                                           generator=g, **kw)  # fmt: skip
+        width = L * d
+    cfg = TrainerConfig(total_tokens=64 * 4, batch_tokens=64, lr=5e-2, warmup_steps=0)
+    scale = torch.empty(L * d).uniform_(0.5, 2.0, generator=g)
+    trainer = Trainer(dictionary, cfg, scale, 4, target_scale=scale)
+    rows = lambda: torch.cat(  # noqa: E731
+        [W.detach() for W in dictionary.W_dec], dim=1
+    ) if kind == "clt" else dictionary.W_dec.detach()
+    before = [r.clone() for r in rows()]
+    decoders = list(dictionary.W_dec) if kind == "clt" else [dictionary.W_dec]
+    for _ in range(4):
+        old = [W.detach().clone() for W in decoders]
+        trainer.step(torch.randn(64, width, generator=g))
+        if dictionary.unit_norm_decoder:  # the gradient was projected off the (old) rows
+            for W, W_old in zip(decoders, old, strict=True):
+                unit = W_old / W_old.norm(dim=1, keepdim=True)
+                assert W.grad.abs().max() > 0
+                assert (W.grad * unit).sum(1).abs().max() < 1e-6
+    norms = dictionary.decoder_norms() if kind == "clt" else rows().norm(dim=1)
+    if arch == "relu":
+        assert dictionary.unit_norm_decoder is False
+        assert (norms - 1).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
+    assert not torch.allclose(torch.stack(before), rows())  # it did train
