@@ -162,3 +162,31 @@ def test_bad_layer_lists_are_refused_before_the_lm_loads(tiny_model, corpus, tmp
     monkeypatch.setattr("saetrain.run.load_lm", no_load)
     with pytest.raises(ConfigError, match=r"site\.layers=\["):
         run(cfg, tmp_path / "out")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a `*` input with a fixed target (site.input=mlp_in.* site.target=mlp_out.0 "
+    "site.layers=[0,1], kind=single) is checked at layer 0 only: the expanded layer-1 transcoder "
+    "mlp_in.1 → mlp_out.0 predicts an EARLIER site (refused when written directly), yet validate "
+    "and preflight accept it; the run trains every layer and then dies in the CE splice with a "
+    "bare StopIteration (splice.py _Replacement._inputs: the target fires before any input)",
+)
+def test_pattern_expanding_to_a_backward_transcoder_is_refused_before_the_lm_loads(
+    tiny_model, corpus, tmp_path, monkeypatch
+):
+    direct = _tiny_overrides(tiny_model, corpus) + ["site.input=mlp_in.1", "site.target=mlp_out.0"]
+    with pytest.raises(ConfigError, match="does not come after"):
+        saetrain.config_from_overrides(direct)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the LM was loaded: the backward transcoder was not refused")
+
+    monkeypatch.setattr("saetrain.run.load_lm", no_load)
+    with pytest.raises(ConfigError, match="site.target"):
+        cfg = saetrain.config_from_overrides(
+            _tiny_overrides(tiny_model, corpus)
+            + ["site.input=mlp_in.*", "site.target=mlp_out.0", "site.layers=[0,1]"]
+        )
+        run(cfg, tmp_path / "out")
