@@ -348,6 +348,11 @@ class Config:
     """One run: which LM, which data, which site, which dictionary, how to train and evaluate."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    # A second LM read on the same tokens, for model diffing (e.g. `model` fine-tuned): a
+    # crosscoder (dictionary.kind=crosscoder) then reads each of its sites in both models
+    # (model b's named `<site>@b`). Its tokenizer must be `model`'s; it runs on `model.device`.
+    # An empty name (the default): one model. E.g. `model_b.name=/path/to/finetuned`.
+    model_b: ModelConfig = field(default_factory=lambda: ModelConfig(name="", gguf_package=None))
     data: DataConfig = field(default_factory=DataConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
@@ -369,6 +374,11 @@ class Config:
     # Continue a stopped run from its last checkpoint: the run's folder, or `true` for output_dir
     # (or, when that is null, the newest run under Hydra's outputs/ that has a checkpoint).
     resume: str | None = None
+
+
+def second_model(cfg: Config) -> ModelConfig | None:
+    """`model_b` when it names a model (model diffing), else None."""
+    return cfg.model_b if cfg.model_b.name else None
 
 
 def register_configs() -> None:
@@ -512,7 +522,7 @@ def _expand_patterns(
 
     expanded: list[tuple[str | None, Config]] = []
     for name, sub in subs:
-        check_kind(sub.dictionary.kind, sub.site)
+        check_kind(sub.dictionary.kind, sub.site, second_model(sub) is not None)
         if not has_pattern(sub.site):
             expanded.append((name, sub))
             continue
@@ -619,7 +629,7 @@ def _validate_one(cfg: Config) -> None:
     from saetrain.activations.sites import Site, SiteError
     from saetrain.site_patterns import at_layer, check_kind
 
-    check_kind(cfg.dictionary.kind, cfg.site)
+    check_kind(cfg.dictionary.kind, cfg.site, second_model(cfg) is not None)
     # A `*` pattern is checked at layer 0: every layer has the same kinds of site.
     site_in = at_layer(cfg.site.input, 0)
     site_out = at_layer(cfg.site.target, 0) if cfg.site.target is not None else None

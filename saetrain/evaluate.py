@@ -132,9 +132,12 @@ def _with_overrides(base: T, given: T, explicit: AbstractSet[str], group: str) -
 
 
 def _canonical(field_name: str, name: str) -> str:
-    """A site in its canonical spelling (a TransformerLens hook name is accepted too)."""
+    """A site in its canonical spelling (a TransformerLens hook name is accepted too; model b's
+    `@b` suffix is kept)."""
+    from saetrain.activations.paired import SECOND, base_site, in_second_model
+
     try:
-        return canonical_site_name(name)
+        return canonical_site_name(base_site(name)) + (SECOND if in_second_model(name) else "")
     except SiteError as e:
         raise ConfigError(f"{field_name}: {e}") from None
 
@@ -158,6 +161,8 @@ class ResolvedEvaluation:
     output_dir: Path
     dense_threshold: float
     source: str  # where the defaults came from: "saetrain_run.json" or "cfg.json"
+    # A model-diffing crosscoder's second model (its run's model_b), else None.
+    model_b: ModelConfig | None = None
 
 
 def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> ResolvedEvaluation:
@@ -192,6 +197,8 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         eval_cfg = _from_dict(EvalConfig, run_cfg.get("eval", {}))
         seed = int(run_cfg.get("seed", 0))
         kind = str(run_cfg.get("dictionary", {}).get("kind", "single"))
+        saved_b = run_cfg.get("model_b") or {}
+        model_b = _from_dict(ModelConfig, saved_b) if saved_b.get("name") else None
     else:
         source = CFG_FILE
         if not meta.get("model_name"):
@@ -224,6 +231,7 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         eval_cfg = EvalConfig()
         seed = 0
         kind = "single"
+        model_b = None
 
     model = _with_overrides(model, cfg.model, explicit, "model")
     data = _with_overrides(data, cfg.data, explicit, "data")
@@ -234,8 +242,8 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
     output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "eval"
     from saetrain.site_patterns import check_kind, site_lists
 
-    check_kind(kind, site)
-    inputs, targets = site_lists(site, kind)
+    check_kind(kind, site, model_b is not None)
+    inputs, targets = site_lists(site, kind, model_b is not None)
     inputs = [_canonical("site.input", name) for name in inputs]
     targets = [_canonical("site.target", name) for name in targets]
     return ResolvedEvaluation(
@@ -252,6 +260,7 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         inputs=inputs,
         targets=targets,
         kind=kind,
+        model_b=model_b,
     )
 
 
@@ -283,8 +292,11 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         site = SiteConfig(r.input_site, r.target_site if r.target_site != r.input_site else None)
     else:  # the sites' pattern over their layers, as the run had it
         site = _saved_site(r.folder)
-    validate(Config(model=r.model, data=r.data, eval=r.eval, site=site,
-                    dictionary=DictionaryConfig(kind=r.kind)))  # fmt: skip
+    run_like = Config(model=r.model, data=r.data, eval=r.eval, site=site,
+                      dictionary=DictionaryConfig(kind=r.kind))  # fmt: skip
+    if r.model_b is not None:
+        run_like = dataclasses.replace(run_like, model_b=r.model_b)
+    validate(run_like)
     torch.manual_seed(r.seed)
     device = resolve_device(r.model.device)
     if r.data.path in LOCAL_BUILDERS:
@@ -311,7 +323,16 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     )
     model, tokenizer = load_lm(r.model, device)
     sites = r.inputs + r.targets if transcoder else r.inputs
-    source = ActivationSource(model, sites)
+    if r.model_b is not None:  # model diffing: both models on the same tokens
+        from saetrain.activations.paired import PairedSource, check_same_tokenizer, split_sites
+
+        model_b, tokenizer_b = load_lm(dataclasses.replace(r.model_b, device=r.model.device),
+                                       device)  # fmt: skip
+        check_same_tokenizer(tokenizer, tokenizer_b, r.model.name, r.model_b.name)
+        sites_a, sites_b = split_sites(sites)
+        source = PairedSource(ActivationSource(model, sites_a), ActivationSource(model_b, sites_b))
+    else:
+        source = ActivationSource(model, sites)
     for names, width, name in ((r.inputs, dictionary.d_in, "d_in"),
                                (r.targets, dictionary.d_out, "d_out")):  # fmt: skip
         if sum(source.width(site) for site in names) != width:

@@ -16,7 +16,7 @@ from typing import Any
 from saetrain.activations.model import load_model_config
 from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, SiteError, check_site_exists
 from saetrain.activations.tokens import check_dataset
-from saetrain.config import Config, ConfigError, dictionary_configs
+from saetrain.config import Config, ConfigError, dictionary_configs, second_model
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ def preflight(cfg: Config) -> ModelShape:
         )
     check_dataset(cfg.data)
     shape = ModelShape.of(load_model_config(cfg.model))
+    if second_model(cfg) is not None:  # model diffing: the same architecture on the same tokens
+        shape_b = ModelShape.of(load_model_config(cfg.model_b))
+        if (shape_b.model_type, shape_b.n_layers, shape_b.d_model) != (
+            shape.model_type,
+            shape.n_layers,
+            shape.d_model,
+        ):
+            raise ConfigError(
+                f"model_b.name={cfg.model_b.name!r} is a {shape_b.model_type} with "
+                f"{shape_b.n_layers} layers of width {shape_b.d_model}, model.name="
+                f"{cfg.model.name!r} a {shape.model_type} with {shape.n_layers} of "
+                f"{shape.d_model}: a crosscoder diffs two models of one architecture (e.g. base "
+                "and fine-tuned)"
+            )
     if shape.model_type not in SUPPORTED_FAMILIES:
         raise ConfigError(
             f"model.name={cfg.model.name!r} is a {shape.model_type!r} model, whose sites saetrain "
@@ -92,13 +106,14 @@ def preflight(cfg: Config) -> ModelShape:
 def check_dictionary(cfg: Config, shape: ModelShape, where: str = "") -> None:
     """One dictionary's sites and sizes against the model: layers in range, k, aux_k and the
     Matryoshka prefixes within the number of latents the expansion factor gives."""
+    from saetrain.activations.paired import base_site
     from saetrain.site_patterns import site_lists
 
-    inputs, targets = site_lists(cfg.site, cfg.dictionary.kind)
+    inputs, targets = site_lists(cfg.site, cfg.dictionary.kind, second_model(cfg) is not None)
     sites: dict[str, Site] = {}
     for name, values in (("input", inputs), ("target", targets)):
         for value in values:
-            site = Site.parse(value)
+            site = Site.parse(base_site(value))
             if site.layer >= shape.n_layers:
                 raise ConfigError(
                     f"{where}site.{name}={value!r}: layer {site.layer} is out of range; the model "

@@ -19,6 +19,7 @@ import torch
 from saetrain.activations.buffer import ActivationBuffer
 from saetrain.activations.cache import ActivationCache, activation_key_fields
 from saetrain.activations.model import TORCH_DTYPES, load_lm
+from saetrain.activations.paired import PairedSource, check_same_tokenizer, split_sites
 from saetrain.activations.sites import model_family, num_layers
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
@@ -30,6 +31,7 @@ from saetrain.config import (
     canonical_sites,
     dictionary_configs,
     merged,
+    second_model,
     validate,
 )
 from saetrain.dictionaries import CLTStructure, Dictionary, Layout
@@ -202,13 +204,14 @@ def _run(
     with phase(f"model load ({cfg.model.name})"):
         model, tokenizer = load_lm(cfg.model, device)
     configs = dictionary_configs(cfg, shape.n_layers)
-    site_sets = [site_lists(sub.site, sub.dictionary.kind) for _, sub in configs]
+    two_models = second_model(cfg) is not None
+    site_sets = [site_lists(sub.site, sub.dictionary.kind, two_models) for _, sub in configs]
     sites: list[str] = []
     for inputs, targets in site_sets:
         for site in inputs + targets:
             if site not in sites:
                 sites.append(site)
-    source = ActivationSource(model, sites)  # unknown site / layer out of range fail here
+    source = _source(cfg, model, tokenizer, sites, device)
     # The sites side by side in every row, each as wide as its activation (attn_z is
     # n_heads × head_dim, the others d_model).
     column: dict[str, slice] = {}
@@ -592,7 +595,7 @@ def _evaluate(
     if cfg.eval.compute_ce:
         ce_batches = first_contexts(setup.held_out, cfg.eval.ce_contexts)
         metrics |= replacement_lm_metrics(
-            source.model,
+            source.models,
             [splice_member(source, exported, job.inputs, job.targets)],
             ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
         )
@@ -612,6 +615,21 @@ def _already_finished(output_dir: Path, says: bool = True) -> RunResult:
         emit(f"saetrain: already finished: {output_dir} (nothing to resume; left as it was)", log)
     first = results[0] if results else DictionaryResult("", output_dir, {})
     return RunResult(output_dir, first.dictionary_dir, first.metrics, results, True)
+
+
+def _source(
+    cfg: Config, model: torch.nn.Module, tokenizer: Any, sites: list[str], device: torch.device
+) -> ActivationSource:
+    """The LM as a source of the sites; with model_b, both models on the same tokens (unknown
+    site / layer out of range fail here)."""
+    if second_model(cfg) is None:
+        return ActivationSource(model, sites)
+    model_b_cfg = dataclasses.replace(cfg.model_b, device=cfg.model.device)
+    with phase(f"model load ({model_b_cfg.name}, model_b)"):
+        model_b, tokenizer_b = load_lm(model_b_cfg, device)
+    check_same_tokenizer(tokenizer, tokenizer_b, cfg.model.name, model_b_cfg.name)
+    sites_a, sites_b = split_sites(sites)
+    return PairedSource(ActivationSource(model, sites_a), ActivationSource(model_b, sites_b))
 
 
 def _cost(job: _Job) -> float:
@@ -790,6 +808,9 @@ def print_summary(metrics: dict[str, Any], folder: Path, name: str | None = None
         if key in metrics:
             whole = key.endswith(("_count", "_tokens"))  # counts print as counts
             lines.append(f"  {key:<20} {metrics[key]:{'.0f' if whole else '.4f'}}")
+    for key, value in metrics.items():  # per site / layer / model: fvu.mlp_out.3, ce_spliced@b
+        if ("." in key or "@" in key) and isinstance(value, float):
+            lines.append(f"  {key:<20} {value:.4f}")
     if "dead_fraction" in metrics:  # not held-out: the training window's
         lines.append(
             f"training: dead_fraction {metrics['dead_fraction']:.4f} (no firing in the last "

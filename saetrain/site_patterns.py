@@ -48,8 +48,9 @@ def pattern_layers(site: SiteConfig, n_layers: int | None) -> list[int]:
     return list(range(n_layers)) if n_layers is not None else [0]
 
 
-def check_kind(kind: str, site: SiteConfig) -> None:
-    """Refuse a site pattern that the kind cannot read, naming the fields."""
+def check_kind(kind: str, site: SiteConfig, two_models: bool = False) -> None:
+    """Refuse a site pattern that the kind cannot read, naming the fields. `two_models`: a
+    model_b is set, which only a crosscoder reads (each site in both models)."""
     if kind not in KINDS:
         raise ConfigError(
             f"dictionary.kind={kind!r} is not valid; choose one of: {', '.join(KINDS)}"
@@ -59,9 +60,14 @@ def check_kind(kind: str, site: SiteConfig) -> None:
             f"site.layers={list(site.layers)} needs a `*` in site.input (e.g. site.input=mlp_in.*) "
             f"to stand for those layers; site.input={site.input!r}"
         )
+    if two_models and kind != "crosscoder":
+        raise ConfigError(
+            f"model_b is read by crosscoders only (each site in both models, for model diffing); "
+            f"dictionary.kind={kind!r}: set dictionary.kind=crosscoder or clear model_b.name"
+        )
     if kind == "single":
         return
-    if LAYER not in site.input:
+    if LAYER not in site.input and not two_models:
         raise ConfigError(
             f"dictionary.kind={kind} reads a site at several layers: write site.input with a `*` "
             f"for the layer (e.g. site.input=resid_post.* site.layers=[2,4,6]); got "
@@ -84,17 +90,27 @@ def check_kind(kind: str, site: SiteConfig) -> None:
         )
 
 
-def site_lists(site: SiteConfig, kind: str) -> tuple[list[str], list[str]]:
+def site_lists(
+    site: SiteConfig, kind: str, two_models: bool = False
+) -> tuple[list[str], list[str]]:
     """(input sites, target sites) of one dictionary, in layer order.
 
-    For a crosscoder the targets are its inputs; for an SAE the one target is its input. The
-    `*` must already stand for concrete layers (`site.layers` set: dictionary_configs does it).
+    For a crosscoder the targets are its inputs (with `two_models`, each site of model a then
+    the same sites of model b, `<site>@b`); for an SAE the one target is its input. The `*` must
+    already stand for concrete layers (`site.layers` set: dictionary_configs does it).
     """
     if kind == "single":
         return [site.input], [site.target or site.input]
-    assert site.layers is not None, "site.layers is resolved by dictionary_configs"
-    inputs = [at_layer(site.input, layer) for layer in site.layers]
+    if LAYER in site.input:
+        assert site.layers is not None, "site.layers is resolved by dictionary_configs"
+        inputs = [at_layer(site.input, layer) for layer in site.layers]
+    else:
+        inputs = [site.input]
     if kind == "crosscoder":
+        if two_models:
+            from saetrain.activations.paired import SECOND
+
+            inputs = inputs + [name + SECOND for name in inputs]
         return inputs, list(inputs)
     assert site.target is not None
     return inputs, [at_layer(site.target, layer) for layer in site.layers]

@@ -29,7 +29,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from saetrain.activations.tokens import LOCAL_BUILDERS, expand_data_files
-from saetrain.config import Config
+from saetrain.config import Config, second_model
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,15 @@ def activation_key_fields(cfg: Config, sites: list[str]) -> dict[str, Any]:
         ]
     model = dataclasses.asdict(cfg.model)
     model.pop("device")  # the same weights give the same activations to rounding on any device
+    extra = {}
+    if second_model(cfg) is not None:  # model diffing: the second model's sites are in the rows too
+        extra["model_b"] = {
+            k: v for k, v in dataclasses.asdict(cfg.model_b).items() if k != "device"
+        }
     return {
         "format": CACHE_FORMAT,
         "model": model,
+        **extra,
         "data": data,
         "seed": cfg.seed,
         "sites": list(sites),

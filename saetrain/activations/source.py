@@ -25,6 +25,11 @@ class ActivationSource:
         # Per site: attn_z is n_heads × head_dim wide, which need not be d_model.
         self.widths: dict[str, int] = {n: r.width for n, r in self.sites.items()}
 
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """The LMs this source reads (two for a model-diffing pair, activations/paired.py)."""
+        return [self.model]
+
     def width(self, site: str) -> int:
         """The last dimension of the activations at `site` (one of the names given)."""
         return self.widths[site]

@@ -73,7 +73,7 @@ def evaluate_dictionary(
     if compute_ce:
         ce_batches = first_contexts(batches, ce_contexts)
         metrics |= replacement_lm_metrics(
-            source.model, [splice_member(source, dictionary, inputs, targets)], ce_batches
+            source.models, [splice_member(source, dictionary, inputs, targets)], ce_batches
         )
     return metrics
 

@@ -10,7 +10,8 @@ predictions in one forward, and the baseline zero-ablates every target.
   prediction uses the inputs read so far, the later ones as zeros: a CLT's latents of layer ℓ
   write only to layers ≥ ℓ, so the prediction of layer ℓ' is exact.
 - A crosscoder reads every source, later layers included: its inputs come from the clean
-  forward, and its reconstructions replace all its sources at once.
+  forward, and its reconstructions replace all its sources at once (with two models, model
+  diffing, each model's sources in its own forward).
 
 Positions holding special tokens (BOS, separators) keep their original activations — the
 dictionaries never trained on them — and predictions from or of those positions are not counted.
@@ -165,12 +166,20 @@ def _logits_at_valid(
 
 @torch.no_grad()
 def replacement_lm_metrics(
-    model: torch.nn.Module, members: Sequence[Member], batches: Iterable[TokenBatch]
+    models: torch.nn.Module | Sequence[torch.nn.Module],
+    members: Sequence[Member],
+    batches: Iterable[TokenBatch],
 ) -> dict[str, float]:
     """CE clean / replaced / every target zero-ablated, ΔCE, CE recovered and KL(clean ‖
-    replaced), per token, with every member's targets replaced at once."""
-    device = next(model.parameters()).device
-    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    replaced), per token, with every member's targets replaced at once.
+
+    With two models (a model-diffing crosscoder's sources in both), every clean forward runs
+    first, then each model is scored with its own targets replaced; model b's numbers carry the
+    suffix `@b` (`ce_spliced@b`).
+    """
+    models = [models] if isinstance(models, torch.nn.Module) else list(models)
+    device = next(models[0].parameters()).device
+    sums = [{"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0} for _ in models]
     count = 0
     for batch in batches:
         ids = batch.input_ids.to(device)
@@ -178,26 +187,32 @@ def replacement_lm_metrics(
         valid = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
         targets = ids[:, 1:].reshape(-1)[valid]
         replacement = _Replacement(members, mask)
-        clean = _logits_at_valid(model, ids, valid, replacement.capture_clean())
+        clean = [_logits_at_valid(m, ids, valid, replacement.capture_clean()) for m in models]
         replacement.finish_clean()
-        spliced = _logits_at_valid(model, ids, valid, replacement.replace())
-        zero = _logits_at_valid(model, ids, valid, _zero_targets(members, mask))
-        for name, log_probs in (("clean", clean), ("spliced", spliced), ("zero", zero)):
-            sums[name] -= float(log_probs.gather(1, targets[:, None]).double().sum())
-        sums["kl"] += float((clean.exp() * (clean - spliced)).sum(-1).double().sum())
+        for i, model in enumerate(models):
+            spliced = _logits_at_valid(model, ids, valid, replacement.replace())
+            zero = _logits_at_valid(model, ids, valid, _zero_targets(members, mask))
+            for name, log_probs in (("clean", clean[i]), ("spliced", spliced), ("zero", zero)):
+                sums[i][name] -= float(log_probs.gather(1, targets[:, None]).double().sum())
+            kl = (clean[i].exp() * (clean[i] - spliced)).sum(-1).double().sum()
+            sums[i]["kl"] += float(kl)
         count += int(valid.sum())
     if count == 0:
         raise ValueError("no valid next-token positions in the CE evaluation batches")
-    ce = {name: total / count for name, total in sums.items()}
-    return {
-        "ce_clean": ce["clean"],
-        "ce_spliced": ce["spliced"],
-        "ce_zero_ablated": ce["zero"],
-        "delta_ce": ce["spliced"] - ce["clean"],
-        "ce_recovered": ce_recovered(ce["clean"], ce["spliced"], ce["zero"]),
-        "kl_div": ce["kl"],
-        "ce_tokens": float(count),
-    }
+    out: dict[str, float] = {}
+    for i, model_sums in enumerate(sums):
+        ce = {name: total / count for name, total in model_sums.items()}
+        suffix = "" if i == 0 else "@b"
+        out |= {
+            f"ce_clean{suffix}": ce["clean"],
+            f"ce_spliced{suffix}": ce["spliced"],
+            f"ce_zero_ablated{suffix}": ce["zero"],
+            f"delta_ce{suffix}": ce["spliced"] - ce["clean"],
+            f"ce_recovered{suffix}": ce_recovered(ce["clean"], ce["spliced"], ce["zero"]),
+            f"kl_div{suffix}": ce["kl"],
+        }
+    out["ce_tokens"] = float(count)
+    return out
 
 
 def spliced_lm_metrics(
