@@ -259,7 +259,7 @@ def check_saetrain_clt(folder, load, x):
     from saetrain.export.circuit_tracer import clt_from_dictionary
 
     out = []
-    for arch in ("relu", "jumprelu"):
+    for arch in ("relu", "jumprelu", "batchtopk"):
         cfg = DictionaryConfig(
             architecture=arch, kind="clt", n_latents=N, jumprelu_init_threshold=0.3
         )
@@ -267,6 +267,8 @@ def check_saetrain_clt(folder, load, x):
         clt = build_dictionary(cfg, L * D, L * D, torch.device("cpu"), _gen(7), True, layout)
         with torch.no_grad():
             clt.b_enc.normal_(0, 0.1, generator=_gen(8))
+            if arch == "batchtopk":  # its inference thresholds, one per layer
+                clt.threshold.copy_(0.2 + 0.1 * torch.arange(L, dtype=torch.float32))
             clt.fold_input_scale(
                 torch.rand(L * D, generator=_gen(9)) + 0.5, torch.rand(L * D) + 0.5
             )

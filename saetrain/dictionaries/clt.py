@@ -13,6 +13,7 @@ The decode is sparse: each layer's codes (layer-blocked SparseCodes, see `layer_
 through saetrain.kernels.ops.sparse_decode against [n, (L−ℓ)·d], never a dense [N, n] product.
 
 Activations: TopK per layer (k active latents in each layer, AuxK on each layer's dead latents),
+BatchTopK per layer (k·N across the batch in each layer; a threshold per layer at inference),
 JumpReLU (Anthropic: the tanh penalty on a·‖W_dec‖ and the pre-activation loss; λ warmed up by
 trainer.sparsity_warmup_steps) and ReLU (L1 weighted by ‖W_dec‖). A CLT over one layer is a
 transcoder of the same architecture: the same numbers for the same weights (tested).
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import (
     Codes,
     Dictionary,
@@ -35,6 +37,7 @@ from saetrain.dictionaries.base import (
     squared_error,
     total_variance,
 )
+from saetrain.dictionaries.batchtopk import batch_topk
 from saetrain.dictionaries.jumprelu import JumpReLUFunction, JumpReLUSAE
 from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE, select_dead
@@ -243,32 +246,41 @@ class TopKCLT(CLTStructure, TopKSAE):
     ) -> TrainOutput:
         L, n = self.n_layers, self.layer_latents
         kept, aux_parts, n_dead = [], [], 0
+        extra: dict[str, torch.Tensor] = {}
         for layer in range(L):
             x_l = self.layer_input(x, layer)
             W, b = self.W_enc[layer], self.layer_bias(layer)
             with torch.no_grad():  # one dense product per layer; its backward is sparse
                 pre = x_l @ W + b
-                idx = pre.topk(self.k, dim=-1, sorted=False).indices
+                idx, mask, layer_terms = self.layer_selection(pre, layer)
                 dead = dead_mask[layer * n : (layer + 1) * n] if dead_mask is not None else None
                 aux = select_dead(pre, dead, self.aux_k) if self.aux_k_coefficient > 0 else None
+            extra |= layer_terms
+            width = idx.shape[1]
             both = idx if aux is None else torch.cat([idx, aux.indices], dim=1)
             values = encode_gather(x_l, W, b, both, pre).relu()
-            kept.append((idx + layer * n, values[:, : self.k]))
+            chosen = values[:, :width] if mask is None else values[:, :width] * mask
+            kept.append((idx + layer * n, chosen))
             if aux is not None:
                 n_dead += int(dead.sum())  # type: ignore[union-attr]
-                aux_parts.append((layer, aux.indices, values[:, self.k :]))
-        codes = SparseCodes(
-            torch.cat([i for i, _ in kept], dim=1), torch.cat([v for _, v in kept], dim=1)
-        )
+                aux_parts.append((layer, aux.indices, values[:, width:]))
+        codes = _same_width_blocks(kept)
         variance = total_variance(target)
         x_hat = self.reconstruct(x, codes)
         fvu = (target - x_hat).pow(2).sum() / variance
-        loss, terms = fvu, {"fvu": fvu.detach()}
+        loss, terms = fvu, {"fvu": fvu.detach(), **extra}
         if aux_parts:
             aux_term = self._auxk(aux_parts, target - x_hat, variance, n_dead)
             loss = loss + self.aux_k_coefficient * aux_term
             terms["auxk"] = aux_term.detach()
         return TrainOutput(loss=loss, x_hat=x_hat, codes=codes, terms=terms)
+
+    def layer_selection(
+        self, pre: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(local indices [N, k'], mask of real slots or None, logged terms) that one layer's
+        training step keeps: each row's top k here; BatchTopK selects across the batch."""
+        return pre.topk(self.k, dim=-1, sorted=False).indices, None, {}
 
     def _auxk(
         self,
@@ -298,6 +310,83 @@ class TopKCLT(CLTStructure, TopKSAE):
     @classmethod
     def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg["k"])}
+
+
+def _same_width_blocks(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> SparseCodes:
+    """Layer-blocked SparseCodes from each layer's (global indices, values), the narrower
+    blocks padded with value-0 slots repeating their layer's first index."""
+    width = max(indices.shape[1] for indices, _ in kept)
+    blocks_i, blocks_v = [], []
+    for indices, values in kept:
+        pad = width - indices.shape[1]
+        if pad:
+            indices = torch.cat([indices, indices[:, :1].expand(-1, pad)], dim=1)
+            values = torch.cat([values, values.new_zeros(values.shape[0], pad)], dim=1)
+        blocks_i.append(indices)
+        blocks_v.append(values)
+    return SparseCodes(torch.cat(blocks_i, dim=1), torch.cat(blocks_v, dim=1))
+
+
+class BatchTopKCLT(TopKCLT):
+    """BatchTopK in each layer: the k·N largest of the layer's pre-activations across the batch;
+    inference by a threshold per layer (a running average of the smallest kept activation), so
+    it is a JumpReLU CLT at inference and is written for circuit-tracer as one."""
+
+    architecture = "batchtopk"
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        d_out: int | None = None,
+        threshold_momentum: float = 0.9,
+        **kwargs: Any,
+    ):
+        super().__init__(d_in, n_latents, d_out, **kwargs)
+        self.threshold_momentum = threshold_momentum
+        self.register_buffer("threshold", torch.zeros(self.n_layers, dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+
+    def layer_selection(
+        self, pre: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        indices, mask, kept = batch_topk(pre, self.k)
+        positive = kept[kept > 0]
+        smallest = positive.min() if positive.numel() else kept.new_zeros(())
+        return indices, mask, {f"batch_threshold.{layer}": smallest.detach()}
+
+    def latent_thresholds(self) -> torch.Tensor:
+        """[L·n]: each latent's inference threshold (its layer's)."""
+        return self.threshold.repeat_interleave(self.layer_latents)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        pre = self.pre_activations(x)
+        return pre * (pre > self.latent_thresholds()).to(pre.dtype)
+
+    @torch.no_grad()
+    def after_step(self, out: TrainOutput) -> None:
+        """Each layer's θ ← running average of its smallest kept activation (the first batch
+        sets it)."""
+        observed = torch.stack(
+            [out.terms[f"batch_threshold.{layer}"].float() for layer in range(self.n_layers)]
+        )
+        if int(self.threshold_updates) == 0:
+            self.threshold.copy_(observed)
+        else:
+            m = self.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * observed)
+        self.threshold_updates += 1
+
+    @classmethod
+    def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
+        return super().init_kwargs_from_config(cfg) | {"threshold_momentum": cfg.threshold_momentum}
+
+    def clt_fields(self) -> dict[str, Any]:
+        return {}  # a JumpReLU at inference: no k
+
+    @classmethod
+    def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
 
 class JumpReLUCLT(CLTStructure, JumpReLUSAE):
@@ -338,6 +427,7 @@ class ReLUCLT(CLTStructure, ReLUSAE):
 
 CLT_CLASSES: dict[str, type[CLTStructure]] = {
     "topk": TopKCLT,
+    "batchtopk": BatchTopKCLT,
     "jumprelu": JumpReLUCLT,
     "relu": ReLUCLT,
 }

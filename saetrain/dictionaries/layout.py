@@ -14,7 +14,7 @@ from saetrain.config import ConfigError, DictionaryConfig
 
 # Architectures each multi-site kind trains (single: every architecture).
 CROSSCODER_ARCHITECTURES = ("relu", "gated", "topk", "batchtopk", "jumprelu", "matryoshka")
-CLT_ARCHITECTURES = ("relu", "topk", "jumprelu")
+CLT_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
 
 @dataclass(frozen=True)

@@ -626,7 +626,8 @@ def layer_from_dictionary(dictionary: Any) -> tuple[TranscoderLayer, Activation,
 
 def clt_from_dictionary(dictionary: Any) -> CLTTensors:
     """The CLTTensors of a trained, folded saetrain CLT (saetrain/dictionaries/clt.py): per layer
-    W_enc [d, n], b_enc, the decoder row block [n, L − i, d] and θ (JumpReLU; fp32). TopK has no
+    W_enc [d, n], b_enc, the decoder row block [n, L − i, d] and θ (JumpReLU, and BatchTopK's
+    per-layer threshold as the JumpReLU it is at inference; fp32). TopK has no
     circuit-tracer CLT and is refused, as is a skip connection (circuit-tracer reads none)."""
     if dictionary.architecture == "topk":
         raise CircuitTracerExportError(
@@ -639,6 +640,8 @@ def clt_from_dictionary(dictionary: Any) -> CLTTensors:
     theta = None
     if dictionary.architecture == "jumprelu":
         theta = [t.detach().float().clone() for t in dictionary.threshold.reshape(L, n)]
+    elif dictionary.architecture == "batchtopk":  # a JumpReLU with one threshold per layer
+        theta = [t.detach().float().clone() for t in dictionary.latent_thresholds().reshape(L, n)]
     return CLTTensors(
         W_enc=[w.detach() for w in dictionary.W_enc],
         b_enc=[b.detach() for b in dictionary.b_enc.reshape(L, n)],

@@ -75,17 +75,25 @@ def render_model_card(
     dict_cfg = run_cfg.get("dictionary", {})
     data_cfg = run_cfg.get("data", {})
 
+    kind = meta.get("saetrain_kind", "single")
+    title = {"crosscoder": "Crosscoder", "clt": "Cross-layer transcoder"}.get(
+        kind, "Transcoder" if transcoder else "Sparse autoencoder"
+    )
     rows: list[tuple[str, Any]] = [
-        ("kind", "transcoder" if transcoder else "sparse autoencoder"),
+        ("kind", title.lower()),
         ("architecture", f"{arch} (SAELens `{cfg.get('architecture', 'standard')}`)"),
         ("model", meta.get("model_name", cfg.get("model_name", "unknown"))),
         ("hook", meta.get("hook_name", cfg.get("hook_name", "unknown"))),
     ]
-    if "saetrain_site" in meta:
+    if "saetrain_sites" in meta:  # a crosscoder's sources, a CLT's layers
+        rows.append(("sites", ", ".join(meta["saetrain_sites"])))
+        if "saetrain_target_sites" in meta:
+            rows.append(("target sites", ", ".join(meta["saetrain_target_sites"])))
+    elif "saetrain_site" in meta:
         rows.append(("site", meta["saetrain_site"]))
     if transcoder:
         rows.append(("target hook", meta.get("hook_name_out", "unknown")))
-        if "saetrain_target_site" in meta:
+        if "saetrain_target_site" in meta and "saetrain_target_sites" not in meta:
             rows.append(("target site", meta["saetrain_target_site"]))
     rows += [("d_in", cfg.get("d_in")), ("d_sae (latents)", cfg.get("d_sae"))]
     if transcoder:
@@ -120,11 +128,18 @@ def render_model_card(
         "  - saetrain",
         "---",
         "",
-        f"# {'Transcoder' if transcoder else 'Sparse autoencoder'} `{name}`",
+        f"# {title} `{name}`",
         "",
         "Trained with saetrain; saved in the SAELens layout "
         "(`cfg.json` + `sae_weights.safetensors`). Weights work on raw activations: the training "
-        "normalisation is folded in.",
+        "normalisation is folded in."
+        + (
+            " A crosscoder or cross-layer transcoder has saetrain's own tensor layout (see "
+            "saetrain's README); SAELens does not load it"
+            + ("; `circuit_tracer/` holds circuit-tracer's files." if kind == "clt" else ".")
+            if kind != "single"
+            else ""
+        ),
         "",
         "| | |",
         "|---|---|",
@@ -147,16 +162,22 @@ def render_model_card(
         "",
         "## Loading",
         "",
-        "With SAELens (≥ 6; `sae_id` is this folder's name in the repo):",
-        "",
-        "```python",
-        "from sae_lens import SAE",
-        "",
-        f"sae = SAE.from_pretrained({where})",
-        "# or, from a local copy of this folder (older SAELens: SAE.load_from_pretrained(path)):",
-        f'sae = SAE.load_from_disk("path/to/{name}")',
-        "```",
-        "",
+    ]
+    if kind == "single":
+        lines += [
+            "With SAELens (≥ 6; `sae_id` is this folder's name in the repo):",
+            "",
+            "```python",
+            "from sae_lens import SAE",
+            "",
+            f"sae = SAE.from_pretrained({where})",
+            "# or, from a local copy of this folder (older SAELens: "
+            "SAE.load_from_pretrained(path)):",
+            f'sae = SAE.load_from_disk("path/to/{name}")',
+            "```",
+            "",
+        ]
+    lines += [
         "With saetrain:",
         "",
         "```python",
