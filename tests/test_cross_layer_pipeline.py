@@ -184,15 +184,16 @@ def _fail_at_step(monkeypatch, n: int) -> None:
 def test_cross_layer_resume_is_bitwise_the_uninterrupted_run(
     tiny_model, corpus, tmp_path, monkeypatch, extra
 ):
-    cfg = _cfg(tiny_model, corpus, extra + ["eval.n_tokens=64", "eval.compute_ce=false"])
-    cfg = replace(cfg, checkpoint=CheckpointConfig(every_tokens=512, keep_last=2))  # 2 steps
+    extra = extra + ["eval.n_tokens=64", "eval.compute_ce=false", "trainer.total_tokens=1280"]
+    cfg = _cfg(tiny_model, corpus, extra)  # 5 steps of 256 tokens, a checkpoint after each
+    cfg = replace(cfg, checkpoint=CheckpointConfig(every_tokens=256, keep_last=2))
     whole = run(cfg, tmp_path / "whole")
-    _fail_at_step(monkeypatch, 6)
+    _fail_at_step(monkeypatch, 4)
     with pytest.raises(RuntimeError, match="crash"):
         run(cfg, tmp_path / "broken")
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path / "broken")] == [
-        "step-000000002.pt", "step-000000004.pt",
+        "step-000000002.pt", "step-000000003.pt",
     ]  # fmt: skip
     resumed = run(replace(cfg, resume=str(tmp_path / "broken")), tmp_path / "elsewhere")
     assert resumed.output_dir == tmp_path / "broken"
@@ -202,7 +203,7 @@ def test_cross_layer_resume_is_bitwise_the_uninterrupted_run(
     for key in a:
         assert torch.equal(a[key], b[key]), key
     info = json.loads((resumed.dictionary_dir / "saetrain_run.json").read_text())
-    assert info["stream"]["resumed_at_step"] == 4 and info["tokens_seen"] == 2048
+    assert info["stream"]["resumed_at_step"] == 3 and info["tokens_seen"] == 1280
     assert resumed.metrics["fvu"] == whole.metrics["fvu"]
     for site in (MLP_OUT if "dictionary.kind=clt" in extra else RESID):
         assert resumed.metrics[f"fvu.{site}"] == whole.metrics[f"fvu.{site}"]
