@@ -681,10 +681,18 @@ def _validate_one(cfg: Config) -> None:
                 "dictionary.k"
             )
         _positive("dictionary.target_l0", d.target_l0)
-        if d.n_latents is not None and d.target_l0 > d.n_latents:
+        # A CLT's L0 is summed over its layers, its n_latents counts one layer's.
+        layers = len(cfg.site.layers) if cfg.site.layers is not None else None
+        if d.kind != "clt" and d.n_latents is not None and d.target_l0 > d.n_latents:
             raise ConfigError(
                 f"dictionary.target_l0={d.target_l0} exceeds dictionary.n_latents={d.n_latents}"
             )
+        if d.kind == "clt" and d.n_latents is not None and layers is not None:
+            if d.target_l0 > d.n_latents * layers:
+                raise ConfigError(
+                    f"dictionary.target_l0={d.target_l0} exceeds the CLT's latents: "
+                    f"dictionary.n_latents={d.n_latents} per layer × {layers} layers"
+                )
     if d.jumprelu_sparsity_loss == "quadratic" and d.target_l0 is None:
         raise ConfigError(
             "dictionary.jumprelu_sparsity_loss=quadratic is quadratic around a target L0: set "

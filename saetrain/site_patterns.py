@@ -60,6 +60,13 @@ def check_kind(kind: str, site: SiteConfig, two_models: bool = False) -> None:
             f"site.layers={list(site.layers)} needs a `*` in site.input (e.g. site.input=mlp_in.*) "
             f"to stand for those layers; site.input={site.input!r}"
         )
+    fixed_target = site.target is not None and LAYER not in site.target
+    if LAYER in site.input and fixed_target and kind != "crosscoder":
+        raise ConfigError(
+            f"site.target={site.target!r} has no `*` while site.input={site.input!r} has: every "
+            "layer's dictionary would predict that one site (a later layer's backwards); write "
+            "the target with a `*` too (e.g. site.target=mlp_out.*)"
+        )
     if two_models and kind != "crosscoder":
         raise ConfigError(
             f"model_b is read by crosscoders only (each site in both models, for model diffing); "
