@@ -215,7 +215,7 @@ def site_fvu_and_l0(model, dictionary, inputs: list[str], targets: list[str], ba
     with torch.no_grad():
         y_hat = dictionary(x).double()
         codes = dictionary.encode(x)
-    dense = codes.to_dense(dictionary.n_latents) if hasattr(codes, "to_dense") else codes
+    dense = codes.to_dense(dictionary.n_latents) if isinstance(codes, tuple) else codes
     y = y.double()
     d = y.shape[1] // len(targets)
     fvu = {}
