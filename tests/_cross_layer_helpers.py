@@ -63,7 +63,10 @@ def dense_clt_decode(clt, codes: list[torch.Tensor]) -> torch.Tensor:
 def dense_clt_forward(clt, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [N, L·n], prediction [N, L·d_out]) of a CLT without skip, float64."""
     n = clt.layer_latents
-    thr = getattr(clt, "threshold", None)
+    if arch == "batchtopk":  # at inference a JumpReLU with one threshold per layer
+        thr, arch = clt.threshold.repeat_interleave(n), "jumprelu"
+    else:
+        thr = getattr(clt, "threshold", None)
     codes = []
     for l, pre in enumerate(dense_clt_pre(clt, x)):
         t = thr[l * n : (l + 1) * n].detach() if thr is not None else None

@@ -36,6 +36,7 @@ ARCH_KWARGS = {
         "init_threshold": 0.3,
     },
     "relu": {"sparsity_coefficient": 0.6},
+    "batchtopk": {"k": 3, "aux_k": 5, "aux_k_coefficient": 0.5},
 }
 
 
@@ -49,6 +50,10 @@ def _randomise(module: torch.nn.Module, g: torch.Generator) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
             elif name.startswith("W_dec"):
                 p.mul_(torch.empty(p.shape[0], 1, dtype=p.dtype).uniform_(0.5, 2.0, generator=g))
+        threshold = getattr(module, "threshold", None)
+        if isinstance(threshold, torch.Tensor) and not isinstance(threshold, torch.nn.Parameter):
+            if "threshold" in dict(module.named_buffers()):  # BatchTopK's inference threshold(s)
+                threshold.copy_(torch.empty(threshold.shape).uniform_(0.1, 0.5, generator=g))
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -341,8 +346,9 @@ def test_clt_training_prediction_is_causal_and_dense(arch):
     x = torch.randn(50, L * d_i, generator=g, dtype=F64)
     target = torch.randn(50, L * d_o, generator=g, dtype=F64)
     out = clt.training_forward(x, target, None)
-    _, dense_y = dense_clt_forward(clt, arch, x)
-    torch.testing.assert_close(out.x_hat.detach(), dense_y, rtol=1e-12, atol=1e-12)
+    if arch != "batchtopk":  # BatchTopK trains on the batch's top k·N, infers by threshold
+        _, dense_y = dense_clt_forward(clt, arch, x)
+        torch.testing.assert_close(out.x_hat.detach(), dense_y, rtol=1e-12, atol=1e-12)
     x2 = x.clone()
     x2[:, d_i:] += 3.0
     out2 = clt.training_forward(x2, target, None)
@@ -603,3 +609,40 @@ def test_trainer_keeps_whole_decoder_rows_at_unit_norm(kind, arch):
     else:
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
     assert not torch.allclose(torch.stack(before), rows())  # it did train
+
+
+@pytest.mark.parametrize("arch", CLT_ARCHITECTURES)
+def test_clt_decode_is_sparse_per_layer(arch, monkeypatch):
+    """Every decode (inference and training) goes through sparse_decode once per layer, against
+    that layer's own [n, (L−ℓ)·d] decoder, with layer-local indices and no more slots than the
+    widest layer's active count; nothing multiplies a dense [N, L·n] code matrix."""
+    import saetrain.dictionaries.clt as clt_module
+
+    L, d_i, d_o, n = 3, 5, 4, 8
+    clt, g = _clt(arch, L, d_i, d_o, n)
+    x = torch.randn(30, L * d_i, generator=g, dtype=F64)
+    calls = []
+    real = clt_module.sparse_decode
+
+    def spy(indices, values, W):
+        calls.append((indices.shape, W.shape, int(indices.min()), int(indices.max())))
+        return real(indices, values, W)
+
+    monkeypatch.setattr(clt_module, "sparse_decode", spy)
+    with torch.no_grad():
+        codes = clt.encode(x)
+        y = clt(x)
+    dense = codes.to_dense(L * n) if isinstance(codes, SparseCodes) else codes
+    widest = int((dense.reshape(30, L, n) != 0).sum(-1).max())
+    assert len(calls) == L  # one sparse product per layer
+    for i, (idx_shape, W_shape, lo, hi) in enumerate(calls[:L]):
+        assert W_shape == (n, (L - i) * d_o)
+        assert 0 <= lo and hi < n
+        assert idx_shape[1] <= max(widest, clt.k if arch == "topk" else 0, 1)
+    calls.clear()
+    target = torch.randn(30, L * d_o, generator=g, dtype=F64)
+    out = clt.training_forward(x, target, None)
+    main = [c for c in calls if c[1][0] == n][:L]
+    assert [c[1] for c in main] == [(n, (L - l) * d_o) for l in range(L)]
+    if arch != "batchtopk":  # BatchTopK trains on the batch's top k·N, infers by threshold
+        torch.testing.assert_close(out.x_hat.detach(), y, rtol=1e-12, atol=1e-12)
