@@ -646,3 +646,46 @@ def test_clt_decode_is_sparse_per_layer(arch, monkeypatch):
     assert [c[1] for c in main] == [(n, (L - l) * d_o) for l in range(L)]
     if arch != "batchtopk":  # BatchTopK trains on the batch's top k·N, infers by threshold
         torch.testing.assert_close(out.x_hat.detach(), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_dead", [0, 9])
+def test_one_layer_batchtopk_clt_equals_a_batchtopk_transcoder(n_dead):
+    """Training (the batch's top k·N, AuxK), gradients, the threshold's running average and the
+    threshold inference of a one-layer BatchTopK CLT equal a BatchTopK transcoder's."""
+    d_in, d_out, n = 8, 6, 24
+    g = torch.Generator().manual_seed(7)
+    kwargs = dict(ARCH_KWARGS["batchtopk"]) | {"threshold_momentum": 0.7}
+    tc = ARCHITECTURES["batchtopk"](d_in, n, d_out, transcoder=True, dtype=F64, generator=g,
+                                    **kwargs)  # fmt: skip
+    _randomise(tc, g)
+    clt = CLT_CLASSES["batchtopk"](d_in, n, d_out, n_layers=1, dtype=F64, **kwargs)
+    with torch.no_grad():
+        clt.W_enc.copy_(tc.W_enc[None])
+        clt.b_enc.copy_(tc.b_enc)
+        clt.W_dec[0].copy_(tc.W_dec)
+        clt.b_dec.copy_(tc.b_dec)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[torch.randperm(n, generator=g)[:n_dead]] = True
+    for step in range(2):  # the first batch sets θ, the second averages into it
+        x = torch.randn(40, d_in, generator=g, dtype=F64)
+        y = torch.randn(40, d_out, generator=g, dtype=F64)
+        for p in (*tc.parameters(), *clt.parameters()):
+            p.grad = None
+        a = tc.training_forward(x, y, dead)
+        b = clt.training_forward(x, y, dead)
+        torch.testing.assert_close(b.loss, a.loss, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.x_hat, a.x_hat, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.codes.to_dense(n), a.codes.to_dense(n), rtol=0, atol=1e-12)
+        assert ("auxk" in b.terms) is (n_dead > 0)
+        a.loss.backward()
+        b.loss.backward()
+        g_tc, g_clt = _grads(tc), _clt_grads_as_transcoder(clt)
+        for key in g_tc:
+            torch.testing.assert_close(g_clt[key], g_tc[key], rtol=1e-9, atol=1e-12, msg=key)
+        tc.after_step(a)
+        clt.after_step(b)
+        assert float(clt.threshold[0]) == pytest.approx(float(tc.threshold), rel=1e-6)
+        assert float(tc.threshold) > 0
+    with torch.no_grad():
+        x = torch.randn(30, d_in, generator=g, dtype=F64)
+        torch.testing.assert_close(clt(x), tc(x), rtol=1e-6, atol=1e-9)

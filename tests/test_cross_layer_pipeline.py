@@ -178,8 +178,9 @@ def _fail_at_step(monkeypatch, n: int) -> None:
 @pytest.mark.parametrize(
     "extra",
     [CLT, CLT + ["dictionary.architecture=jumprelu", "dictionary.jumprelu_sparsity_loss=tanh",
-                 "dictionary.jumprelu_pre_act_coefficient=0.01"], CROSSCODER],
-    ids=["clt-topk", "clt-jumprelu", "crosscoder-topk"],
+                 "dictionary.jumprelu_pre_act_coefficient=0.01"],
+     CLT + ["dictionary.architecture=batchtopk"], CROSSCODER],
+    ids=["clt-topk", "clt-jumprelu", "clt-batchtopk", "crosscoder-topk"],
 )  # fmt: skip
 def test_cross_layer_resume_is_bitwise_the_uninterrupted_run(
     tiny_model, corpus, tmp_path, monkeypatch, extra
