@@ -259,21 +259,23 @@ def test_clt_and_crosscoder_on_one_stream_equal_their_separate_runs(
             assert result.metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
-def test_jumprelu_clt_on_layers_0_and_2_metrics_equal_an_independent_computation(
-    tiny_model, corpus, tmp_path
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk"])
+def test_threshold_clt_on_layers_0_and_2_metrics_equal_an_independent_computation(
+    tiny_model, corpus, tmp_path, arch
 ):
-    """A JumpReLU CLT (tanh penalty, pre-activation loss) on non-adjacent layers [0, 2]: the
+    """A JumpReLU CLT (tanh penalty, pre-activation loss) or a BatchTopK CLT (a per-layer
+    threshold at inference) on non-adjacent layers [0, 2]: the
     CLT's layer index is the position in site.layers (its layer-1 latents read mlp_in.2), and its
     per-site FVU, per-layer L0 and replaced CE are what plain hooks give from the saved files."""
     extra = ["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[0,2]",
-             "dictionary.kind=clt", "dictionary.architecture=jumprelu",
+             "dictionary.kind=clt", f"dictionary.architecture={arch}",
              "dictionary.jumprelu_sparsity_loss=tanh", "dictionary.jumprelu_pre_act_coefficient=0.01",
              "trainer.total_tokens=1024"]  # fmt: skip
     cfg = _cfg(tiny_model, corpus, extra)
     result = run(cfg, tmp_path)
     assert result.dictionary_dir.name == "mlp_in.0_2-mlp_out.0_2"
     clt = load_dictionary(result.dictionary_dir)
-    assert (clt.architecture, clt.n_layers, clt.layer_latents) == ("jumprelu", 2, 64)
+    assert (clt.architecture, clt.n_layers, clt.layer_latents) == (arch, 2, 64)
     inputs, targets = ["mlp_in.0", "mlp_in.2"], ["mlp_out.0", "mlp_out.2"]
     m = result.metrics
     assert {f"fvu.{s}" for s in targets} | {f"l0.{s}" for s in inputs} <= m.keys()
