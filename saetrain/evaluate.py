@@ -368,6 +368,9 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         counter = count_firing(codes, dictionary.n_latents)
     frequencies = counter.frequencies()
     metrics |= density_summary(frequencies, r.dense_threshold)
+    from saetrain.export.extras import kind_metrics
+
+    metrics |= kind_metrics(dictionary, r.inputs)  # a crosscoder's decoder-norm shares
     carried = training_window_metrics(r.folder)
     metrics |= carried
 
