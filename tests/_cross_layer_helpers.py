@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 
-def clt_weights(clt) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def clt_weights(
+    clt,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """(W_enc per layer [d, n], b_enc per layer [n], W_dec per layer [n, (L−ℓ)·d], b_dec [L·d]),
     float64 copies."""
     L, n = clt.n_layers, clt.layer_latents
-    W_enc = [clt.W_enc[l].detach().double() for l in range(L)]
-    b_enc = [clt.b_enc[l * n : (l + 1) * n].detach().double() for l in range(L)]
+    W_enc = [clt.W_enc[li].detach().double() for li in range(L)]
+    b_enc = [clt.b_enc[li * n : (li + 1) * n].detach().double() for li in range(L)]
     W_dec = [W.detach().double() for W in clt.W_dec]
     return W_enc, b_enc, W_dec, clt.b_dec.detach().double()
 
@@ -26,11 +28,12 @@ def dense_clt_pre(clt, x: torch.Tensor) -> list[torch.Tensor]:
     W_enc, b_enc, _, _ = clt_weights(clt)
     d = clt.layer_d_in
     x = x.double()
-    return [x[:, l * d : (l + 1) * d] @ W_enc[l] + b_enc[l] for l in range(clt.n_layers)]
+    return [x[:, li * d : (li + 1) * d] @ W_enc[li] + b_enc[li] for li in range(clt.n_layers)]
 
 
-def dense_activation(arch: str, pre: torch.Tensor, k: int | None = None,
-                     threshold: torch.Tensor | None = None) -> torch.Tensor:
+def dense_activation(
+    arch: str, pre: torch.Tensor, k: int | None = None, threshold: torch.Tensor | None = None
+) -> torch.Tensor:
     """One layer's codes from its pre-activations, written out: topk (k largest, ReLU'd),
     jumprelu (pre·1[pre > θ]), relu."""
     if arch == "topk":
@@ -53,9 +56,9 @@ def dense_clt_decode(clt, codes: list[torch.Tensor]) -> torch.Tensor:
     outs = []
     for lp in range(L):
         y = b_dec[lp * d : (lp + 1) * d].clone()
-        for l in range(lp + 1):
-            j = lp - l
-            y = y + codes[l].double() @ W_dec[l][:, j * d : (j + 1) * d]
+        for li in range(lp + 1):
+            j = lp - li
+            y = y + codes[li].double() @ W_dec[li][:, j * d : (j + 1) * d]
         outs.append(y)
     return torch.cat(outs, dim=-1)
 
@@ -68,8 +71,8 @@ def dense_clt_forward(clt, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, to
     else:
         thr = getattr(clt, "threshold", None)
     codes = []
-    for l, pre in enumerate(dense_clt_pre(clt, x)):
-        t = thr[l * n : (l + 1) * n].detach() if thr is not None else None
+    for li, pre in enumerate(dense_clt_pre(clt, x)):
+        t = thr[li * n : (li + 1) * n].detach() if thr is not None else None
         codes.append(dense_activation(arch, pre, getattr(clt, "k", None), t))
     return torch.cat(codes, dim=-1), dense_clt_decode(clt, codes)
 
@@ -110,12 +113,13 @@ def capture(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """mlp_in.ℓ (the MLP's input), mlp_out.ℓ (its output), resid_post.ℓ (the block's output)."""
     acts: dict[str, torch.Tensor] = {}
     handles = []
-    for l, layer in enumerate(model.model.layers):
-        def mlp_hook(_m, args, out, l=l):
-            acts[f"mlp_in.{l}"], acts[f"mlp_out.{l}"] = args[0], out
+    for li, layer in enumerate(model.model.layers):
 
-        def block_hook(_m, _args, out, l=l):
-            acts[f"resid_post.{l}"] = _layer_output(out)
+        def mlp_hook(_m, args, out, li=li):
+            acts[f"mlp_in.{li}"], acts[f"mlp_out.{li}"] = args[0], out
+
+        def block_hook(_m, _args, out, li=li):
+            acts[f"resid_post.{li}"] = _layer_output(out)
 
         handles += [layer.mlp.register_forward_hook(mlp_hook),
                     layer.register_forward_hook(block_hook)]  # fmt: skip
@@ -158,45 +162,61 @@ def replaced_ce(model, dictionary, kind: str, inputs: list[str], targets: list[s
         def none():
             return []
 
-        def zero():
+        def zero(keep=keep):
             hs = []
             for site in targets:
-                kind_, l = site.split(".")
-                mod = layers[int(l)]
+                kind_, li = site.split(".")
+                mod = layers[int(li)]
                 if kind_ == "mlp_out":
-                    hs.append(mod.mlp.register_forward_hook(
-                        lambda _m, _a, out: torch.where(keep, torch.zeros_like(out), out)))
+                    hs.append(
+                        mod.mlp.register_forward_hook(
+                            lambda _m, _a, out, keep=keep: torch.where(
+                                keep, torch.zeros_like(out), out
+                            )
+                        )
+                    )
                 else:
-                    hs.append(mod.register_forward_hook(
-                        lambda _m, _a, out: _with_layer_output(out, torch.where(
-                            keep, torch.zeros_like(_layer_output(out)), _layer_output(out)))))
+                    hs.append(
+                        mod.register_forward_hook(
+                            lambda _m, _a, out, keep=keep: _with_layer_output(
+                                out,
+                                torch.where(
+                                    keep, torch.zeros_like(_layer_output(out)), _layer_output(out)
+                                ),
+                            )
+                        )
+                    )
             return hs
 
-        def spliced():
+        def spliced(clean_acts=clean_acts, keep=keep):
             hs = []
             if kind == "crosscoder":
                 rec = dictionary(torch.cat([clean_acts[s] for s in inputs], -1))
                 d = rec.shape[-1] // len(targets)
                 for j, site in enumerate(targets):
-                    l = int(site.split(".")[1])
+                    li = int(site.split(".")[1])
                     block = rec[..., j * d : (j + 1) * d]
-                    hs.append(layers[l].register_forward_hook(
-                        lambda _m, _a, out, block=block: _with_layer_output(out, torch.where(
-                            keep, block, _layer_output(out)))))
+                    hs.append(
+                        layers[li].register_forward_hook(
+                            lambda _m, _a, out, block=block, keep=keep: _with_layer_output(
+                                out, torch.where(keep, block, _layer_output(out))
+                            )
+                        )
+                    )
                 return hs
             seen: dict[int, torch.Tensor] = {}  # the CLT's inputs read in this forward
             n_layers = len(inputs)
             for j, site in enumerate(targets):
-                l = int(site.split(".")[1])
+                li = int(site.split(".")[1])
 
-                def hook(_m, args, out, j=j):
+                def hook(_m, args, out, j=j, keep=keep):
                     seen[j] = args[0]
                     parts = [seen.get(i, torch.zeros_like(args[0])) for i in range(n_layers)]
                     pred = dictionary(torch.cat(parts, -1))
                     d = pred.shape[-1] // n_layers
                     return torch.where(keep, pred[..., j * d : (j + 1) * d], out)
 
-                hs.append(layers[l].mlp.register_forward_hook(hook))
+                hs.append(layers[li].mlp.register_forward_hook(hook))
             return hs
 
         for name, fn in (("clean", none), ("spliced", spliced), ("zero", zero)):

@@ -86,13 +86,13 @@ def test_the_accepted_forms_validate_and_expand():
     # site.layers null: every layer of the model, once its layer count is known
     [(name, sub)] = dictionary_configs(clt, n_layers=3)
     assert sub.site.layers == [0, 1, 2] and name == "mlp_in.0-2-mlp_out.0-2"
-    cc = saetrain.config_from_overrides(_overrides(
-        ["site.input=resid_post.*", "site.layers=[0,2]", "dictionary.kind=crosscoder"]))  # fmt: skip
+    crosscoder = ["site.input=resid_post.*", "site.layers=[0,2]", "dictionary.kind=crosscoder"]
+    cc = saetrain.config_from_overrides(_overrides(crosscoder))
     [(name, sub)] = dictionary_configs(cc, n_layers=3)
     assert sub.site.layers == [0, 2] and name == "resid_post.0_2"
     saes = saetrain.config_from_overrides(_overrides(["site.input=resid_post.*"]))
     assert [(n, s.site.input, s.site.target) for n, s in dictionary_configs(saes, 3)] == [
-        (f"resid_post.{l}", f"resid_post.{l}", None) for l in range(3)
+        (f"resid_post.{li}", f"resid_post.{li}", None) for li in range(3)
     ]
     tset = saetrain.config_from_overrides(_overrides(
         ["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[1,2]"]))  # fmt: skip
@@ -142,7 +142,9 @@ def test_layers_out_of_range_are_refused_before_the_lm_loads(tiny_model, corpus,
 
 
 @pytest.mark.parametrize(
-    "layers", ["[]", "[1,0]", "[0,0,1]", "[-1,0]"], ids=["empty", "unsorted", "repeated", "negative"]
+    "layers",
+    ["[]", "[1,0]", "[0,0,1]", "[-1,0]"],
+    ids=["empty", "unsorted", "repeated", "negative"],
 )
 def test_bad_layer_lists_are_refused_before_the_lm_loads(tiny_model, corpus, tmp_path,
                                                          monkeypatch, layers):  # fmt: skip

@@ -151,8 +151,9 @@ def test_one_layer_clt_equals_a_transcoder(arch, skip, pre_act_latents, n_dead):
         torch.testing.assert_close(g_clt[key], g_tc[key], rtol=tol, atol=tol, msg=key)
 
 
-@pytest.mark.parametrize("dead_per_layer", [(9, 0, 2), (7, 8, 9), (0, 0, 0)],
-                         ids=["uneven", "every-layer", "none"])
+@pytest.mark.parametrize(
+    "dead_per_layer", [(9, 0, 2), (7, 8, 9), (0, 0, 0)], ids=["uneven", "every-layer", "none"]
+)
 def test_topk_clt_loss_and_auxk_over_layers_match_a_dense_reference(dead_per_layer):
     """3 layers: FVU of the dense prediction + AuxK where each layer's top min(aux_k, dead in that
     layer) dead pre-activations decode through that layer's own decoders (to every later layer)
@@ -166,23 +167,28 @@ def test_topk_clt_loss_and_auxk_over_layers_match_a_dense_reference(dead_per_lay
     x = torch.randn(N, L * d_i, generator=g, dtype=F64)
     y = torch.randn(N, L * d_o, generator=g, dtype=F64) + 1.0
     dead = torch.zeros(L * n, dtype=torch.bool)
-    for l, count in enumerate(dead_per_layer):
-        dead[l * n + torch.randperm(n, generator=g)[:count]] = True
+    for li, count in enumerate(dead_per_layer):
+        dead[li * n + torch.randperm(n, generator=g)[:count]] = True
     out = clt.training_forward(x, y, dead)
     out.loss.backward()
 
     leaves = {"W_enc": clt.W_enc.detach().clone(), "b_enc": clt.b_enc.detach().clone(),
               "b_dec": clt.b_dec.detach().clone()}  # fmt: skip
-    for l in range(L):
-        leaves[f"W_dec.{l}"] = clt.W_dec[l].detach().clone()
+    for li in range(L):
+        leaves[f"W_dec.{li}"] = clt.W_dec[li].detach().clone()
     for t in leaves.values():
         t.requires_grad_()
     codes, aux_codes = [], []
-    for l in range(L):
-        pre = x[:, l * d_i : (l + 1) * d_i] @ leaves["W_enc"][l] + leaves["b_enc"][l * n : (l + 1) * n]
-        top = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, pre.detach().topk(k).indices, True)
+    for li in range(L):
+        pre = (
+            x[:, li * d_i : (li + 1) * d_i] @ leaves["W_enc"][li]
+            + leaves["b_enc"][li * n : (li + 1) * n]
+        )
+        top = torch.zeros_like(pre, dtype=torch.bool).scatter_(
+            1, pre.detach().topk(k).indices, True
+        )
         codes.append(torch.where(top, pre.clamp_min(0), torch.zeros_like(pre)))
-        dl = dead[l * n : (l + 1) * n]
+        dl = dead[li * n : (li + 1) * n]
         m = min(aux_k, int(dl.sum()))
         sel = torch.zeros_like(top)
         if m:
@@ -194,9 +200,9 @@ def test_topk_clt_loss_and_auxk_over_layers_match_a_dense_reference(dead_per_lay
         outs = []
         for lp in range(L):
             acc = leaves["b_dec"][lp * d_o : (lp + 1) * d_o] if bias else 0
-            for l in range(lp + 1):
-                j = lp - l
-                acc = acc + cs[l] @ leaves[f"W_dec.{l}"][:, j * d_o : (j + 1) * d_o]
+            for li in range(lp + 1):
+                j = lp - li
+                acc = acc + cs[li] @ leaves[f"W_dec.{li}"][:, j * d_o : (j + 1) * d_o]
             outs.append(acc * torch.ones(N, d_o, dtype=F64))
         return torch.cat(outs, -1)
 
@@ -207,7 +213,9 @@ def test_topk_clt_loss_and_auxk_over_layers_match_a_dense_reference(dead_per_lay
     if n_dead:
         e = (y - y_hat).detach()
         e_hat = decode(aux_codes, False)
-        auxk = min(n_dead / (aux_k * L), 1.0) * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        auxk = (
+            min(n_dead / (aux_k * L), 1.0) * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        )
         loss = loss + coef * auxk
         torch.testing.assert_close(out.terms["auxk"], auxk.detach(), rtol=1e-10, atol=0)
     else:
@@ -248,20 +256,20 @@ def test_jumprelu_clt_tanh_and_pre_act_gradients_match_closed_form():
     theta_all = clt.threshold.detach().double()
     pres = dense_clt_pre(clt, x)
     z, H, K, th, r = [], [], [], [], []
-    for l in range(L):
-        t = theta_all[l * n : (l + 1) * n]
+    for li in range(L):
+        t = theta_all[li * n : (li + 1) * n]
         th.append(t)
-        H.append((pres[l] > t).double())
-        K.append(((pres[l] - t).abs() < eps / 2).double())
-        z.append(pres[l] * H[l])
-        r.append(W_dec[l].norm(dim=1))
+        H.append((pres[li] > t).double())
+        K.append(((pres[li] - t).abs() < eps / 2).double())
+        z.append(pres[li] * H[li])
+        r.append(W_dec[li].norm(dim=1))
     assert sum(float(k.sum()) for k in K) > 20, "too few pre-activations in the window"
     y_hat = dense_clt_decode(clt, z)
     R = y_hat - y
     mse = R.pow(2).sum(-1).mean()
-    tanh = [torch.tanh(c * z[l] * r[l]) for l in range(L)]
+    tanh = [torch.tanh(c * z[li] * r[li]) for li in range(L)]
     S = sum(t.sum(-1).mean() for t in tanh)
-    P = sum(((th[l] - pres[l]).clamp_min(0) * r[l]).sum(-1).mean() for l in range(L))
+    P = sum(((th[li] - pres[li]).clamp_min(0) * r[li]).sum(-1).mean() for li in range(L))
     loss = mse + mult * lam * S + lam_p * P
     torch.testing.assert_close(out.terms["mse"], mse, rtol=1e-10, atol=0)
     torch.testing.assert_close(out.terms["l0_penalty"], S, rtol=1e-6, atol=0)
@@ -272,20 +280,20 @@ def test_jumprelu_clt_tanh_and_pre_act_gradients_match_closed_form():
     blk = lambda t, j, d: t[:, j * d : (j + 1) * d]  # noqa: E731
     ref: dict[str, torch.Tensor] = {"b_dec": dy.sum(0)}
     g_enc, g_benc, g_logth = [], [], []
-    for l in range(L):
-        sech2 = 1 - tanh[l].pow(2)
-        gz = sum(blk(dy, lp, d_o) @ blk(W_dec[l], lp - l, d_o).T for lp in range(l, L))
-        gz = gz + mult * lam * sech2 * c * r[l] / N
-        below = (th[l] > pres[l]).double()
-        g_pre = gz * H[l] - lam_p * below * r[l] / N
-        g_theta = (gz * (-(th[l] / eps) * K[l])).sum(0) + lam_p * (below * r[l]).sum(0) / N
-        g_r = mult * lam * (sech2 * c * z[l]).sum(0) / N
-        g_r = g_r + lam_p * (th[l] - pres[l]).clamp_min(0).sum(0) / N
-        gW = torch.cat([z[l].T @ blk(dy, lp, d_o) for lp in range(l, L)], dim=1)
-        ref[f"W_dec.{l}"] = gW + g_r[:, None] * W_dec[l] / r[l][:, None]
-        g_enc.append(blk(x, l, d_i).T @ g_pre)
+    for li in range(L):
+        sech2 = 1 - tanh[li].pow(2)
+        gz = sum(blk(dy, lp, d_o) @ blk(W_dec[li], lp - li, d_o).T for lp in range(li, L))
+        gz = gz + mult * lam * sech2 * c * r[li] / N
+        below = (th[li] > pres[li]).double()
+        g_pre = gz * H[li] - lam_p * below * r[li] / N
+        g_theta = (gz * (-(th[li] / eps) * K[li])).sum(0) + lam_p * (below * r[li]).sum(0) / N
+        g_r = mult * lam * (sech2 * c * z[li]).sum(0) / N
+        g_r = g_r + lam_p * (th[li] - pres[li]).clamp_min(0).sum(0) / N
+        gW = torch.cat([z[li].T @ blk(dy, lp, d_o) for lp in range(li, L)], dim=1)
+        ref[f"W_dec.{li}"] = gW + g_r[:, None] * W_dec[li] / r[li][:, None]
+        g_enc.append(blk(x, li, d_i).T @ g_pre)
         g_benc.append(g_pre.sum(0))
-        g_logth.append(th[l] * g_theta)
+        g_logth.append(th[li] * g_theta)
     ref["W_enc"] = torch.stack(g_enc)
     ref["b_enc"] = torch.cat(g_benc)
     ref["log_threshold"] = torch.cat(g_logth)
@@ -491,15 +499,15 @@ def test_clt_parameter_layout():
     t = clt.saelens_tensors()
     assert t["W_enc"].shape == (L, d_i, n)
     assert t["b_enc"].shape == (L * n,)
-    for l in range(L):
-        assert t[f"W_dec.{l}"].shape == (n, (L - l) * d_o)
+    for li in range(L):
+        assert t[f"W_dec.{li}"].shape == (n, (L - li) * d_o)
     assert t["b_dec"].shape == (L * d_o,)
     assert t["W_skip"].shape == (L, d_o, d_i)
     assert t["threshold"].shape == (L * n,)
     assert "log_threshold" not in t
     assert clt.decoder_norms().shape == (L * n,)
     torch.testing.assert_close(
-        clt.decoder_norms(), torch.cat([clt.W_dec[l].detach().norm(dim=1) for l in range(L)])
+        clt.decoder_norms(), torch.cat([clt.W_dec[li].detach().norm(dim=1) for li in range(L)])
     )
 
 
@@ -589,9 +597,12 @@ def test_trainer_keeps_whole_decoder_rows_at_unit_norm(kind, arch):
     cfg = TrainerConfig(total_tokens=64 * 4, batch_tokens=64, lr=5e-2, warmup_steps=0)
     scale = torch.empty(L * d).uniform_(0.5, 2.0, generator=g)
     trainer = Trainer(dictionary, cfg, scale, 4, target_scale=scale)
-    rows = lambda: torch.cat(  # noqa: E731
-        [W.detach() for W in dictionary.W_dec], dim=1
-    ) if kind == "clt" else dictionary.W_dec.detach()
+
+    def rows():
+        if kind == "clt":
+            return torch.cat([W.detach() for W in dictionary.W_dec], dim=1)
+        return dictionary.W_dec.detach()
+
     before = [r.clone() for r in rows()]
     decoders = list(dictionary.W_dec) if kind == "clt" else [dictionary.W_dec]
     for _ in range(4):
@@ -643,7 +654,7 @@ def test_clt_decode_is_sparse_per_layer(arch, monkeypatch):
     target = torch.randn(30, L * d_o, generator=g, dtype=F64)
     out = clt.training_forward(x, target, None)
     main = [c for c in calls if c[1][0] == n][:L]
-    assert [c[1] for c in main] == [(n, (L - l) * d_o) for l in range(L)]
+    assert [c[1] for c in main] == [(n, (L - li) * d_o) for li in range(L)]
     if arch != "batchtopk":  # BatchTopK trains on the batch's top k·N, infers by threshold
         torch.testing.assert_close(out.x_hat.detach(), y, rtol=1e-12, atol=1e-12)
 
@@ -666,7 +677,7 @@ def test_one_layer_batchtopk_clt_equals_a_batchtopk_transcoder(n_dead):
         clt.b_dec.copy_(tc.b_dec)
     dead = torch.zeros(n, dtype=torch.bool)
     dead[torch.randperm(n, generator=g)[:n_dead]] = True
-    for step in range(2):  # the first batch sets θ, the second averages into it
+    for _step in range(2):  # the first batch sets θ, the second averages into it
         x = torch.randn(40, d_in, generator=g, dtype=F64)
         y = torch.randn(40, d_out, generator=g, dtype=F64)
         for p in (*tc.parameters(), *clt.parameters()):

@@ -32,9 +32,9 @@ CLT = ["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[0,1,2]",
        "dictionary.kind=clt", "dictionary.k=4"]  # fmt: skip
 CROSSCODER = ["site.input=resid_post.*", "site.layers=[0,1,2]", "dictionary.kind=crosscoder",
               "dictionary.k=4"]  # fmt: skip
-MLP_IN = [f"mlp_in.{l}" for l in range(3)]
-MLP_OUT = [f"mlp_out.{l}" for l in range(3)]
-RESID = [f"resid_post.{l}" for l in range(3)]
+MLP_IN = [f"mlp_in.{li}" for li in range(3)]
+MLP_OUT = [f"mlp_out.{li}" for li in range(3)]
+RESID = [f"resid_post.{li}" for li in range(3)]
 CE_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "delta_ce", "ce_recovered", "kl_div")
 
 
@@ -90,7 +90,11 @@ def test_clt_run_trains_evaluates_and_saves(clt_run):
     cfg, result = clt_run
     saved = _check_common(result, "mlp_in.0-2-mlp_out.0-2", "clt", MLP_OUT)
     m = result.metrics
-    assert (saved["architecture"], saved["clt_architecture"], saved["n_layers"]) == ("clt", "topk", 3)
+    assert (saved["architecture"], saved["clt_architecture"], saved["n_layers"]) == (
+        "clt",
+        "topk",
+        3,
+    )
     assert (saved["d_in_per_layer"], saved["d_out_per_layer"], saved["d_sae_per_layer"]) == (
         32, 32, 64,
     )  # fmt: skip
@@ -100,7 +104,11 @@ def test_clt_run_trains_evaluates_and_saves(clt_run):
     assert m["l0"] == pytest.approx(sum(m[f"l0.{s}"] for s in MLP_IN), rel=1e-9)
     tensors = load_file(result.dictionary_dir / "sae_weights.safetensors")
     assert tensors["W_enc"].shape == (3, 32, 64)
-    assert [tuple(tensors[f"W_dec.{l}"].shape) for l in range(3)] == [(64, 96), (64, 64), (64, 32)]
+    assert [tuple(tensors[f"W_dec.{li}"].shape) for li in range(3)] == [
+        (64, 96),
+        (64, 64),
+        (64, 32),
+    ]
     assert tensors["b_dec"].shape == (96,) and tensors["b_enc"].shape == (192,)
 
 
@@ -206,7 +214,7 @@ def test_cross_layer_resume_is_bitwise_the_uninterrupted_run(
     info = json.loads((resumed.dictionary_dir / "saetrain_run.json").read_text())
     assert info["stream"]["resumed_at_step"] == 3 and info["tokens_seen"] == 1280
     assert resumed.metrics["fvu"] == whole.metrics["fvu"]
-    for site in (MLP_OUT if "dictionary.kind=clt" in extra else RESID):
+    for site in MLP_OUT if "dictionary.kind=clt" in extra else RESID:
         assert resumed.metrics[f"fvu.{site}"] == whole.metrics[f"fvu.{site}"]
 
 
@@ -221,7 +229,7 @@ def test_transcoder_pattern_trains_one_folder_per_layer(tiny_model, corpus, tmp_
     if layers is not None:
         extra.append(f"site.layers={layers}")
     result = run(_cfg(tiny_model, corpus, extra), tmp_path)
-    names = [f"mlp_in.{l}-mlp_out.{l}" for l in expected]
+    names = [f"mlp_in.{li}-mlp_out.{li}" for li in expected]
     assert [d.name for d in result.dictionaries] == names
     for name, layer in zip(names, expected, strict=True):
         folder = tmp_path / name
@@ -269,7 +277,8 @@ def test_threshold_clt_on_layers_0_and_2_metrics_equal_an_independent_computatio
     per-site FVU, per-layer L0 and replaced CE are what plain hooks give from the saved files."""
     extra = ["site.input=mlp_in.*", "site.target=mlp_out.*", "site.layers=[0,2]",
              "dictionary.kind=clt", f"dictionary.architecture={arch}",
-             "dictionary.jumprelu_sparsity_loss=tanh", "dictionary.jumprelu_pre_act_coefficient=0.01",
+             "dictionary.jumprelu_sparsity_loss=tanh",
+             "dictionary.jumprelu_pre_act_coefficient=0.01",
              "trainer.total_tokens=1024"]  # fmt: skip
     cfg = _cfg(tiny_model, corpus, extra)
     result = run(cfg, tmp_path)
