@@ -43,8 +43,13 @@ def model_b(tiny_model, tmp_path_factory) -> Path:
 def _cfg(tiny_model: Path, corpus: Path, model_b: Path, extra: list[str] = ()):
     return saetrain.config_from_overrides(
         _tiny_overrides(tiny_model, corpus)
-        + [f"site.input={SITE}", "dictionary.kind=crosscoder", "dictionary.k=4",
-           f"model_b.name={model_b}", *extra]  # fmt: skip
+        + [
+            f"site.input={SITE}",
+            "dictionary.kind=crosscoder",
+            "dictionary.k=4",
+            f"model_b.name={model_b}",
+            *extra,
+        ]  # fmt: skip
     )
 
 
