@@ -91,7 +91,7 @@ def real_overrides(args, arch: str) -> list[str]:
 def run_real(args, arch: str) -> dict:
     from saetrain.activations.model import load_lm, resolve_device
     from saetrain.activations.source import ActivationSource
-    from saetrain.activations.tokens import TokenSource
+    from saetrain.activations.tokens import TokenBatch, TokenSource
     from saetrain.api import config_from_overrides, load
     from saetrain.evaluation.evaluate import first_contexts, splice_member
     from saetrain.evaluation.splice import replacement_lm_metrics
@@ -99,11 +99,16 @@ def run_real(args, arch: str) -> dict:
 
     overrides = real_overrides(args, arch)
     cfg = config_from_overrides(overrides)
-    run_dir = Path(args.work) / f"real-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
-    result = run(cfg, run_dir)
+    if args.from_run is not None:  # dictionaries already trained by this mode: evaluate only
+        run_dir = args.from_run
+        names = [f"set.{layer}" for layer in args.layers] + ["clt"]
+        folders = {name: run_dir / name for name in names}
+    else:
+        run_dir = Path(args.work) / f"real-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run(cfg, run_dir)
+        folders = {d.name: d.dictionary_dir for d in result.dictionaries}
     train_s = time.perf_counter() - t0
-    folders = {d.name: d.dictionary_dir for d in result.dictionaries}
     infos = {name: json.loads((f / "saetrain_run.json").read_text()) for name, f in folders.items()}
 
     device = resolve_device(cfg.model.device)
@@ -124,11 +129,20 @@ def run_real(args, arch: str) -> dict:
         splice_member(source, load(folders[n], device), [i], [o])
         for n, i, o in zip(set_names, ins, outs, strict=True)
     ]
+    clt_member = splice_member(source, load(folders["clt"], device), ins, outs)
+    # One context at a time (the same forwards), so that the paired difference gets an error bar.
+    contexts = [
+        TokenBatch(b.input_ids[i : i + 1], b.mask[i : i + 1])
+        for b in batches
+        for i in range(len(b))
+    ]
+    per_context = {"per-layer": [], "clt": []}
     with torch.no_grad():
-        set_ce = replacement_lm_metrics(model, members, batches)
-        clt_ce = replacement_lm_metrics(
-            model, [splice_member(source, load(folders["clt"], device), ins, outs)], batches
-        )
+        for ctx in contexts:
+            per_context["per-layer"].append(replacement_lm_metrics(model, members, [ctx]))
+            per_context["clt"].append(replacement_lm_metrics(model, [clt_member], [ctx]))
+    set_ce, clt_ce = (pooled(per_context[kind]) for kind in ("per-layer", "clt"))
+    paired = paired_differences(per_context["per-layer"], per_context["clt"])
     ce_s = time.perf_counter() - t1
     for kind, ce in (("per-layer", set_ce), ("clt", clt_ce)):
         row = {"arch": arch, "dictionary": kind, **{k: ce[k] for k in CE_KEYS if k in ce}}
@@ -153,6 +167,7 @@ def run_real(args, arch: str) -> dict:
         rows.append(row)
     return {
         "rows": rows,
+        "paired_clt_minus_per_layer": paired,
         "meta": {
             "arch": arch,
             "model": cfg.model.name,
@@ -174,6 +189,34 @@ def run_real(args, arch: str) -> dict:
             "replacement_ce_seconds": round(ce_s, 1),
         },
     }
+
+
+def pooled(per_context: list[dict]) -> dict:
+    """Per-token means over all contexts (each context's means weighted by its scored tokens)."""
+    from saetrain.evaluation.metrics import ce_recovered
+
+    n = sum(c["ce_tokens"] for c in per_context)
+    out = {
+        key: sum(c[key] * c["ce_tokens"] for c in per_context) / n
+        for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "kl_div")
+    }
+    out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
+    out["ce_recovered"] = ce_recovered(out["ce_clean"], out["ce_spliced"], out["ce_zero_ablated"])
+    out["ce_tokens"] = n
+    return out
+
+
+def paired_differences(a: list[dict], b: list[dict]) -> dict:
+    """b − a per context for CE replaced and KL: the token-weighted mean, and its standard error
+    over contexts (contexts as the independent units)."""
+    out = {"contexts": len(a)}
+    w = torch.tensor([c["ce_tokens"] for c in a], dtype=torch.float64)
+    for key in ("ce_spliced", "kl_div"):
+        d = torch.tensor([y[key] - x[key] for x, y in zip(a, b, strict=True)], dtype=torch.float64)
+        mean = float((w * d).sum() / w.sum())
+        se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else math.nan
+        out[key] = {"mean": mean, "se": se, "clt_better_in": int((d < 0).sum())}
+    return out
 
 
 CE_KEYS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "delta_ce", "ce_recovered", "kl_div")
@@ -419,7 +462,7 @@ def print_tables(results: dict) -> None:
         if key.startswith("real"):
             print(f"\n{key}: {part['meta']['model']} {part['meta']['sites']} layers "
                   f"{part['meta']['layers']}, {part['meta']['tokens']} tokens")  # fmt: skip
-            print("\n".join(real_table(part)))
+            print("\n".join(real_table(part) + [""] + paired_lines(part)))
         elif key == "synthetic":
             print("\nsynthetic:")
             print("\n".join(synthetic_table(part)))
@@ -470,11 +513,35 @@ def write_png(results: dict, path: Path) -> bool:
     return True
 
 
+def paired_lines(part: dict) -> list[str]:
+    p = part.get("paired_clt_minus_per_layer")
+    if not p:
+        return []
+    ce, kl = p["ce_spliced"], p["kl_div"]
+    return [f"CLT − per-layer, paired over {p['contexts']} contexts (mean ± standard error): "
+            f"CE replaced {ce['mean']:+.4f} ± {ce['se']:.4f} (CLT lower in "
+            f"{ce['clt_better_in']}/{p['contexts']} contexts), KL {kl['mean']:+.4f} ± "
+            f"{kl['se']:.4f} (CLT lower in {kl['clt_better_in']}/{p['contexts']}).",
+            ""]  # fmt: skip
+
+
+def provenance(meta: dict) -> list[str]:
+    if "command" not in meta:
+        return []
+    return [f"Made {meta.get('date', '?')} on {meta.get('machine', '?')} by:", "",
+            f"    {meta['command']}", ""]  # fmt: skip
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs (shared), load average "
+            f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+
+
 def write_markdown(results: dict, path: Path, notes: str) -> None:
     lines = ["# Cross-layer transcoder vs per-layer transcoders (issue 12)", ""]
     if notes:
         lines += [notes, ""]
-    for key, part in results.items():
+    for key, part in sorted(results.items()):
         if key.startswith("real"):
             m = part["meta"]
             lines += [f"## {key}: {m['model']}, {m['sites']}, layers {m['layers']}", "",
@@ -483,14 +550,14 @@ def write_markdown(results: dict, path: Path, notes: str) -> None:
                       f"replacement CE on {m['ce_contexts']} held-out contexts "
                       f"({int(m['ce_tokens'] or 0):,} scored tokens), FVU on "
                       f"{m['eval_tokens']:,} held-out tokens.", ""]  # fmt: skip
-            lines += real_table(part) + [""]
+            lines += real_table(part) + [""] + paired_lines(part) + provenance(m)
         elif key == "synthetic":
             m = part["meta"]
             lines += ["## Synthetic cross-layer features", "",
                       f"Generator: {m['generator']}; {m['n_features']} features; "
                       f"{m['train_rows']:,} training rows, {m['eval_rows']:,} held-out rows.",
                       ""]  # fmt: skip
-            lines += synthetic_table(part) + ["", "Per output layer:", ""]
+            lines += synthetic_table(part) + [""] + provenance(m) + ["Per output layer:", ""]
             lines += synthetic_layer_table(part) + [""]
     if path.with_suffix(".png").exists():
         lines += [f"![per-layer FVU and synthetic recovery]({path.with_suffix('.png').name})", ""]
@@ -514,9 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="*", default=[], help="JSON files of parts run with another "
                    "--out, merged into <out>.json")  # fmt: skip
-    p.add_argument("--notes", default="", help="a paragraph for the top of the markdown")
+    p.add_argument("--notes-file", type=Path, default=None,
+                   help="markdown kept in the JSON, atop <out>.md")  # fmt: skip
     g = p.add_argument_group("real model")
     g.add_argument("--arch", choices=("topk", "jumprelu"), default="topk")
+    g.add_argument("--from-run", type=Path, default=None,
+                   help="a run folder this mode wrote: skip training, evaluate its dictionaries "
+                   "(same --layers etc.)")  # fmt: skip
     g.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3])
     g.add_argument("--input", default="mlp_in.*")
     g.add_argument("--target", default="mlp_out.*")
@@ -572,11 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         part = run_real(args, args.arch)
         part["meta"]["command"] = command
         part["meta"]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        part["meta"]["machine"] = machine() + f", torch threads {args.threads}"
         results[f"real_{args.arch}"] = part
     if args.mode in ("synthetic", "all"):
         part = run_synthetic(args)
         part["meta"]["command"] = command
         part["meta"]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        part["meta"]["machine"] = machine() + f", torch threads {args.threads}"
         results["synthetic"] = part
     if args.mode != "render" or "meta" not in results:
         results["meta"] = {
@@ -587,11 +660,13 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "smoke": args.smoke,
         }
+    if args.notes_file is not None:
+        results["notes"] = args.notes_file.read_text().strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
     print_tables(results)
     write_png(results, args.out.with_suffix(".png"))
-    write_markdown(results, args.out.with_suffix(".md"), args.notes)
+    write_markdown(results, args.out.with_suffix(".md"), results.get("notes", ""))
     print(f"\nwrote {json_path}")
     return 0
 
