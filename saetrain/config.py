@@ -262,6 +262,11 @@ class DistributedConfig:
     # Several dictionaries (`dictionaries`) are each trained by one rank: balanced (the largest
     # first, each to the least loaded rank) | round_robin (dictionary i on rank i mod N).
     assign: str = "balanced"
+    # Split each dictionary's latents over the ranks (W_enc's columns, b_enc, W_dec's rows and
+    # their Adam state; b_dec replicated), for widths whose weights do not fit on one device.
+    # TopK and BatchTopK only, n_latents divisible by the number of ranks; the whole dictionary
+    # is gathered on rank 0 to evaluate and export (saetrain/distributed/latent_shard.py).
+    shard_latents: bool = False
 
 
 @dataclass

@@ -1,0 +1,190 @@
+"""Latent sharding on 2 gloo ranks: one dictionary's latents split over the ranks trains, saves
+and resumes exactly as the same dictionary whole in one process.
+
+Every spawned world is bounded in time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _distributed import run_ranks
+
+from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
+from saetrain.distributed import World, init_world
+from saetrain.distributed.data_parallel import DataParallel
+from saetrain.distributed.latent_shard import LatentShard, ShardedTrainer
+from saetrain.distributed.sharding import row_share
+from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
+
+D, B, STEPS, INIT, N_LATENTS = 16, 64, 6, 2, 64
+ARCHITECTURES = ("topk", "batchtopk")
+
+
+def _global_rows() -> torch.Tensor:
+    """Rows with structure (sparse combinations of directions, off-centre), fixed by a seed."""
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(24, D, generator=g)
+    codes = torch.rand((INIT + STEPS) * B, 24, generator=g).pow(6) * 4
+    return codes @ directions + 0.3
+
+
+def _configs(arch: str, transcoder: bool = False) -> tuple[DictionaryConfig, TrainerConfig]:
+    dictionary = DictionaryConfig(
+        architecture=arch, n_latents=N_LATENTS, k=2, aux_k=6, skip=transcoder
+    )
+    trainer = TrainerConfig(
+        total_tokens=STEPS * B,
+        batch_tokens=B,
+        lr=1e-2,
+        warmup_steps=1,
+        init_batches=INIT,
+        dead_after_tokens=B,  # latents die within a step: AuxK and the dead counters take part
+        grad_clip=0.1,  # below every step's norm (0.14-0.18): the global norm takes part
+    )
+    return dictionary, trainer
+
+
+def _train(
+    dp: DataParallel,
+    arch: str,
+    sharded: bool,
+    transcoder: bool = False,
+    stop_after: int | None = None,
+    state: dict | None = None,
+) -> dict:
+    """prepare_trainer (or restore_trainer) + train_together as run() calls them, on this rank's
+    share of each global batch; returns the whole dictionary (on rank 0), its counters and log."""
+    world = dp.world
+    rows = _global_rows()
+    if transcoder:  # predict a fixed function of x: [x, y] side by side
+        rows = torch.cat([rows, torch.tanh(rows.flip(1)) * 2], dim=1)
+    width = rows.shape[1]
+
+    def mine(block: torch.Tensor) -> torch.Tensor:
+        return block[row_share(len(block), world.world_size, world.rank)]
+
+    dict_cfg, trainer_cfg = _configs(arch, transcoder)
+    shard = LatentShard(world, N_LATENTS) if sharded else None
+    if state is None:
+        samples = dp.gather(mine(rows[: INIT * B]))
+        trainer = prepare_trainer(
+            dict_cfg,
+            trainer_cfg,
+            samples,
+            D,
+            width - D if transcoder else D,
+            transcoder,
+            torch.device("cpu"),
+            torch.Generator().manual_seed(1),
+            shard=shard,
+        )
+    else:
+        trainer = restore_trainer(
+            dict_cfg, trainer_cfg, state, D, D, False, torch.device("cpu"), shard=shard
+        )
+    done = trainer.state.step
+    batches = iter(rows[INIT * B + done * B :].split(B))
+    next_batch = dp.batches(lambda n: mine(next(batches)))
+    if stop_after is not None:
+        for _ in range(stop_after - done):
+            y, out = trainer.step(next_batch(B))
+            trainer.maybe_log(y, out, 2, 1.0)
+        return {"state": trainer.state_dict()}
+    train_together([trainer], [lambda b: b], next_batch, 2, stop=dp.stop_agreed(lambda: False))
+    fitted = fold(trainer)
+    if isinstance(trainer, ShardedTrainer):
+        gathered = trainer.gathered(fitted)
+        if gathered is None:
+            return {}
+        fitted = gathered
+    out = {k: v.detach().clone() for k, v in fitted.exported.state_dict().items()}
+    out["tokens_since_fired"] = fitted.tokens_since_fired
+    out["log"] = torch.tensor(
+        [[row[k] for k in ("loss", "fvu", "l0", "dead_fraction")] for row in trainer.state.history]
+    )
+    out["lr"] = torch.tensor(trainer.base_lr)
+    return out
+
+
+def _on_rank(*args) -> dict:
+    return _train(DataParallel(init_world("cpu", timeout_s=60)), *args)
+
+
+def _assert_same(got: dict, expected: dict, what: str) -> None:
+    assert got.keys() == expected.keys(), (what, got.keys(), expected.keys())
+    for name, value in expected.items():
+        diff = (got[name].double() - value.double()).abs().max().item()
+        assert diff <= 1e-6, f"{what}: {name} differs by {diff:g}"
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    return {arch: _train(DataParallel(World()), arch, False) for arch in ARCHITECTURES}
+
+
+def _every_case() -> dict:
+    dp = DataParallel(init_world("cpu", timeout_s=60))
+    out = {arch: _train(dp, arch, True) for arch in ARCHITECTURES}
+    out["skip transcoder"] = _train(dp, "topk", True, True)
+    return out
+
+
+def test_a_two_way_sharded_step_equals_the_whole_dictionary(one_process):
+    first, second = run_ranks(_every_case, 2, timeout_s=180)
+    assert all(not got for got in second.values())  # rank 1 hands its shard to rank 0
+    for arch in ARCHITECTURES:
+        single = one_process[arch]
+        # it trained, and AuxK had dead latents to work on at every logged step (loss > FVU)
+        assert single["log"][-1, 1] < single["log"][0, 1] - 0.02
+        assert (single["log"][:, 0] > single["log"][:, 1]).all() and (single["log"][:, 3] > 0).all()
+        _assert_same(first[arch], single, arch)
+    transcoder = _train(DataParallel(World()), "topk", False, True)
+    assert "W_skip" in transcoder
+    _assert_same(first["skip transcoder"], transcoder, "skip transcoder")
+
+
+def test_one_rank_sharded_is_the_unsharded_dictionary(one_process):
+    got = _train(DataParallel(World()), "batchtopk", True)
+    _assert_same(got, one_process["batchtopk"], "batchtopk, 1 shard")
+
+
+def _stop_and_resume(arch: str) -> dict:
+    dp = DataParallel(init_world("cpu", timeout_s=60))
+    state = _train(dp, arch, True, False, 3)["state"]
+    state = torch.load(_roundtrip(state), weights_only=True)  # as a checkpoint holds it
+    assert state["latent_shard"]["rank"] == dp.world.rank
+    return _train(dp, arch, True, False, None, state)
+
+
+def _roundtrip(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_sharded_state_resumes_exactly(one_process):
+    first, _ = run_ranks(_stop_and_resume, 2, ("batchtopk",), timeout_s=120)
+    _assert_same(first, one_process["batchtopk"], "batchtopk resumed")
+
+
+def test_a_sharded_state_is_refused_unsharded_and_by_another_rank():
+    dp = DataParallel(World())
+    state = _train(dp, "topk", True, False, 1)["state"]
+    dict_cfg, trainer_cfg = _configs("topk")
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="distributed.shard_latents=true"):
+        restore_trainer(dict_cfg, trainer_cfg, state, D, D, False, cpu)
+    state["latent_shard"]["rank"] = 1
+    with pytest.raises(ConfigError, match="resume with the run's distributed.shard_latents"):
+        restore_trainer(
+            dict_cfg, trainer_cfg, state, D, D, False, cpu, shard=LatentShard(World(), N_LATENTS)
+        )
+
+
+def test_a_width_that_does_not_split_is_refused():
+    with pytest.raises(ConfigError, match=r"n_latents=33 does not split evenly over 2 ranks"):
+        LatentShard(World(rank=0, world_size=2), 33)
