@@ -34,6 +34,7 @@ from saetrain.config import (
 from saetrain.dictionaries import Dictionary
 from saetrain.distributed import world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
+from saetrain.distributed.latent_shard import ShardedTrainer, check_shardable, latent_shard
 from saetrain.distributed.sharding import dictionary_cost
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts
@@ -148,7 +149,7 @@ def _run(
     started = time.time()
     # Data, sites and sizes against the model's config: before any weights load, and before the
     # run folder is touched.
-    preflight(cfg)
+    check_shardable(cfg, world.world_size, preflight(cfg))
     output_dir = Path(output_dir)
     checkpoint: dict[str, Any] | None = None
     if wants_resume(cfg.resume):
@@ -209,8 +210,10 @@ def _run(
                 source.width(target),
             )
         )
-    # Several dictionaries under torchrun: each trained (and written) by one rank.
-    dp.own([_cost(job) for job in jobs], cfg.distributed.assign)
+    # Several dictionaries under torchrun: each trained (and written) by one rank, unless each is
+    # split over every rank (distributed.shard_latents).
+    if not cfg.distributed.shard_latents:
+        dp.own([_cost(job) for job in jobs], cfg.distributed.assign)
 
     tokens = TokenSource(cfg.data, tokenizer, cfg.seed, world.rank, world.world_size)
     n_eval_contexts = max(math.ceil(cfg.eval.n_tokens / cfg.data.context_size), 1)
@@ -345,6 +348,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     device,
                     torch.Generator().manual_seed(job.cfg.seed),
                     name=name,
+                    shard=latent_shard(job.cfg, dp.world, job.d_in),
                 )
             else:
                 if checkpoint["trainers"][i] is None:
@@ -362,6 +366,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     job.transcoder,
                     device,
                     name=name,
+                    shard=latent_shard(job.cfg, dp.world, job.d_in),
                 )
             _announce(job)
         if checkpoint is not None:
@@ -376,9 +381,12 @@ def _train(setup: _Setup) -> dict[str, Any]:
                 "config": dataclasses.asdict(cfg),
                 "step": step,
                 "names": [job.name for job in jobs],
-                # Each dictionary's state from the rank that writes it (None elsewhere).
+                # Each dictionary's state from the rank that writes it (None elsewhere); a
+                # latent-sharded one's from every rank, each its own latents.
                 "trainers": [
-                    job.trainer.state_dict() if job.trainer is not None and dp.writes(i) else None
+                    job.trainer.state_dict()
+                    if job.trainer is not None and (dp.writes(i) or job.trainer.state_per_rank)
+                    else None
                     for i, job in enumerate(jobs)
                 ],
                 "buffer": buffer.state_dict(),
@@ -460,13 +468,17 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         if job.trainer is None:
             continue  # another rank's
         fitted = fold(job.trainer)
+        if isinstance(job.trainer, ShardedTrainer):  # rank 0 evaluates and saves it whole
+            if (whole := job.trainer.gathered(fitted)) is None:
+                continue
+            fitted = whole
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
         frequencies: list[torch.Tensor] = []
         metrics = _evaluate(setup, job, exported, frequencies)
         metrics |= density_summary(frequencies[0])
         # The training window's dead latents beside the held-out never-fired ones (both named).
         metrics |= training_dead_metrics(
-            trainer.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
+            fitted.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
         )
         run_info = {
             "config": dataclasses.asdict(job.cfg),
@@ -609,7 +621,7 @@ def _announce(job: _Job) -> None:
         "transcoder" if job.transcoder else "SAE",
         job.input_site,
         job.target_site,
-        dictionary.n_latents,
+        trainer.shard.n_latents if isinstance(trainer, ShardedTrainer) else dictionary.n_latents,
         trainer.scale,
         trainer.target_scale,
         trainer.total_steps,

@@ -6,9 +6,13 @@ Every spawned world is bounded in time.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from _distributed import run_ranks
+from safetensors.torch import load_file
 
 from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
 from saetrain.distributed import World, init_world
@@ -188,3 +192,102 @@ def test_a_sharded_state_is_refused_unsharded_and_by_another_rank():
 def test_a_width_that_does_not_split_is_refused():
     with pytest.raises(ConfigError, match=r"n_latents=33 does not split evenly over 2 ranks"):
         LatentShard(World(rank=0, world_size=2), 33)
+
+
+def test_the_gathered_export_writes_the_files_of_the_unsharded_one(one_process, tmp_path):
+    """save_dictionary of the gathered BatchTopK and of the whole one: the same cfg.json and the
+    same tensors (BatchTopK's threshold expanded to every latent) to 1e-6."""
+    from saetrain.dictionaries import BatchTopKSAE
+    from saetrain.export.saelens import save_dictionary
+
+    folders = []
+    for name, state in (
+        ("sharded", _train(DataParallel(World()), "batchtopk", True)),
+        ("whole", one_process["batchtopk"]),
+    ):
+        dictionary = BatchTopKSAE(D, N_LATENTS, D, k=2)
+        dictionary.load_state_dict({k: v for k, v in state.items() if k in dictionary.state_dict()})
+        folders.append(save_dictionary(dictionary, tmp_path / name, {"model_name": "m"}))
+    a, b = (load_file(f / "sae_weights.safetensors") for f in folders)
+    assert a.keys() == b.keys() and a["threshold"].shape == (N_LATENTS,)
+    _assert_same(a, b, "exported tensors")
+    assert (folders[0] / "cfg.json").read_text() == (folders[1] / "cfg.json").read_text()
+
+
+# -- a whole run under torchrun ------------------------------------------------------------------
+
+
+def _torchrun(args: list[str], cwd):
+    from _distributed import run_torchrun
+
+    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return run_torchrun(["-m", "saetrain", *args], nproc=2, timeout_s=240, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tiny_model, corpus, tmp_path_factory):
+    from test_distributed_data_parallel import _overrides
+
+    root = tmp_path_factory.mktemp("latent_shard_run")
+    out = root / "run"
+    done = _torchrun(_overrides(tiny_model, corpus, out, "distributed.shard_latents=true"), root)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return out, done.stdout
+
+
+def test_a_sharded_run_trains_evaluates_and_exports_once(sharded_run):
+    out, stdout = sharded_run
+    assert stdout.count("held-out evaluation:") == 1 and stdout.count("dictionary saved to") == 1
+    assert "latent shard: 32 per rank" in stdout and "memory of rank 1: weights" in stdout
+    info = json.loads((out / "resid_post.1" / "saetrain_run.json").read_text())
+    assert info["tokens_seen"] == 2048 and info["stream"]["world_size"] == 2
+    assert info["final_metrics"]["fvu"] < 0.95  # it trained
+    assert 0 <= info["final_metrics"]["dead_fraction"] <= 1
+    weights = load_file(out / "resid_post.1" / "sae_weights.safetensors")
+    assert weights["W_enc"].shape[1] == 64 and weights["W_dec"].shape[0] == 64
+    # Each checkpoint: rank 0's file and rank 1's part, each with its own half of the latents.
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [f"step-{s:09d}{part}.pt" for s in (2, 4, 6) for part in ("", ".rank-1")]
+    for rank, name in enumerate(names[-2:]):
+        (state,) = torch.load(out / "checkpoints" / name, weights_only=True)["trainers"]
+        assert state["latent_shard"] == {"rank": rank, "world_size": 2, "n_latents": 64}
+        assert state["dictionary"]["W_dec"].shape[0] == 32
+        assert state["optimizer"]["state"][2]["exp_avg"].shape[0] == 32  # W_dec's Adam state
+
+
+def test_a_sharded_run_exports_the_unsharded_run_s_dictionary(
+    sharded_run, tiny_model, corpus, tmp_path
+):
+    """The same run data parallel (every rank the whole dictionary) ends with the same weights:
+    the ranks' global batches are the same, and the sharded step is the whole one."""
+    from test_distributed_data_parallel import _overrides
+
+    out, _ = sharded_run
+    done = _torchrun(_overrides(tiny_model, corpus, tmp_path / "whole"), tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    a = load_file(out / "resid_post.1" / "sae_weights.safetensors")
+    b = load_file(tmp_path / "whole" / "resid_post.1" / "sae_weights.safetensors")
+    _assert_same(a, b, "exported tensors")
+    cfg_a = json.loads((out / "resid_post.1" / "cfg.json").read_text())
+    cfg_b = json.loads((tmp_path / "whole" / "resid_post.1" / "cfg.json").read_text())
+    assert cfg_a == cfg_b
+
+
+def test_a_sharded_run_resumes_exactly(sharded_run, tiny_model, corpus, tmp_path):
+    from test_distributed_data_parallel import _overrides
+
+    out, _ = sharded_run
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(out / "checkpoints", crashed / "checkpoints")
+    for path in (crashed / "checkpoints").glob("step-000000006*"):
+        path.unlink()
+    args = _overrides(
+        tiny_model, corpus, crashed, "distributed.shard_latents=true", f"resume={crashed}"
+    )
+    done = _torchrun(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "resuming" in done.stdout
+    a = load_file(out / "resid_post.1" / "sae_weights.safetensors")
+    b = load_file(crashed / "resid_post.1" / "sae_weights.safetensors")
+    _assert_same(a, b, "resumed export")
