@@ -291,3 +291,62 @@ def test_a_sharded_run_resumes_exactly(sharded_run, tiny_model, corpus, tmp_path
     a = load_file(out / "resid_post.1" / "sae_weights.safetensors")
     b = load_file(crashed / "resid_post.1" / "sae_weights.safetensors")
     _assert_same(a, b, "resumed export")
+
+
+# -- what is refused, before the LM loads ---------------------------------------------------------
+
+
+def _refused(cfg, out: str) -> str:
+    """run() with an LM that must not load; the ConfigError's message."""
+    import saetrain.run as R
+
+    def no_lm(*args, **kwargs):
+        raise AssertionError("the LM was loaded before the config was refused")
+
+    R.load_lm = no_lm
+    try:
+        R.run(cfg, out)
+    except ConfigError as e:
+        return str(e)
+    raise AssertionError("not refused")
+
+
+def test_a_width_that_does_not_split_over_the_ranks_is_refused(tiny_model, corpus, tmp_path):
+    from test_distributed_data_parallel import _overrides
+
+    from saetrain.api import config_from_overrides
+
+    args = _overrides(
+        tiny_model, corpus, tmp_path, "distributed.shard_latents=true", "dictionary.n_latents=63"
+    )
+    cfg = config_from_overrides(args)
+    for message in run_ranks(_refused, 2, (cfg, str(tmp_path)), timeout_s=60):
+        assert message == (
+            "dictionary.n_latents=63 does not split evenly over 2 ranks "
+            "(distributed.shard_latents=true); choose a multiple of 2"
+        )
+
+
+def test_an_architecture_it_cannot_split_is_refused_with_exit_code_2(tiny_model, corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from test_distributed_data_parallel import _overrides
+
+    from saetrain.api import config_from_overrides
+
+    args = _overrides(
+        tiny_model, corpus, tmp_path, "distributed.shard_latents=true",
+        "dictionary.architecture=matryoshka", "dictionary.matryoshka_prefixes=[16,64]",
+    )  # fmt: skip
+    expected = (
+        "dictionary.architecture='matryoshka' cannot be split over ranks "
+        "(distributed.shard_latents=true); choose one of: topk, batchtopk, or set "
+        "distributed.shard_latents=false"
+    )
+    assert _refused(config_from_overrides(args), str(tmp_path)) == expected
+    proc = subprocess.run(
+        [sys.executable, "-m", "saetrain", *args],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
