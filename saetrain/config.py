@@ -264,8 +264,9 @@ class DistributedConfig:
     assign: str = "balanced"
     # Split each dictionary's latents over the ranks (W_enc's columns, b_enc, W_dec's rows and
     # their Adam state; b_dec replicated), for widths whose weights do not fit on one device.
-    # TopK and BatchTopK only, n_latents divisible by the number of ranks; the whole dictionary
-    # is gathered on rank 0 to evaluate and export (saetrain/distributed/latent_shard.py).
+    # topk, batchtopk, relu, jumprelu, gated (not matryoshka); n_latents divisible by the number
+    # of ranks. Rank 0 gathers the whole dictionary to evaluate and export it
+    # (saetrain/distributed/latent_shard.py).
     shard_latents: bool = False
 
 

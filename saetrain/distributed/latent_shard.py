@@ -14,14 +14,21 @@ batch (data_parallel.py gathers the rows), so a step is exactly one process's:
 - decoder: x̂_r = sparse_decode(own codes, W_dec[s]) on each shard (saetrain.kernels.ops), and
   x̂ = Σ_r x̂_r + b_dec (+ x·W_skipᵀ), summed by an all_reduce.
 
-Gradients. Every rank computes the same loss from the same x̂, so the gradient reaching x̂_r is
-dL/dx̂ itself: the sum's backward passes it through unchanged, and each shard's gradient is the
-one-process gradient's slice, with no exchange. b_dec is reached twice: through x̂ (the same on
-every rank) and, for an SAE, through the encoder input x − b_dec, where each rank sees only its
-own latents' part; that input passes an op whose forward is the identity and whose backward sums
-the ranks' gradients. Adam is elementwise, so each rank's state is a slice of one process's.
-Gradient clipping uses the global norm (the shards' squares summed over ranks, replicated
-tensors counted once).
+The penalty family (relu, jumprelu, gated) has elementwise activations: the dictionary's own
+training_forward runs on its shard with `Dictionary.latent_sums` set, which makes every sum over
+latents whole (the decoder's output, Gated's auxiliary decoder, the penalties' per-row sums, so
+JumpReLU's quadratic L0 penalty sees the global L0) and sums the encoder input's gradient. Their
+extra per-latent tensors (JumpReLU's log θ, Gated's b_gate, b_mag, r_mag) are split like b_enc.
+Matryoshka (nested prefixes of the latent axis) is not split.
+
+Gradients. Every rank computes the same loss from the same sums, so the gradient reaching a
+rank's part of a sum is the gradient of the sum itself: the sum's backward passes it
+unchanged, and each shard's gradient is the one-process gradient's slice, with no exchange.
+b_dec is reached twice: through x̂ (the same on every rank) and, for an SAE, through the
+encoder input x − b_dec, where each rank sees only its own latents' part; that input passes an
+op whose forward is the identity and whose backward sums the ranks' gradients. Adam is
+elementwise, so each rank's state is a slice of one process's. Gradient clipping uses the global
+norm (the shards' squares summed over ranks, replicated tensors counted once).
 
 Evaluation and export: the folded shards are gathered on rank 0 into an ordinary dictionary,
 which rank 0 evaluates on the held-out set and saves in the SAELens layout (the whole dictionary
@@ -63,10 +70,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The architectures whose step latent_shard computes (their selection: per row, or per batch).
-SHARDABLE = ("topk", "batchtopk")
+# The TopK family's step is computed here (its selection: per row, or per batch); the penalty
+# family's elementwise activations need only their sums over latents made whole (the dictionary's
+# own training_forward runs, with Dictionary.latent_sums set). Matryoshka is not split.
+SELECTED = ("topk", "batchtopk")
+ELEMENTWISE = ("relu", "jumprelu", "gated")
+SHARDABLE = SELECTED + ELEMENTWISE
 # The tensors split over ranks, by their latent axis; every other tensor is replicated.
-LATENT_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
+LATENT_AXIS = {
+    "W_enc": 1,
+    "b_enc": 0,
+    "W_dec": 0,
+    "threshold": 0,
+    "log_threshold": 0,
+    "b_gate": 0,
+    "b_mag": 0,
+    "r_mag": 0,
+}
 
 
 def n_latents_of(cfg: DictionaryConfig, d_in: int) -> int:
@@ -158,10 +178,12 @@ class LatentShard:
     def _sharded(self, dictionary: nn.Module, size: int) -> list[tuple[str, int, torch.Tensor]]:
         """(name, latent axis, tensor) of the dictionary's tensors split over ranks, whose latent
         axis is `size` long now (BatchTopK's scalar threshold is replicated)."""
+        held = dict(dictionary.named_parameters(recurse=False))
+        held |= dict(dictionary.named_buffers(recurse=False))
         found = []
         for name, axis in LATENT_AXIS.items():
-            t = getattr(dictionary, name, None)
-            if isinstance(t, torch.Tensor) and t.dim() > axis and t.shape[axis] == size:
+            t = held.get(name)
+            if t is not None and t.dim() > axis and t.shape[axis] == size:
                 found.append((name, axis, t))
         return found
 
@@ -334,7 +356,17 @@ class ShardedTrainer(Trainer):
         log.info("%slatent shard: %s per rank", f"[{name}] " if name else "", shard.n_local)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sparsity: float) -> TrainOutput:
-        return self.shard.training_forward(self.dictionary, x, y, self.dead_mask())
+        d = self.dictionary
+        if d.architecture in SELECTED:
+            return self.shard.training_forward(d, x, y, self.dead_mask())
+        d.latent_sums = self.shard  # the hooks' autograd ops are in the graph once it returns
+        try:
+            return d.training_forward(x, y, self.dead_mask(), sparsity)
+        finally:
+            d.latent_sums = None
+
+    def mean_l0(self, out: TrainOutput, rows: int) -> float:
+        return self.shard.total(active_count(out.codes)) / rows
 
     def clip_gradients(self, max_norm: float) -> None:
         """torch's clip_grad_norm_ over the whole dictionary: Σ‖g‖² of the shards summed over
@@ -359,7 +391,7 @@ class ShardedTrainer(Trainer):
 
     def batch_metrics(self, y: torch.Tensor, out: TrainOutput) -> dict[str, float]:
         metrics = super().batch_metrics(y, out)
-        metrics["l0"] = self.shard.total(active_count(out.codes)) / y.shape[0]
+        metrics["l0"] = self.mean_l0(out, y.shape[0])
         return metrics
 
     def dead_fraction(self) -> float:

@@ -152,7 +152,7 @@ class Trainer:
             d.set_decoder_unit_norm()
         d.after_step(out)
         if self.l0_controller is not None and step + 1 >= warmup:
-            self.l0_controller.update(float(active_count(out.codes)) / x.shape[0])
+            self.l0_controller.update(self.mean_l0(out, x.shape[0]))
 
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[fired_latents(out.codes, d.n_latents)] = 0
@@ -171,6 +171,10 @@ class Trainer:
     def batch_metrics(self, y: torch.Tensor, out: TrainOutput) -> dict[str, float]:
         """FVU and L0 of a training batch (its progress row)."""
         return reconstruction_metrics(y, out.x_hat.detach(), out.codes, self.dictionary.n_latents)
+
+    def mean_l0(self, out: TrainOutput, rows: int) -> float:
+        """Active codes per row of a training batch (what the L0 controller steers)."""
+        return float(active_count(out.codes)) / rows
 
     def dead_fraction(self) -> float:
         """The share of latents the dead mask holds now."""
