@@ -32,10 +32,11 @@ from saetrain.config import (
     validate,
 )
 from saetrain.dictionaries import Dictionary
-from saetrain.distributed import world_session
+from saetrain.distributed import World, world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
 from saetrain.distributed.latent_shard import ShardedTrainer, check_shardable, latent_shard
 from saetrain.distributed.sharding import dictionary_cost
+from saetrain.distributed.shared_eval import my_contexts, reduce_ce, reduce_stats
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts
 from saetrain.evaluation.metrics import training_dead_metrics
@@ -538,26 +539,44 @@ def _evaluate(
     setup: _Setup, job: _Job, exported: Dictionary, frequencies: list[torch.Tensor]
 ) -> dict[str, float]:
     """evaluate_dictionary's metrics, with progress lines: the reconstruction pass and the CE
-    splicing each report the held-out contexts done (minutes on a big model)."""
+    splicing each report the held-out contexts done (minutes on a big model). Under data
+    parallel (every rank holds this dictionary) each rank evaluates its share of the contexts
+    and the sums are reduced (distributed/shared_eval.py); otherwise this rank does it all."""
     cfg, source, tag = setup.cfg, setup.source, _tag(job, setup.jobs)
+    dp = setup.dp
+    together = dp.owners is None and not isinstance(job.trainer, ShardedTrainer)
+    world = dp.world if together else World()
+    held_out = my_contexts(world, setup.held_out)
+    if world.distributed:
+        log.info(
+            "%sheld-out evaluation shared by %d ranks: rank 0 evaluates %d of %d contexts",
+            tag,
+            world.world_size,
+            sum(len(b) for b in held_out),
+            sum(len(b) for b in setup.held_out),
+        )
     metrics = evaluate_dictionary(
         source,
         exported,
-        ReportedList(setup.held_out, f"{tag}evaluation", "contexts", len),
+        ReportedList(held_out, f"{tag}evaluation", "contexts", len),
         job.input_site,
         job.target_site,
         compute_ce=False,
         frequencies_out=frequencies,
+        reduce=lambda stats: reduce_stats(world, stats),
     )
     if cfg.eval.compute_ce:
-        ce_batches = first_contexts(setup.held_out, cfg.eval.ce_contexts)
-        metrics |= spliced_lm_metrics(
-            source.model,
-            source.sites[job.target_site],
-            exported,
-            ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
-            input_site=source.sites[job.input_site] if job.transcoder else None,
-        )
+        ce_batches = my_contexts(world, first_contexts(setup.held_out, cfg.eval.ce_contexts))
+        mine = None
+        if ce_batches:
+            mine = spliced_lm_metrics(
+                source.model,
+                source.sites[job.target_site],
+                exported,
+                ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
+                input_site=source.sites[job.input_site] if job.transcoder else None,
+            )
+        metrics |= reduce_ce(world, mine)
     return metrics
 
 

@@ -259,6 +259,13 @@ def test_a_sharded_run_trains_evaluates_and_exports_once(sharded_run):
     assert info["tokens_seen"] == 2048 and info["stream"]["world_size"] == 2
     assert info["final_metrics"]["fvu"] < 0.95  # it trained
     assert 0 <= info["final_metrics"]["dead_fraction"] <= 1
+    # rank 0 evaluated the gathered dictionary: one process evaluating the export agrees
+    from saetrain.evaluate import evaluate_path
+
+    again = evaluate_path(out / "resid_post.1", ["model.device=cpu"]).metrics
+    for key in ("fvu", "l0", "never_fired_fraction", "ce_spliced", "kl_div"):
+        got, expected = info["final_metrics"][key], again[key]
+        assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected)), (key, got, expected)
     weights = load_file(out / "resid_post.1" / "sae_weights.safetensors")
     assert weights["W_enc"].shape[1] == 64 and weights["W_dec"].shape[0] == 64
     # Each checkpoint: rank 0's file and rank 1's part, each with its own half of the latents.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from saetrain.activations.source import ActivationSource
@@ -21,6 +23,7 @@ def evaluate_dictionary(
     compute_ce: bool = True,
     ce_contexts: int = 32,
     frequencies_out: list[torch.Tensor] | None = None,
+    reduce: Callable[[ReconstructionStats], ReconstructionStats] | None = None,
 ) -> dict[str, float]:
     """FVU, MSE, L0, never-fired fraction on `batches`; CE/KL with the dictionary spliced in.
 
@@ -30,7 +33,8 @@ def evaluate_dictionary(
 
     An SAE reconstructs `input_site`; a transcoder predicts `target_site` from `input_site` and
     is spliced in place of the target site. `frequencies_out`, if given, receives each latent's
-    firing frequency on the held-out tokens.
+    firing frequency on the held-out tokens. `reduce` combines this process's statistics with
+    other ranks' when each evaluated a share of the contexts (distributed/shared_eval.py).
     """
     target_site = target_site or input_site
     sites = [input_site] if target_site == input_site else [input_site, target_site]
@@ -41,6 +45,8 @@ def evaluate_dictionary(
         y = row[:, dictionary.d_in :] if len(sites) == 2 else x
         codes = dictionary.encode(x)
         stats.update(y, dictionary.reconstruct(x, codes), codes)
+    if reduce is not None:
+        stats = reduce(stats)
     metrics = stats.compute()
     if frequencies_out is not None:  # per-latent firing frequency, for density plots
         frequencies_out.append(stats.fire_counts.double().cpu() / max(stats.rows, 1))
