@@ -228,7 +228,7 @@ def _run(
     if cfg.cache.dir is not None:
         cache = ActivationCache(
             cfg.cache.dir,
-            activation_key_fields(cfg, sites),
+            activation_key_fields(cfg, sites, world.rank, world.world_size),
             {site: source.width(site) for site in sites},
             buffer_dtype,
             cfg.cache.shard_tokens,
