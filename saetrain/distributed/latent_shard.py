@@ -33,6 +33,10 @@ norm (the shards' squares summed over ranks, replicated tensors counted once).
 Evaluation and export: the folded shards are gathered on rank 0 into an ordinary dictionary,
 which rank 0 evaluates on the held-out set and saves in the SAELens layout (the whole dictionary
 must fit on rank 0's device then: once, without gradients or Adam state).
+
+Initialisation: a fresh dictionary is initialised whole on each rank's CPU from the run's seed
+(the one-process weights), then each rank keeps its latents on its device: host memory must hold
+one whole fp32 dictionary per rank for that moment. A resume builds the shard alone.
 """
 
 from __future__ import annotations
@@ -175,7 +179,9 @@ class LatentShard:
 
     # -- weights -------------------------------------------------------------------------------
 
-    def _sharded(self, dictionary: nn.Module, size: int) -> list[tuple[str, int, torch.Tensor]]:
+    def sharded_tensors(
+        self, dictionary: nn.Module, size: int
+    ) -> list[tuple[str, int, torch.Tensor]]:
         """(name, latent axis, tensor) of the dictionary's tensors split over ranks, whose latent
         axis is `size` long now (BatchTopK's scalar threshold is replicated)."""
         held = dict(dictionary.named_parameters(recurse=False))
@@ -193,7 +199,7 @@ class LatentShard:
             raise ValueError(
                 f"a dictionary of {dictionary.n_latents} latents, not {self.n_latents}"
             )
-        for name, axis, t in self._sharded(dictionary, self.n_latents):
+        for name, axis, t in self.sharded_tensors(dictionary, self.n_latents):
             part = t.detach().narrow(axis, self.start, self.n_local).clone()
             is_param = isinstance(t, nn.Parameter)
             setattr(dictionary, name, nn.Parameter(part) if is_param else part)
@@ -203,7 +209,7 @@ class LatentShard:
     def gather(self, dictionary: Dictionary, dst: int = 0) -> Dictionary | None:
         """The whole dictionary, on rank `dst`, from every rank's shard (None on the others)."""
         whole = copy.deepcopy(dictionary) if self.world.rank == dst else None
-        for name, axis, t in self._sharded(dictionary, self.n_local):
+        for name, axis, t in self.sharded_tensors(dictionary, self.n_local):
             parts = gather_equal(self.world, t.detach().movedim(axis, 0).contiguous(), dst)
             if whole is not None and parts is not None:
                 joined = torch.cat(parts).movedim(0, axis).contiguous()
@@ -371,7 +377,9 @@ class ShardedTrainer(Trainer):
     def clip_gradients(self, max_norm: float) -> None:
         """torch's clip_grad_norm_ over the whole dictionary: Σ‖g‖² of the shards summed over
         ranks, the replicated gradients' counted once."""
-        sharded = {name for name, _, _ in self.shard._sharded(self.dictionary, self.shard.n_local)}
+        sharded = {
+            name for name, _, _ in self.shard.sharded_tensors(self.dictionary, self.shard.n_local)
+        }
         own = torch.zeros((), dtype=torch.float32, device=self.dictionary.W_enc.device)
         common = own.clone()
         grads = []
