@@ -273,6 +273,12 @@ class DistributedConfig:
     # Several dictionaries (`dictionaries`) are each trained by one rank: balanced (the largest
     # first, each to the least loaded rank) | round_robin (dictionary i on rank i mod N).
     assign: str = "balanced"
+    # Split each dictionary's latents over the ranks (W_enc's columns, b_enc, W_dec's rows and
+    # their Adam state; b_dec replicated), for widths whose weights do not fit on one device.
+    # topk, batchtopk, relu, jumprelu, gated (not matryoshka); n_latents divisible by the number
+    # of ranks. Rank 0 gathers the whole dictionary to evaluate and export it
+    # (saetrain/distributed/latent_shard.py).
+    shard_latents: bool = False
 
 
 @dataclass

@@ -35,9 +35,11 @@ from saetrain.config import (
     validate,
 )
 from saetrain.dictionaries import CLTStructure, Dictionary, Layout
-from saetrain.distributed import world_session
+from saetrain.distributed import World, world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
+from saetrain.distributed.latent_shard import ShardedTrainer, check_shardable, latent_shard
 from saetrain.distributed.sharding import dictionary_cost
+from saetrain.distributed.shared_eval import my_contexts, reduce_ce, reduce_stats
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts, splice_member
 from saetrain.evaluation.metrics import training_dead_metrics
@@ -172,6 +174,7 @@ def _run(
     # Data, sites and sizes against the model's config: before any weights load, and before the
     # run folder is touched.
     shape = preflight(cfg)
+    check_shardable(cfg, world.world_size, shape)
     output_dir = Path(output_dir)
     checkpoint: dict[str, Any] | None = None
     if wants_resume(cfg.resume):
@@ -228,8 +231,10 @@ def _run(
             tuple(source.width(site) for site in targets),
         )
         jobs.append(_Job(name, sub, inputs, targets, [column[site] for site in read], layout))
-    # Several dictionaries under torchrun: each trained (and written) by one rank.
-    dp.own([_cost(job) for job in jobs], cfg.distributed.assign)
+    # Several dictionaries under torchrun: each trained (and written) by one rank, unless each is
+    # split over every rank (distributed.shard_latents).
+    if not cfg.distributed.shard_latents:
+        dp.own([_cost(job) for job in jobs], cfg.distributed.assign)
 
     tokens = TokenSource(cfg.data, tokenizer, cfg.seed, world.rank, world.world_size)
     n_eval_contexts = max(math.ceil(cfg.eval.n_tokens / cfg.data.context_size), 1)
@@ -243,7 +248,7 @@ def _run(
     if cfg.cache.dir is not None:
         cache = ActivationCache(
             cfg.cache.dir,
-            activation_key_fields(cfg, sites),
+            activation_key_fields(cfg, sites, world.rank, world.world_size),
             {site: source.width(site) for site in sites},
             buffer_dtype,
             cfg.cache.shard_tokens,
@@ -365,6 +370,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     torch.Generator().manual_seed(job.cfg.seed),
                     name=name,
                     layout=job.layout,
+                    shard=latent_shard(job.cfg, dp.world, job.d_in),
                 )
             else:
                 if checkpoint["trainers"][i] is None:
@@ -383,6 +389,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     device,
                     name=name,
                     layout=job.layout,
+                    shard=latent_shard(job.cfg, dp.world, job.d_in),
                 )
             _announce(job)
         if checkpoint is not None:
@@ -397,9 +404,12 @@ def _train(setup: _Setup) -> dict[str, Any]:
                 "config": dataclasses.asdict(cfg),
                 "step": step,
                 "names": [job.name for job in jobs],
-                # Each dictionary's state from the rank that writes it (None elsewhere).
+                # Each dictionary's state from the rank that writes it (None elsewhere); a
+                # latent-sharded one's from every rank, each its own latents.
                 "trainers": [
-                    job.trainer.state_dict() if job.trainer is not None and dp.writes(i) else None
+                    job.trainer.state_dict()
+                    if job.trainer is not None and (dp.writes(i) or job.trainer.state_per_rank)
+                    else None
                     for i, job in enumerate(jobs)
                 ],
                 "buffer": buffer.state_dict(),
@@ -481,13 +491,17 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         if job.trainer is None:
             continue  # another rank's
         fitted = fold(job.trainer)
+        if isinstance(job.trainer, ShardedTrainer):  # rank 0 evaluates and saves it whole
+            if (whole := job.trainer.gathered(fitted)) is None:
+                continue
+            fitted = whole
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
         frequencies: list[torch.Tensor] = []
         metrics = _evaluate(setup, job, exported, frequencies)
         metrics |= density_summary(frequencies[0])
         # The training window's dead latents beside the held-out never-fired ones (both named).
         metrics |= training_dead_metrics(
-            trainer.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
+            fitted.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
         )
         metrics |= kind_metrics(exported, job.inputs)  # a crosscoder's decoder-norm shares
         run_info = {
@@ -581,24 +595,42 @@ def _evaluate(
     setup: _Setup, job: _Job, exported: Dictionary, frequencies: list[torch.Tensor]
 ) -> dict[str, float]:
     """evaluate_dictionary's metrics, with progress lines: the reconstruction pass and the CE
-    splicing each report the held-out contexts done (minutes on a big model)."""
+    splicing each report the held-out contexts done (minutes on a big model). Under data
+    parallel (every rank holds this dictionary) each rank evaluates its share of the contexts
+    and the sums are reduced (distributed/shared_eval.py); otherwise this rank does it all."""
     cfg, source, tag = setup.cfg, setup.source, _tag(job, setup.jobs)
+    dp = setup.dp
+    together = dp.owners is None and not isinstance(job.trainer, ShardedTrainer)
+    world = dp.world if together else World()
+    held_out = my_contexts(world, setup.held_out)
+    if world.distributed:
+        log.info(
+            "%sheld-out evaluation shared by %d ranks: rank 0 evaluates %d of %d contexts",
+            tag,
+            world.world_size,
+            sum(len(b) for b in held_out),
+            sum(len(b) for b in setup.held_out),
+        )
     metrics = evaluate_dictionary(
         source,
         exported,
-        ReportedList(setup.held_out, f"{tag}evaluation", "contexts", len),
+        ReportedList(held_out, f"{tag}evaluation", "contexts", len),
         job.inputs,
         job.targets,
         compute_ce=False,
         frequencies_out=frequencies,
+        reduce=lambda stats: reduce_stats(world, stats),
     )
     if cfg.eval.compute_ce:
-        ce_batches = first_contexts(setup.held_out, cfg.eval.ce_contexts)
-        metrics |= replacement_lm_metrics(
-            source.models,
-            [splice_member(source, exported, job.inputs, job.targets)],
-            ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
-        )
+        ce_batches = my_contexts(world, first_contexts(setup.held_out, cfg.eval.ce_contexts))
+        mine = None
+        if ce_batches:
+            mine = replacement_lm_metrics(
+                source.models,
+                [splice_member(source, exported, job.inputs, job.targets)],
+                ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
+            )
+        metrics |= reduce_ce(world, mine)
     return metrics
 
 
@@ -682,7 +714,7 @@ def _announce(job: _Job) -> None:
         what,
         ", ".join(job.inputs),
         ", ".join(job.targets),
-        dictionary.n_latents,
+        trainer.shard.n_latents if isinstance(trainer, ShardedTrainer) else dictionary.n_latents,
         _scales_text(trainer.scale),
         _scales_text(trainer.target_scale),
         trainer.total_steps,

@@ -1,5 +1,6 @@
-"""Benchmark saetrain under torchrun: 1 rank against N, for one dictionary (data parallel) and for
-a list of dictionaries (dictionary parallel).
+"""Benchmark saetrain under torchrun: 1 rank against N, for one dictionary (data parallel), for
+a list of dictionaries (dictionary parallel), and for one dictionary whose latents are split over
+the ranks (distributed.shard_latents=true).
 
 Builds a small randomly initialised Llama from a config (d_model 256, 4 layers by default) with a
 word-level tokenizer whose vocabulary is the corpus's most frequent words, saves both to a temporary
@@ -48,6 +49,13 @@ from typing import Any
 from saetrain.distributed.process_tree import kill_tree
 
 SECTION = "## Several processes"
+# How each mode is launched, and its name in the table.
+MODES = ("data", "dictionary", "sharded")
+MODE_NAMES = {
+    "data": "data parallel",
+    "dictionary": "dictionary parallel",
+    "sharded": "latents sharded",
+}
 # The pre-tokenizer's split (tokenizers' Whitespace): runs of word characters, or of other
 # non-space characters.
 WORD = re.compile(r"\w+|[^\w\s]+")
@@ -101,9 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--modes",
         nargs="+",
-        default=["data", "dictionary"],
-        choices=["data", "dictionary"],
-        help="data: one dictionary; dictionary: a `dictionaries` list",
+        default=list(MODES),
+        choices=list(MODES),
+        help="data: one dictionary; dictionary: a `dictionaries` list; sharded: one dictionary "
+        "with its latents split over the ranks (distributed.shard_latents=true)",
     )
     p.add_argument(
         "--threads",
@@ -273,6 +282,8 @@ def overrides(args: argparse.Namespace, model: Path, data: str, out: Path, mode:
         common += ["trainer.warmup_steps=2", "trainer.init_batches=2", "eval.ce_contexts=4"]
     if mode == "dictionary":
         common.append(dictionary_entries(args.dictionaries, args.layers))
+    if mode == "sharded":
+        common.append("distributed.shard_latents=true")
     return common + list(args.overrides)
 
 
@@ -299,7 +310,7 @@ def launch(
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
     }
-    print(f"-- {mode} parallel, {nproc} rank(s), {threads} thread(s) each", flush=True)
+    print(f"-- {MODE_NAMES[mode]}, {nproc} rank(s), {threads} thread(s) each", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(
         command,
@@ -316,7 +327,7 @@ def launch(
         kill_tree(proc.pid)
         output, _ = proc.communicate()
         raise SystemExit(
-            f"{mode} parallel with {nproc} rank(s) ran past {args.run_timeout} s (killed); "
+            f"{MODE_NAMES[mode]} with {nproc} rank(s) ran past {args.run_timeout} s (killed); "
             f"output:\n{output[-4000:]}"
         ) from None
     except BaseException:  # Ctrl-C, SIGTERM (main's handler): no rank is left behind
@@ -327,7 +338,7 @@ def launch(
     (workdir / f"{mode}-{nproc}.log").write_text(output)
     if proc.returncode != 0:
         raise SystemExit(
-            f"{mode} parallel with {nproc} rank(s) failed (exit code {proc.returncode}):\n"
+            f"{MODE_NAMES[mode]} with {nproc} rank(s) failed (exit code {proc.returncode}):\n"
             f"{shlex.join(command)}\n{output[-4000:]}"
         )
     names = json.loads((out / "finished.json").read_text())["dictionaries"]
@@ -376,7 +387,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             else f"{r['fvu_mean']:.4f} ({min(r['fvu']):.4f}–{max(r['fvu']):.4f})"
         )
         lines.append(
-            f"| {r['mode']} parallel | {r['nproc']} | {r['dictionaries']} | {r['wall_s']:.1f} "
+            f"| {MODE_NAMES[r['mode']]} | {r['nproc']} | {r['dictionaries']} | {r['wall_s']:.1f} "
             f"| {r['train_s']:.{2 if r['train_s'] < 10 else 1}f} | {r['tokens_per_s']:,.0f} "
             f"| {r['dictionary_rows_per_s']:,.0f} "
             f"| {speed} | {r['pipeline_rows_per_s']:,.0f} | {r['lm_tokens']:,} | {fvu} |"
@@ -403,7 +414,7 @@ def reading(result: dict[str, Any], note: str = "") -> list[str]:
                 continue
             gap = max(abs(a - b) for a, b in zip(r["fvu"], one["fvu"], strict=True))
             bullets.append(
-                f"{mode.capitalize()} parallel, {r['nproc']} ranks against 1: the LM ran on "
+                f"{MODE_NAMES[mode].capitalize()}, {r['nproc']} ranks against 1: the LM ran on "
                 f"{r['lm_tokens']:,} tokens against {one['lm_tokens']:,}, the held-out FVU of "
                 f"every dictionary is within {gap:.4f} of the one-rank run, and training ran at "
                 f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}× the one-rank rows/s "
@@ -420,6 +431,17 @@ def reading(result: dict[str, Any], note: str = "") -> list[str]:
             f"With {_n(n, 'rank')}, d{last} of the list (same site, seed and rows as the single "
             f"dictionary) ends with held-out FVU {b:.6f} against the single dictionary's "
             f"{a:.6f}" + (": the same dictionary." if abs(a - b) < 1e-6 else ".")
+        )
+    for n in sorted({r["nproc"] for r in rows}):
+        single = next((r for r in rows if r["mode"] == "data" and r["nproc"] == n), None)
+        sharded = next((r for r in rows if r["mode"] == "sharded" and r["nproc"] == n), None)
+        if single is None or sharded is None:
+            continue
+        a, b = single["fvu"][0], sharded["fvu"][0]
+        bullets.append(
+            f"With {_n(n, 'rank')}, the latent-sharded dictionary (the same global batches as "
+            f"data parallel) ends with held-out FVU {b:.6f} against the data-parallel one's "
+            f"{a:.6f}" + (": the same dictionary." if abs(a - b) < 1e-5 else ".")
         )
     if m["device"] == "cpu":
         threads = sorted({(r["nproc"], r["threads_per_rank"]) for r in rows})
@@ -479,7 +501,15 @@ def section(result: dict[str, Any]) -> str:
         "the global batch and every rank takes the dictionary's step on it (only the LM is "
         f"split); (ii) a list of {s['dictionaries']} dictionaries (`dictionaries`, one per "
         "layer in turn), dictionary parallel: each rank runs the LM on its share and trains "
-        "its share of the dictionaries on every rank's rows (all_to_all of their columns)."
+        "its share of the dictionaries on every rank's rows (all_to_all of their columns)"
+        + (
+            "; (iii) one dictionary, latents sharded (`distributed.shard_latents=true`): the "
+            "rows are gathered as in (i), and each rank holds and steps 1/N of the latents "
+            "(its share of the encoder product; top-k candidates gathered and merged, the "
+            "decoder's partial sums all-reduced)."
+            if any(r["mode"] == "sharded" for r in result["rows"])
+            else "."
+        )
     )
     setup = (
         "Each run is `torchrun --standalone --nproc-per-node=N -m saetrain` on a randomly "

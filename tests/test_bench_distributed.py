@@ -1,6 +1,6 @@
 """scripts/bench_distributed.py --smoke: 1 and 2 ranks under torchrun, data and dictionary
-parallel, at toy sizes; the JSON holds a row for each with a finite held-out FVU, and the
-benchmarks page section is replaced in place, not appended twice."""
+parallel and latents sharded, at toy sizes; the JSON holds a row for each with a finite held-out
+FVU, and the benchmarks page section is replaced in place, not appended twice."""
 
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ def test_rows_for_one_and_two_ranks_in_both_modes(smoke):
     assert result["smoke"] is True
     assert result["machine"]["cpu_count"] == os.cpu_count()
     rows = {(r["mode"], r["nproc"]): r for r in result["rows"]}
-    assert set(rows) == {("data", 1), ("data", 2), ("dictionary", 1), ("dictionary", 2)}
+    assert set(rows) == {(m, n) for m in ("data", "dictionary", "sharded") for n in (1, 2)}
     for (mode, nproc), r in rows.items():
         assert r["world_size"] == nproc
-        assert r["dictionaries"] == (1 if mode == "data" else 4)
+        assert r["dictionaries"] == (4 if mode == "dictionary" else 1)
         assert len(r["fvu"]) == r["dictionaries"]
         assert all(math.isfinite(f) and f >= 0 for f in r["fvu"]), r["fvu"]
         assert r["tokens_seen"] == result["sizes"]["tokens"]
@@ -83,6 +83,9 @@ def test_rows_for_one_and_two_ranks_in_both_modes(smoke):
         listed = rows[("dictionary", n)]
         same = listed["fvu"][listed["names"].index(last)]
         assert abs(same - rows[("data", n)]["fvu"][0]) < 1e-5, (n, same, rows[("data", n)])
+        # Latents sharded over n ranks: the data-parallel dictionary (same global batches).
+        sharded = rows[("sharded", n)]["fvu"][0]
+        assert abs(sharded - rows[("data", n)]["fvu"][0]) < 1e-5, (n, sharded)
 
 
 def test_the_section_is_written_and_replaced_in_place(smoke, tmp_path):
@@ -91,6 +94,7 @@ def test_the_section_is_written_and_replaced_in_place(smoke, tmp_path):
     assert page.startswith("# Benchmarks\n\n## Earlier section\n\nkept\n")
     assert page.count("## Several processes") == 1
     assert "| data parallel | 2 | 1 |" in page and "| dictionary parallel | 2 | 4 |" in page
+    assert "| latents sharded | 2 | 1 |" in page
     # Written again (before another section, here): replaced, the rest of the page kept.
     bench = _load_script()
     again = tmp_path / "page.md"

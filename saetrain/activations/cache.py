@@ -48,8 +48,15 @@ def _file_fingerprint(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def activation_key_fields(cfg: Config, sites: list[str]) -> dict[str, Any]:
-    """Everything that determines the training stream's activations, as plain JSON values."""
+def activation_key_fields(
+    cfg: Config, sites: list[str], rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
+    """Everything that determines the training stream's activations, as plain JSON values.
+
+    Under torchrun each rank's stream is its share of the contexts (every world_size-th), so each
+    rank caches and reads its own share under its own key (one writer per key, as ever); a
+    single process's key is unchanged. A cache is thus reused by runs with the same world size.
+    """
     data = dataclasses.asdict(cfg.data)
     if cfg.data.path in LOCAL_BUILDERS:
         data["data_files"] = [
@@ -62,7 +69,7 @@ def activation_key_fields(cfg: Config, sites: list[str]) -> dict[str, Any]:
         extra["model_b"] = {
             k: v for k, v in dataclasses.asdict(cfg.model_b).items() if k != "device"
         }
-    return {
+    fields = {
         "format": CACHE_FORMAT,
         "model": model,
         **extra,
@@ -71,6 +78,9 @@ def activation_key_fields(cfg: Config, sites: list[str]) -> dict[str, Any]:
         "sites": list(sites),
         "dtype": cfg.buffer.dtype,
     }
+    if world_size > 1:
+        fields["share"] = {"rank": rank, "world_size": world_size}
+    return fields
 
 
 def cache_key(fields: dict[str, Any]) -> str:

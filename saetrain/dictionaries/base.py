@@ -10,7 +10,7 @@ here once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -41,6 +41,15 @@ class SparseCodes(NamedTuple):
 
 # Codes travel sparse (TopK: indices and values) or dense ([N, n], zeros where inactive).
 Codes = SparseCodes | torch.Tensor
+
+
+class LatentSums(Protocol):
+    """What a dictionary whose latents are split over ranks needs (saetrain/distributed/
+    latent_shard.py): sums over latents made whole, and its encoder input's gradient summed."""
+
+    def sum_parts(self, part: torch.Tensor) -> torch.Tensor: ...
+
+    def sum_gradients(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def fired_latents(codes: Codes, n_latents: int) -> torch.Tensor:
@@ -126,6 +135,9 @@ class Dictionary(nn.Module):
     # The penalty family's target L0 (dictionary.target_l0): when set, the trainer adapts λ
     # towards it (saetrain/training/l0_controller.py). None: λ as configured.
     target_l0: float | None = None
+    # Set while a rank trains its shard of the latents (saetrain/distributed/latent_shard.py);
+    # None: the dictionary is whole, and every hook below is the identity.
+    latent_sums: LatentSums | None = None
 
     def __init__(
         self,
@@ -251,8 +263,17 @@ class Dictionary(nn.Module):
     # -- shared --------------------------------------------------------------------------------
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the encoder multiplies: x − b_dec for an SAE, x for a transcoder."""
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+        """What the encoder multiplies: x − b_dec for an SAE, x for a transcoder. Under latent
+        sharding each rank's latents send b_dec only their part of its gradient: summed here."""
+        if not self.apply_b_dec_to_input:
+            return x
+        x_in = x - self.b_dec
+        return x_in if self.latent_sums is None else self.latent_sums.sum_gradients(x_in)
+
+    def sum_over_latents(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over the latents (the decoder's output, a penalty's per-row sum), given this
+        dictionary's part: the whole sum, over every rank's latents under latent sharding."""
+        return partial if self.latent_sums is None else self.latent_sums.sum_parts(partial)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_input(x) @ self.W_enc + self.b_enc
@@ -261,8 +282,10 @@ class Dictionary(nn.Module):
         """The decoder alone: codes · W_dec + b_dec (sparse codes never become dense; they go
         through saetrain.kernels.ops, Triton where the device allows)."""
         if isinstance(codes, SparseCodes):
-            return sparse_decode(codes.indices, codes.values, self.W_dec) + self.b_dec
-        return codes @ self.W_dec + self.b_dec
+            partial = sparse_decode(codes.indices, codes.values, self.W_dec)
+        else:
+            partial = codes @ self.W_dec
+        return self.sum_over_latents(partial) + self.b_dec
 
     def reconstruct(self, x: torch.Tensor, codes: Codes) -> torch.Tensor:
         """Decoder output plus the skip connection (skip transcoders) for input rows x."""

@@ -35,17 +35,28 @@ def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     flat = pre.relu().flatten()
     keep = min(k * N, flat.numel())
     kept, chosen = flat.topk(keep, sorted=False)
+    indices, mask = padded_rows(chosen, N, n)
+    return indices, mask, kept
+
+
+def padded_rows(chosen: torch.Tensor, N: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [N, kmax], mask [N, kmax]) of the flat positions `chosen` (row·n + latent) of an
+    [N, n] batch, each row's latents in order and padded as `batch_topk` says. Shared with the
+    latent-sharded selection (saetrain/distributed/latent_shard.py), which pads its shard's share
+    of a batch-wide selection the same way."""
     chosen = chosen.sort().values  # by row (flat = row·n + latent), then by latent
     rows, cols = chosen // n, chosen % n
     counts = torch.bincount(rows, minlength=N)
-    kmax = max(int(counts.max()), 1) if keep else 1
-    slot = torch.arange(keep, device=pre.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    spread = torch.arange(N * kmax, device=pre.device).view(N, kmax) % n
+    kmax = max(int(counts.max()), 1) if chosen.numel() else 1
+    slot = (
+        torch.arange(len(chosen), device=chosen.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    )
+    spread = torch.arange(N * kmax, device=chosen.device).view(N, kmax) % n
     indices = spread.index_put_((rows, slot), cols)
-    mask = torch.zeros(N, kmax, dtype=torch.bool, device=pre.device).index_put_(
+    mask = torch.zeros(N, kmax, dtype=torch.bool, device=chosen.device).index_put_(
         (rows, slot), torch.ones_like(rows, dtype=torch.bool)
     )
-    return indices, mask, kept
+    return indices, mask
 
 
 class BatchTopKSAE(TopKSAE):

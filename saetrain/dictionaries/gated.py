@@ -42,7 +42,7 @@ class GatedSAE(Dictionary):
         self.r_mag = nn.Parameter(torch.zeros(n_latents, **opts))
 
     def _centred(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+        return self.encoder_input(x)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's pre-activations (what decides which latents are active)."""
@@ -70,8 +70,8 @@ class GatedSAE(Dictionary):
         x_hat = self.reconstruct(x, z)
         mse = squared_error(target, x_hat)
         gate = pi_gate.relu()
-        l1 = (gate * self.decoder_norms()).sum(-1).mean()
-        aux_hat = gate @ self.W_dec.detach() + self.b_dec.detach()
+        l1 = self.sum_over_latents((gate * self.decoder_norms()).sum(-1)).mean()
+        aux_hat = self.sum_over_latents(gate @ self.W_dec.detach()) + self.b_dec.detach()
         if self.W_skip is not None:
             aux_hat = aux_hat + x @ self.W_skip.detach().T
         aux = squared_error(target, aux_hat)

@@ -152,8 +152,9 @@ class JumpReLUSAE(Dictionary):
         """S of the module docstring, before λ: a per-row mean over the batch."""
         if self.sparsity_loss == "tanh":
             scaled = self.tanh_scale * z * self.decoder_norms()
-            return torch.tanh(scaled).sum(-1).mean()
-        l0 = StepFunction.apply(pre, theta, self.bandwidth).sum(-1).mean()
+            return self.sum_over_latents(torch.tanh(scaled).sum(-1)).mean()
+        steps = StepFunction.apply(pre, theta, self.bandwidth).sum(-1)
+        l0 = self.sum_over_latents(steps).mean()
         if self.sparsity_loss == "quadratic":
             target = float(self.target_l0)
             return (l0 - target).pow(2) / target
@@ -168,7 +169,7 @@ class JumpReLUSAE(Dictionary):
             if dead_mask is None:
                 return below.new_zeros(())
             below = below * dead_mask.to(below.dtype)
-        return below.sum(-1).mean()
+        return self.sum_over_latents(below.sum(-1)).mean()
 
     def training_forward(
         self,

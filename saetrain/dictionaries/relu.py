@@ -47,7 +47,7 @@ class ReLUSAE(Dictionary):
         z = self.encode(x)
         x_hat = self.reconstruct(x, z)
         mse = squared_error(target, x_hat)
-        l1 = (z * self.decoder_norms()).sum(-1).mean()
+        l1 = self.sum_over_latents((z * self.decoder_norms()).sum(-1)).mean()
         loss = mse + sparsity_multiplier * self.sparsity_coefficient * l1
         return TrainOutput(loss, x_hat, z, {"mse": mse.detach(), "l1": l1.detach()})
 

@@ -228,6 +228,30 @@ def all_gather_rows(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
     return [part[:n] for part, n in zip(parts, rows, strict=True)]
 
 
+def all_gather_equal(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor, in rank order, when every rank's has the same shape and dtype (one
+    collective: no sizes travel first, unlike all_gather_rows)."""
+    if not world.distributed:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(world.world_size)]
+    with _failing_as(world, f"all_gather of {tuple(tensor.shape)} {tensor.dtype}"):
+        _dist().all_gather(parts, tensor.contiguous())
+    return parts
+
+
+def gather_equal(world: World, tensor: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+    """Every rank's tensor (same shape and dtype everywhere) on rank `dst`, in rank order; None on
+    the other ranks, which hold only their own (a whole dictionary assembled on one rank)."""
+    if not world.distributed:
+        return [tensor]
+    parts = (
+        [torch.empty_like(tensor) for _ in range(world.world_size)] if world.rank == dst else None
+    )
+    with _failing_as(world, f"gather to rank {dst} of {tuple(tensor.shape)} {tensor.dtype}"):
+        _dist().gather(tensor.contiguous(), parts, dst=dst)
+    return parts
+
+
 def all_to_all(
     world: World, tensors: Sequence[torch.Tensor], via_gather: bool = False
 ) -> list[torch.Tensor]:

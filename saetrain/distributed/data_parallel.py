@@ -73,18 +73,13 @@ class DataParallel:
     def distributed(self) -> bool:
         return self.world.distributed
 
-    def check(self, batch_tokens: int, buffer_tokens: int, cache_dir: str | None) -> None:
-        """What the config must allow under W ranks (before anything loads)."""
+    def check(self, batch_tokens: int, buffer_tokens: int, cache_dir: str | None = None) -> None:
+        """What the config must allow under W ranks (before anything loads). The activation
+        cache (`cache_dir`) is allowed: each rank caches its own share (cache.py's key)."""
         if not self.distributed:
             return
         local_batch(batch_tokens, self.world.world_size, "trainer.batch_tokens")
         local_batch(buffer_tokens, self.world.world_size, "buffer.size_tokens")
-        if cache_dir is not None:
-            raise ConfigError(
-                f"cache.dir={cache_dir!r}: the activation cache is not supported under torchrun "
-                f"yet ({self.world.world_size} ranks); set cache.dir=null, or fill and read the "
-                "cache with one process"
-            )
 
     def own(self, costs: Sequence[float], strategy: str = "balanced") -> None:
         """Decide who trains which dictionary (`costs`: sharding.dictionary_cost of each)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ def evaluate_dictionary(
     compute_ce: bool = True,
     ce_contexts: int = 32,
     frequencies_out: list[torch.Tensor] | None = None,
+    reduce: Callable[[ReconstructionStats], ReconstructionStats] | None = None,
 ) -> dict[str, float]:
     """FVU, MSE, L0, never-fired fraction on `batches`; CE/KL with the dictionary spliced in.
 
@@ -34,7 +35,9 @@ def evaluate_dictionary(
     is spliced in place of the target site. A dictionary on several sites (lists: a crosscoder's
     sources, a CLT's layers) also reports `fvu.<site>` per target site (and a CLT `l0.<layer>`
     per layer), and is spliced at all its targets at once (splice.py). `frequencies_out`, if
-    given, receives each latent's firing frequency on the held-out tokens.
+    given, receives each latent's firing frequency on the held-out tokens. `reduce` combines
+    this process's statistics with other ranks' when each evaluated a share of the contexts
+    (distributed/shared_eval.py).
     """
     inputs = [input_site] if isinstance(input_site, str) else list(input_site)
     if target_site is None:
@@ -59,6 +62,9 @@ def evaluate_dictionary(
             for block, width in zip(per_target, widths, strict=True):
                 block.update(y[:, start : start + width], y_hat[:, start : start + width], none)
                 start += width
+    if reduce is not None:
+        stats = reduce(stats)
+        per_target = [reduce(block) for block in per_target]
     metrics = stats.compute()
     if len(targets) > 1:
         for site, block in zip(targets, per_target, strict=True):

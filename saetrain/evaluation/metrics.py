@@ -49,6 +49,31 @@ class ReconstructionStats:
         self.sum_l0 += active_count(codes)
         self.fire_counts += firing_counts(codes, self.n_latents).to(self.fire_counts.device)
 
+    @classmethod
+    def merged(cls, parts: list[ReconstructionStats]) -> ReconstructionStats:
+        """The stats of every part's rows together (a held-out set evaluated in shares, one per
+        rank): the sums are moved to the first non-empty part's shift, then added, so that the
+        merged stats are those of one pass over all the rows (up to float64 rounding)."""
+        if not parts:
+            raise ValueError("no stats to merge")
+        first = parts[0]
+        out = cls(first.n_latents, first.sum_x.numel(), first.sum_x.device)
+        for part in parts:
+            if part.rows == 0 or part.shift is None:
+                continue
+            if out.shift is None:
+                out.shift = part.shift.clone()
+            delta = part.shift - out.shift  # the part's sums are around its own shift
+            out.sum_sq_x += (
+                part.sum_sq_x + 2 * (delta * part.sum_x).sum() + part.rows * delta.pow(2).sum()
+            )
+            out.sum_x += part.sum_x + part.rows * delta
+            out.rows += part.rows
+            out.sum_sq_err += part.sum_sq_err
+            out.sum_l0 += part.sum_l0
+            out.fire_counts += part.fire_counts.to(out.fire_counts.device)
+        return out
+
     def compute(self) -> dict[str, float]:
         if self.rows == 0:
             raise ValueError("no rows were added to the metrics")

@@ -106,8 +106,9 @@ def _write_atomically(path: Path, state: dict[str, Any]) -> None:
 
 # What each rank of a torchrun run holds for itself: its share of the stream, its buffer, its
 # RNG, and the trainers it writes (None for the others': a dictionary's state is written by the
-# rank that owns it, or by rank 0 when every rank trains it). The rest (config, step) is the
-# same on every rank and written once, by rank 0.
+# rank that owns it, or by rank 0 when every rank trains it, or by every rank, each its own
+# latents, when the dictionary is split over ranks: distributed.shard_latents). The rest
+# (config, step) is the same on every rank and written once, by rank 0.
 RANK_KEYS = ("buffer", "stream", "rng", "trainers")
 
 
@@ -173,8 +174,9 @@ def load_checkpoint(path: str | Path, world: World | None = None) -> dict[str, A
         part = torch.load(rank_part(path, world.rank), map_location="cpu", weights_only=True)
         shared = state["trainers"]
         state.update(part)
+        # This rank's own state first: a latent shard's is in every rank's part (rank 0's too).
         state["trainers"] = [
-            a if a is not None else b for a, b in zip(shared, part["trainers"], strict=True)
+            b if b is not None else a for a, b in zip(shared, part["trainers"], strict=True)
         ]
     return state
 

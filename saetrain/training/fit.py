@@ -8,20 +8,25 @@ folded into a copy that works on raw activations.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from saetrain.config import DictionaryConfig, TrainerConfig
+from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
 from saetrain.dictionaries import Dictionary, Layout, build_dictionary
 from saetrain.dictionaries.base import Scale
 from saetrain.progress import phase
 from saetrain.training.checkpoint import TrainingInterrupted
 from saetrain.training.initialization import block_normalization_scales, initial_b_dec
 from saetrain.training.trainer import Trainer, TrainState
+
+if TYPE_CHECKING:
+    from saetrain.distributed.latent_shard import LatentShard
 
 
 @dataclass
@@ -31,6 +36,8 @@ class Fitted:
     state: TrainState
     scale_in: Scale
     scale_out: Scale
+    # The trainer's dead-latent counters (every latent's, when a sharded dictionary is gathered).
+    tokens_since_fired: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 def prepare_trainer(
@@ -44,11 +51,14 @@ def prepare_trainer(
     generator: torch.Generator,
     name: str = "",
     layout: Layout | None = None,
+    shard: LatentShard | None = None,
 ) -> Trainer:
     """A new dictionary, its normalisation scales and b_dec set from `samples`, and its trainer.
 
     `samples` are raw rows ([x, y] side by side for a transcoder). With a `layout` of several
-    sites (a crosscoder, a CLT), each site gets its own scale.
+    sites (a crosscoder, a CLT), each site gets its own scale. With `shard`, the dictionary is
+    initialised whole on the CPU (the same weights as one process), and this rank keeps its
+    latents on `device`.
     """
     layout = layout or Layout.single(d_in, d_out)
     # Usually quick; a line (and a name for a signal's message) when it is not.
@@ -62,14 +72,22 @@ def prepare_trainer(
             if normalize and transcoder
             else scale_in
         )
-        dictionary = build_dictionary(dict_cfg, d_in, d_out, device, generator, transcoder, layout)
+        where = torch.device("cpu") if shard is not None else device
+        dictionary = build_dictionary(dict_cfg, d_in, d_out, where, generator, transcoder, layout)
         with torch.no_grad():
             # per-column scales broadcast over the columns
             s_out = scale_out.to(y.device) if isinstance(scale_out, torch.Tensor) else scale_out
             y_scaled = y * s_out
-            b_dec = initial_b_dec(y_scaled.to(device), dict_cfg.b_dec_init)
+            b_dec = initial_b_dec(y_scaled.to(where), dict_cfg.b_dec_init)
             dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
+    if shard is not None:
+        from saetrain.distributed.latent_shard import ShardedTrainer
+
+        local = shard.split(dictionary).to(device)
+        return ShardedTrainer(
+            local, trainer_cfg, scale_in, total_steps, shard, target_scale=scale_out, name=name
+        )
     return Trainer(
         dictionary, trainer_cfg, scale_in, total_steps, target_scale=scale_out, name=name
     )
@@ -85,10 +103,33 @@ def restore_trainer(
     device: torch.device,
     name: str = "",
     layout: Layout | None = None,
+    shard: LatentShard | None = None,
 ) -> Trainer:
-    """A trainer continuing from a checkpoint's `state` (see Trainer.state_dict)."""
-    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, None, transcoder, layout)
+    """A trainer continuing from a checkpoint's `state` (see Trainer.state_dict); with `shard`,
+    this rank's latents only (its own part of the checkpoint)."""
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
+    if shard is not None:
+        from saetrain.distributed.latent_shard import ShardedTrainer
+
+        local_cfg = dataclasses.replace(dict_cfg, n_latents=shard.n_local)
+        dictionary = build_dictionary(local_cfg, d_in, d_out, device, None, transcoder)
+        trainer: Trainer = ShardedTrainer(
+            dictionary,
+            trainer_cfg,
+            state["scale"],
+            total_steps,
+            shard,
+            target_scale=state["target_scale"],
+            name=name,
+        )
+        trainer.load_state_dict(state)
+        return trainer
+    if "latent_shard" in state:
+        raise ConfigError(
+            f"resume: the checkpoint's dictionary{f' {name}' if name else ''} is split over ranks "
+            "(distributed.shard_latents=true); resume with distributed.shard_latents=true"
+        )
+    dictionary = build_dictionary(dict_cfg, d_in, d_out, device, None, transcoder, layout)
     trainer = Trainer(
         dictionary,
         trainer_cfg,
@@ -149,7 +190,14 @@ def fold(trainer: Trainer) -> Fitted:
     """A copy of the trained dictionary with the normalisation folded in (works on raw input)."""
     exported = copy.deepcopy(trainer.dictionary).eval()
     exported.fold_input_scale(trainer.scale, trainer.target_scale)
-    return Fitted(exported, trainer, trainer.state, trainer.scale, trainer.target_scale)
+    return Fitted(
+        exported,
+        trainer,
+        trainer.state,
+        trainer.scale,
+        trainer.target_scale,
+        trainer.tokens_since_fired.clone(),
+    )
 
 
 def fit_dictionary(

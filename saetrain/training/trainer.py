@@ -40,7 +40,15 @@ class Trainer:
     Activations arrive raw and are multiplied by `scale` (so E‖x‖² = d). A transcoder's batches
     are rows [x, y] of width d_in + d_out; y is multiplied by `target_scale`. A dictionary on
     several sites has one scale per column (each site's own, see block_normalization_scales).
+
+    The forward, the gradient clipping and the logged batch statistics are methods of their own
+    so that a dictionary split over ranks (saetrain/distributed/latent_shard.py) can make them
+    global; everything else is the same loop.
     """
+
+    # Whether every rank checkpoints its own state of this trainer (a latent shard), rather than
+    # one rank the whole of it.
+    state_per_rank: bool = False
 
     def __init__(
         self,
@@ -143,7 +151,7 @@ class Trainer:
         sparsity = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         if self.l0_controller is not None:
             sparsity *= self.l0_controller.factor
-        out = d.training_forward(x, y, self.dead_mask(), sparsity)
+        out = self.forward(x, y, sparsity)
         if not torch.isfinite(out.loss):
             # Stop before the update: the weights (and the last checkpoint) stay good.
             raise TrainingDiverged(
@@ -157,19 +165,39 @@ class Trainer:
         if d.unit_norm_decoder:
             d.remove_gradient_parallel_to_decoder()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
+            self.clip_gradients(self.cfg.grad_clip)
         self.optimizer.step()
         if d.unit_norm_decoder:
             d.set_decoder_unit_norm()
         d.after_step(out)
         if self.l0_controller is not None and step + 1 >= warmup:
-            self.l0_controller.update(float(active_count(out.codes)) / x.shape[0])
+            self.l0_controller.update(self.mean_l0(out, x.shape[0]))
 
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[fired_latents(out.codes, d.n_latents)] = 0
         self.state.step += 1
         self.state.tokens += x.shape[0]
         return y, out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, sparsity: float) -> TrainOutput:
+        """The dictionary's training forward on normalised rows."""
+        return self.dictionary.training_forward(x, y, self.dead_mask(), sparsity)
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """Scale the gradients so that their global norm is at most `max_norm`."""
+        torch.nn.utils.clip_grad_norm_(self.dictionary.parameters(), max_norm)
+
+    def batch_metrics(self, y: torch.Tensor, out: TrainOutput) -> dict[str, float]:
+        """FVU and L0 of a training batch (its progress row)."""
+        return reconstruction_metrics(y, out.x_hat.detach(), out.codes, self.dictionary.n_latents)
+
+    def mean_l0(self, out: TrainOutput, rows: int) -> float:
+        """Active codes per row of a training batch (what the L0 controller steers)."""
+        return float(active_count(out.codes)) / rows
+
+    def dead_fraction(self) -> float:
+        """The share of latents the dead mask holds now."""
+        return float(self.dead_mask().double().mean())
 
     def train(
         self,
@@ -195,12 +223,10 @@ class Trainer:
         step = self.state.step
         if step % log_every != 0 and step != self.total_steps:
             return None
-        metrics = reconstruction_metrics(
-            y, out.x_hat.detach(), out.codes, self.dictionary.n_latents
-        )
+        metrics = self.batch_metrics(y, out)
         rate = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
         eta = (self.total_steps - step) * self.cfg.batch_tokens / max(rate, 1e-9)
-        dead = float(self.dead_mask().double().mean())
+        dead = self.dead_fraction()
         row = {
             "step": step,
             "tokens": self.state.tokens,
