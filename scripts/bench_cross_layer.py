@@ -431,7 +431,8 @@ def real_table(part: dict) -> list[str]:
 
 def synthetic_table(part: dict) -> list[str]:
     head = ["n / layer", "k / layer", "dictionary", "FVU (all outputs)", "MCC",
-            "matched |cos| per true direction", "recovered ≥0.9", "F1", "CLT: MCC whole rows",
+            "matched \\|cos\\| per true direction", "recovered (\\|cos\\| ≥ 0.9)", "F1",
+            "CLT: MCC whole rows",
             "L0 (Σ)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in part["rows"]:
@@ -445,7 +446,7 @@ def synthetic_table(part: dict) -> list[str]:
 
 def synthetic_layer_table(part: dict) -> list[str]:
     head = ["n", "k", "dictionary", "output layer", "true features", "FVU", "MCC",
-            "matched |cos| per true direction", "recovered", "F1", "L0"]  # fmt: skip
+            "matched \\|cos\\| per true direction", "recovered", "F1", "L0"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in part["rows"]:
         for layer, v in r["per_layer"].items():
