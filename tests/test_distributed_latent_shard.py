@@ -326,11 +326,13 @@ def _refused(cfg, out: str) -> str:
     def no_lm(*args, **kwargs):
         raise AssertionError("the LM was loaded before the config was refused")
 
-    R.load_lm = no_lm
+    real, R.load_lm = R.load_lm, no_lm
     try:
         R.run(cfg, out)
     except ConfigError as e:
         return str(e)
+    finally:
+        R.load_lm = real  # later tests load it
     raise AssertionError("not refused")
 
 
