@@ -109,6 +109,8 @@ class InspectResult:
     index: Path
     features: Path | None
     stats: dict[str, Any] = field(repr=False)
+    # Per dictionary: every latent's record (what the pages and feature files were made from).
+    records: dict[str, list[dict[str, Any]]] = field(repr=False, default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
 
@@ -184,8 +186,10 @@ def inspect(cfg: InspectConfig, explicit: AbstractSet[str] = frozenset()) -> Ins
     single = len(folders) == 1 and (Path(cfg.path).expanduser() / CFG_FILE).is_file()
     records_by_layer: dict[int, list[dict[str, Any]]] = {}
     sites: dict[str, Path] = {}
+    all_records: dict[str, list[dict[str, Any]]] = {}
     for unit, r in zip(units, resolved, strict=True):
         records = _records(unit, stats[unit.name], model, tokenizer, cfg.logits_k)
+        all_records[unit.name] = records
         if features:
             records_by_layer[unit.layer] = records
         about = _about(r, dictionaries[unit.name], stats[unit.name].tokens)
@@ -200,7 +204,7 @@ def inspect(cfg: InspectConfig, explicit: AbstractSet[str] = frozenset()) -> Ins
         feature_index = write_feature_files(out, records_by_layer)
         log.info("circuit-tracer feature files: %s", feature_index)
     print(f"inspect: site written to {index}", flush=True)
-    return InspectResult(sites, index, feature_index, stats, total, seconds)
+    return InspectResult(sites, index, feature_index, stats, all_records, total, seconds)
 
 
 def _layer(site: str) -> int:

@@ -50,6 +50,11 @@ class LogitTables:
     bottom_values: torch.Tensor
 
 
+def _short(x: float | torch.Tensor) -> float:
+    """Five significant digits: enough to read and to shade, and a smaller file."""
+    return float(f"{float(x):.5g}")
+
+
 def _examples(
     values: torch.Tensor, rows: torch.Tensor, acts: torch.Tensor, tokens: torch.Tensor,
     before: int, strings: TokenStrings, repeated: set[int],
@@ -64,7 +69,7 @@ def _examples(
         first = keep[0]
         out.append({
             "tokens": strings([ids[i] for i in keep]),
-            "tokens_acts_list": [round(float(acts[slot, i]), 4) for i in keep],
+            "tokens_acts_list": [_short(acts[slot, i]) for i in keep],
             "train_token_ind": before - first,
             "is_repeated_datapoint": row in repeated,
             "row": row,
@@ -111,7 +116,7 @@ def latent_record(
         "bottom_logits": [],
         "act_min": act_min,
         "act_max": act_max,
-        "quantile_values": [round(float(v), 5) for v in qv],
+        "quantile_values": [_short(v) for v in qv],
         "histogram": [float(c) for c in histogram],
         "activation_frequency": float(stats.frequencies[j]),
         "count": int(stats.counts[j]),
@@ -122,6 +127,6 @@ def latent_record(
     if logits is not None:
         record["top_logits"] = strings(logits.top_ids[j].tolist())
         record["bottom_logits"] = strings(logits.bottom_ids[j].tolist())
-        record["top_logit_values"] = [round(float(v), 4) for v in logits.top_values[j]]
-        record["bottom_logit_values"] = [round(float(v), 4) for v in logits.bottom_values[j]]
+        record["top_logit_values"] = [_short(v) for v in logits.top_values[j]]
+        record["bottom_logit_values"] = [_short(v) for v in logits.bottom_values[j]]
     return record
