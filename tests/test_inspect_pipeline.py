@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from saetrain.inspect.features import FIELDS, _circuit_tracer_record, read_featu
 from saetrain.inspect.logits import logit_effects
 from saetrain.run import run
 
+ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (0, 1, 2)
 SMALL = ["n_tokens=320", "batch_contexts=6", "top_k=4", "per_band=2", "quantile_bands=2",
          "window_before=3", "window_after=1", "logits_k=5"]  # fmt: skip
@@ -157,3 +162,42 @@ def test_not_a_dictionary_folder_exits_2(tmp_path, capsys):
     assert "neither a dictionary folder" in capsys.readouterr().err
     assert main([]) == 2
     assert "path is required" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH: the site's browser test needs Debian's chromium package "
+    "(apt-get install -y chromium; .ci/run installs it)",
+)
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+
+
+def _browser(*args: str) -> str:
+    done = subprocess.run([CHROMIUM, *BROWSER_FLAGS, *args], capture_output=True, text=True,
+                          timeout=120, check=True)  # fmt: skip
+    return done.stdout
+
+
+@needs_browser
+def test_site_in_a_headless_browser(inspected):
+    """The index lists every latent and a latent page shows its highlighted contexts, read back
+    from the DOM Chromium built from the file (no server); a screenshot is kept."""
+    index = inspected.sites["layer_1"]
+    dom = _browser("--dump-dom", index.as_uri())
+    rows = re.findall(r'<tr data-i="(\d+)"', dom)
+    assert sorted(map(int, rows)) == list(range(24))
+    for j in range(24):
+        assert f'href="latents/{j}.html"' in dom
+    record = max(inspected.records["layer_1"], key=lambda r: r["count"])
+    page = index.parent / "latents" / f"{record['index']}.html"
+    dom = _browser("--dump-dom", page.as_uri())
+    shown = sum(len(q["examples"]) for q in record["examples_quantiles"])
+    assert dom.count('<div class="ctx') == shown > 0
+    assert re.search(r'<span class="a\d+ m" title="[^"]+">', dom)  # the max token, shaded
+    assert "Top activations" in dom and "Quantile band 1" in dom
+    artefacts = Path(os.environ.get("SAETRAIN_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = artefacts / "inspect_latent_page.png"
+    _browser("--window-size=1000,900", f"--screenshot={shot}", page.as_uri())
+    assert shot.stat().st_size > 1000

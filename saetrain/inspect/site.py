@@ -124,8 +124,8 @@ def _logit_table(record: dict[str, Any]) -> str:
                 record["bottom_logit_values"], strict=True)  # fmt: skip
     for top, tv, bottom, bv in pairs:
         rows.append(
-            f'<tr><td class="pos">{_shown(top)}</td><td class="n">{tv:+.3f}</td>'
-            f'<td class="neg">{_shown(bottom)}</td><td class="n">{bv:+.3f}</td></tr>'
+            f'<tr><td class="pos">{_shown(top)}</td><td class="n">{tv:+.3g}</td>'
+            f'<td class="neg">{_shown(bottom)}</td><td class="n">{bv:+.3g}</td></tr>'
         )
     return ('<table class="logits"><tr><th>promoted</th><th class="n">logit</th>'
             f'<th>suppressed</th><th class="n">logit</th></tr>{"".join(rows)}</table>')  # fmt: skip
