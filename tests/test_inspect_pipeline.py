@@ -22,6 +22,7 @@ from saetrain.config import (
     DictionaryConfig,
     DictionarySpec,
     EvalConfig,
+    InspectRunConfig,
     LoggerConfig,
     ModelConfig,
     SiteConfig,
@@ -124,8 +125,15 @@ def test_logit_effects_against_w_dec_w_u(tiny_model, transcoder_set, inspected):
                                                                rel=1e-4, abs=1e-6)  # fmt: skip
 
 
-def test_sae_folder_has_no_feature_files_unless_asked(tiny_model, corpus, tmp_path):
+def test_hydra_run_with_inspect_enabled_and_sae_folder(tiny_model, corpus, tmp_path):
+    """`inspect.enabled=true` writes the site after training; an SAE gets no feature files
+    unless asked (features=always)."""
+    from saetrain.api import config_from_overrides
+
+    parsed = config_from_overrides(["inspect.enabled=true", "inspect.top_k=7"]).inspect
+    assert (parsed.enabled, parsed.top_k, parsed.features) == (True, 7, "auto")
     cfg = Config(
+        inspect=InspectRunConfig(enabled=True, n_tokens=128, top_k=3),
         model=ModelConfig(name=str(tiny_model), gguf_package=None, device="cpu"),
         data=DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10),
         site=SiteConfig(input="resid_post.1"),
@@ -136,6 +144,9 @@ def test_sae_folder_has_no_feature_files_unless_asked(tiny_model, corpus, tmp_pa
         logger=LoggerConfig(log_every=100),
     )
     folder = run(cfg, tmp_path / "run").dictionary_dir
+    index = (folder / "inspect" / "index.html").read_text()  # written by the run
+    assert index.count('href="latents/') == 16
+    assert not (folder / "inspect" / "features").exists()
     result = inspect_path(str(folder), SMALL)
     assert result.features is None and result.index == folder / "inspect" / "index.html"
     result = inspect_path(str(folder), [*SMALL, "features=always", f"output_dir={tmp_path}/o"])

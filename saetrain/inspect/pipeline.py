@@ -115,8 +115,11 @@ class InspectResult:
     seconds: float = 0.0
 
 
-def inspect(cfg: InspectConfig, explicit: AbstractSet[str] = frozenset()) -> InspectResult:
-    """Inspect every dictionary under `cfg.path`; `explicit` names the keys set by the user."""
+def inspect(
+    cfg: InspectConfig, explicit: AbstractSet[str] = frozenset(), lm: tuple[Any, Any] | None = None
+) -> InspectResult:
+    """Inspect every dictionary under `cfg.path`; `explicit` names the keys set by the user;
+    `lm`: the (model, tokenizer) already loaded (a run that has just trained), else loaded."""
     import time
 
     from saetrain.activations.model import load_lm, resolve_device
@@ -159,7 +162,7 @@ def inspect(cfg: InspectConfig, explicit: AbstractSet[str] = frozenset()) -> Ins
             dictionaries[r.folder.name] = load_dictionary(r.folder, device).requires_grad_(False)
         except ValueError as e:
             raise ConfigError(f"path={str(r.folder)!r}: {e}") from None
-    model, tokenizer = load_lm(first.model, device)
+    model, tokenizer = lm if lm is not None else load_lm(first.model, device)
     source = ActivationSource(model, sorted({r.input_site for r in resolved}))
     for r in resolved:
         width, d_in = source.width(r.input_site), dictionaries[r.folder.name].d_in
