@@ -208,19 +208,19 @@ class LatentCollector:
             bins = bins.clamp(0, LOG_BINS - 1)
             self.hist.index_add_(0, latents * LOG_BINS + bins, torch.ones_like(bins))
 
+        # Latent-major from here: each latent's positions are contiguous for topk and gather.
         by_latent = flat.t().contiguous()  # [n, B·T]
+        firing = by_latent > 0
         ids = input_ids.to(self.device).reshape(-1)
         # Top-K by value (only firing positions count: silent ones get key -1).
         m = min(self.s.top_k, b * t)
-        values = torch.where(positive, flat, -1.0)
-        key, local = values.topk(m, dim=0)
-        self.top.merge(*self._entries(key.t(), local.t(), by_latent, ids))
+        key, local = torch.where(firing, by_latent, -1.0).topk(m, dim=1)
+        self.top.merge(*self._entries(key, local, by_latent, ids))
         # A uniform sample of firing positions: the largest random priorities.
         m = min(self.s.sample_size, b * t)
-        priority = torch.rand(flat.shape, generator=self.gen, device=self.device)
-        priority = torch.where(positive, priority, -1.0)
-        key, local = priority.topk(m, dim=0)
-        self.sample.merge(*self._entries(key.t(), local.t(), by_latent, ids))
+        priority = torch.rand(by_latent.shape, generator=self.gen, device=self.device)
+        key, local = torch.where(firing, priority, -1.0).topk(m, dim=1)
+        self.sample.merge(*self._entries(key, local, by_latent, ids))
         self.contexts += b
 
     def _entries(self, key, local, by_latent, ids):

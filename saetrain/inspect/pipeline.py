@@ -248,8 +248,11 @@ def _write_site(folder: Path, records, name, about, dictionary_folder: Path, tok
     from saetrain.progress import phase
 
     metrics: dict[str, Any] = {}
-    if (dictionary_folder / RUN_FILE).is_file():
+    if (dictionary_folder / RUN_FILE).is_file():  # the run's held-out metrics
         metrics = json.loads((dictionary_folder / RUN_FILE).read_text()).get("final_metrics") or {}
+    elif (dictionary_folder / "eval" / "metrics.json").is_file():  # saetrain.evaluate's
+        saved = json.loads((dictionary_folder / "eval" / "metrics.json").read_text())
+        metrics = saved.get("metrics") or {}
     with phase(f"site for {name} ({len(records)} latents) → {folder}"):
         return write_site(folder, records, name, about, metrics, tokens, dense_threshold)
 
