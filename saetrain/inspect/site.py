@@ -34,6 +34,8 @@ border-left:3px solid #eee}.ctx.rep{opacity:.5}
 .stats span{margin-right:1.6em}.logits td{font-family:ui-monospace,monospace}
 .pos{color:#1a7f37}.neg{color:#c0392b}.muted{color:#777}
 input{font-size:14px;padding:3px 6px;width:22em}
+td.tok{max-width:16em;overflow:hidden;white-space:nowrap;text-overflow:ellipsis;
+font-family:ui-monospace,monospace}
 """ + "".join(f".a{b}{{background:rgba(232,131,58,{b / 10:.1f})}}" for b in range(1, 11))
 
 INDEX_JS = """
@@ -190,7 +192,8 @@ def index_page(records: list[dict[str, Any]], name: str, summary: str) -> bytes:
             f'<td class="n">{100 * r["activation_frequency"]:.3g}%</td>'
             f'<td class="n">{_fmt(r["act_max"])}</td>'
             f'<td class="n">{_fmt(r["mean_activation"])}</td>'
-            f"<td>{_shown(_top_token(r))}</td><td>{html.escape(logits)}</td></tr>"
+            f'<td class="tok">{_shown(_top_token(r))}</td>'
+            f'<td class="tok">{html.escape(logits)}</td></tr>'
         )
     body = (
         f"<h1>{html.escape(name)}</h1><p>{summary} · "
