@@ -213,3 +213,45 @@ def test_site_in_a_headless_browser(inspected):
     shot = artefacts / "inspect_latent_page.png"
     _browser("--window-size=1000,900", f"--screenshot={shot}", page.as_uri())
     assert shot.stat().st_size > 1000
+
+
+def test_cross_layer_transcoder_shape_plugs_in(tiny_model, corpus, tmp_path):
+    """Anything cast as units (here a CLT-shaped stand-in: one encoder per layer reading mlp_in.L,
+    decoders to every later layer) gets the one LM pass, the site and per-layer feature files."""
+    from saetrain.activations.model import load_lm
+    from saetrain.activations.source import ActivationSource
+    from saetrain.activations.tokens import TokenSource
+    from saetrain.inspect.collect import CollectSettings
+    from saetrain.inspect.pipeline import write_outputs
+    from saetrain.inspect.units import InspectUnit, collect_all
+
+    lm, tokenizer = load_lm(ModelConfig(name=str(tiny_model), gguf_package=None, device="cpu"),
+                            torch.device("cpu"))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    n, d = 12, 32
+    W_enc = [torch.randn(d, n, generator=g) for _ in LAYERS]
+    # Layer L's latents write to layers L..2; their logit direction is the sum of those rows.
+    W_dec = {(L, T): torch.randn(n, d, generator=g) for L in LAYERS for T in LAYERS if T >= L}
+    units = [
+        InspectUnit(
+            name=f"clt_layer_{L}",
+            input_site=f"mlp_in.{L}",
+            target_site=f"mlp_out.{LAYERS[-1]}",
+            encode=lambda x, L=L: torch.relu(x @ W_enc[L] - 1.0),
+            n_latents=n,
+            W_dec=sum(W_dec[L, T] for T in LAYERS if T >= L),
+        )
+        for L in LAYERS
+    ]
+    source = ActivationSource(lm, [u.input_site for u in units])
+    data = DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10)
+    batches = TokenSource(data, tokenizer, seed=0).held_out(12, 6)
+    stats = collect_all(source, units, batches, CollectSettings(top_k=3, before=2, after=1))
+    result = write_outputs(tmp_path, units, stats, lm, tokenizer, features=True, logits_k=4)
+    assert result.index == tmp_path / "index.html"
+    for L in LAYERS:
+        records = result.records[f"clt_layer_{L}"]
+        assert [read_feature(tmp_path, L, j) for j in range(n)] == [
+            json.loads(json.dumps(_circuit_tracer_record(r))) for r in records
+        ]
+        assert (tmp_path / f"clt_layer_{L}" / "latents" / f"{n - 1}.html").is_file()

@@ -187,18 +187,53 @@ def inspect(
 
     out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.path).expanduser() / OUTPUT_DIR
     single = len(folders) == 1 and (Path(cfg.path).expanduser() / CFG_FILE).is_file()
+    about = {r.folder.name: _about(r, dictionaries[r.folder.name], stats[r.folder.name].tokens)
+             for r in resolved}  # fmt: skip
+    metrics = {r.folder.name: _saved_metrics(r.folder) for r in resolved}
+    result = write_outputs(out, units, stats, model, tokenizer, features, cfg.logits_k,
+                           cfg.dense_threshold, about, metrics, single)  # fmt: skip
+    result.tokens, result.seconds = total, seconds
+    return result
+
+
+def write_outputs(
+    out: Path,
+    units: list,
+    stats: dict[str, Any],
+    model,
+    tokenizer,
+    features: bool,
+    logits_k: int = 10,
+    dense_threshold: float = 0.1,
+    about: dict[str, dict[str, Any]] | None = None,
+    metrics: dict[str, dict[str, Any]] | None = None,
+    single: bool = False,
+) -> InspectResult:
+    """After `collect_all`: every unit's records (logit effects through `model`), its site
+    (`out` itself when `single`, else `out/<name>` and an index linking them) and, if
+    `features`, circuit-tracer's feature files with one layer per unit (`unit.layer`).
+
+    This is the whole writing side: anything that can be cast as units (a cross-layer
+    transcoder: one per layer) gets the same site and feature files.
+    """
+    about, metrics = about or {}, metrics or {}
     records_by_layer: dict[int, list[dict[str, Any]]] = {}
     sites: dict[str, Path] = {}
     all_records: dict[str, list[dict[str, Any]]] = {}
-    for unit, r in zip(units, resolved, strict=True):
-        records = _records(unit, stats[unit.name], model, tokenizer, cfg.logits_k)
+    for unit in units:
+        records = _records(unit, stats[unit.name], model, tokenizer, logits_k)
         all_records[unit.name] = records
         if features:
+            if unit.layer in records_by_layer:
+                raise ValueError(f"two units read layer {unit.layer}; feature files hold one")
             records_by_layer[unit.layer] = records
-        about = _about(r, dictionaries[unit.name], stats[unit.name].tokens)
         folder = out if single else out / unit.name
-        sites[unit.name] = _write_site(folder, records, unit.name, about, r.folder, stats[
-            unit.name].tokens, cfg.dense_threshold)  # fmt: skip
+        info = about.get(unit.name) or {"input site": unit.input_site,
+                                        "target site": unit.target_site,
+                                        "latents": unit.n_latents}  # fmt: skip
+        sites[unit.name] = _write_site(folder, records, unit.name, info,
+                                       metrics.get(unit.name, {}), stats[unit.name].tokens,
+                                       dense_threshold)  # fmt: skip
     index = sites[units[0].name] if single else _run_index(out, sites)
     feature_index = None
     if features:
@@ -207,7 +242,7 @@ def inspect(
         feature_index = write_feature_files(out, records_by_layer)
         log.info("circuit-tracer feature files: %s", feature_index)
     print(f"inspect: site written to {index}", flush=True)
-    return InspectResult(sites, index, feature_index, stats, all_records, total, seconds)
+    return InspectResult(sites, index, feature_index, stats, all_records)
 
 
 def _layer(site: str) -> int:
@@ -242,17 +277,21 @@ def _about(r, dictionary, tokens: int) -> dict[str, Any]:
     return about
 
 
-def _write_site(folder: Path, records, name, about, dictionary_folder: Path, tokens: int,
+def _saved_metrics(dictionary_folder: Path) -> dict[str, Any]:
+    """The run's held-out metrics (saetrain_run.json), else saetrain.evaluate's, else none."""
+    if (dictionary_folder / RUN_FILE).is_file():
+        return json.loads((dictionary_folder / RUN_FILE).read_text()).get("final_metrics") or {}
+    if (dictionary_folder / "eval" / "metrics.json").is_file():
+        saved = json.loads((dictionary_folder / "eval" / "metrics.json").read_text())
+        return saved.get("metrics") or {}
+    return {}
+
+
+def _write_site(folder: Path, records, name, about, metrics: dict[str, Any], tokens: int,
                 dense_threshold: float) -> Path:  # fmt: skip
     from saetrain.inspect.site import write_site
     from saetrain.progress import phase
 
-    metrics: dict[str, Any] = {}
-    if (dictionary_folder / RUN_FILE).is_file():  # the run's held-out metrics
-        metrics = json.loads((dictionary_folder / RUN_FILE).read_text()).get("final_metrics") or {}
-    elif (dictionary_folder / "eval" / "metrics.json").is_file():  # saetrain.evaluate's
-        saved = json.loads((dictionary_folder / "eval" / "metrics.json").read_text())
-        metrics = saved.get("metrics") or {}
     with phase(f"site for {name} ({len(records)} latents) → {folder}"):
         return write_site(folder, records, name, about, metrics, tokens, dense_threshold)
 
