@@ -56,6 +56,7 @@ def main() -> None:
     from saetrain.evaluate import EvaluateConfig, resolve
     from saetrain.export.saelens import load_dictionary
     from saetrain.inspect.collect import CollectSettings, dense_codes
+    from saetrain.inspect.features import write_feature_files
     from saetrain.inspect.pipeline import _records
     from saetrain.inspect.site import write_site
     from saetrain.inspect.units import collect_all, unit_from_dictionary
@@ -117,6 +118,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t_site = timed(lambda: write_site(Path(tmp), records, unit.name, {}, {}, tokens))
         site_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+        t_features = timed(lambda: write_feature_files(tmp, {6: records}))
+        feature_bytes = sum(p.stat().st_size for p in (Path(tmp) / "features").iterdir())
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -134,6 +137,8 @@ def main() -> None:
         "records_seconds": t_records,
         "site_seconds": t_site,
         "site_megabytes": site_bytes / 1e6,
+        "feature_files_seconds": t_features,
+        "feature_files_megabytes": feature_bytes / 1e6,
     }
     print(f"\n{r.model.name} at {r.input_site}, {unit.n_latents} latents, {tokens} held-out tokens")
     print(f"| {'what':<42} | {'tok/s':>8} | {'vs LM':>6} |")
@@ -142,7 +147,8 @@ def main() -> None:
         print(f"| {row['what']:<42} | {row['tokens_per_s']:>8.0f} | "
               f"{row['relative_to_lm']:>6.2f} |")  # fmt: skip
     print(f"records (logit effects included): {t_records:.1f} s; site: {t_site:.1f} s, "
-          f"{site_bytes / 1e6:.1f} MB")  # fmt: skip
+          f"{site_bytes / 1e6:.1f} MB; circuit-tracer feature files (as if a transcoder): "
+          f"{t_features:.1f} s, {feature_bytes / 1e6:.1f} MB")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -65,7 +65,7 @@ def transcoder_set(tiny_model, corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def inspected(transcoder_set):
-    return inspect_path(str(transcoder_set), SMALL)
+    return inspect_path(str(transcoder_set), SMALL, keep_records=True)
 
 
 def test_transcoder_set_writes_sites_and_feature_files(transcoder_set, inspected):
@@ -247,7 +247,8 @@ def test_cross_layer_transcoder_shape_plugs_in(tiny_model, corpus, tmp_path):
     data = DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10)
     batches = TokenSource(data, tokenizer, seed=0).held_out(12, 6)
     stats = collect_all(source, units, batches, CollectSettings(top_k=3, before=2, after=1))
-    result = write_outputs(tmp_path, units, stats, lm, tokenizer, features=True, logits_k=4)
+    result = write_outputs(tmp_path, units, stats, lm, tokenizer, features=True, logits_k=4,
+                           keep_records=True)  # fmt: skip
     assert result.index == tmp_path / "index.html"
     for L in LAYERS:
         records = result.records[f"clt_layer_{L}"]

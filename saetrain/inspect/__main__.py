@@ -51,10 +51,13 @@ def compose_config(overrides: Sequence[str]) -> tuple[InspectConfig, set[str]]:
     return cfg, explicit
 
 
-def inspect_path(path: str, overrides: Sequence[str] = ()) -> InspectResult:
-    """In-process equivalent of `python -m saetrain.inspect path=<path> <overrides>`."""
+def inspect_path(
+    path: str, overrides: Sequence[str] = (), keep_records: bool = False
+) -> InspectResult:
+    """In-process equivalent of `python -m saetrain.inspect path=<path> <overrides>`
+    (`keep_records`: every latent's record in the result too)."""
     cfg, explicit = compose_config([f"path={path}", *overrides])
-    return inspect(cfg, explicit)
+    return inspect(cfg, explicit, keep_records=keep_records)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 import zlib
 from collections.abc import Iterable
@@ -53,20 +54,40 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return struct.pack("<I", len(body)) + body
 
 
+class LayerWriter:
+    """`features/layer_<L>.bin`, written a record at a time (in index order), so that no layer's
+    records need to be held at once; the file appears under its name only when finished."""
+
+    def __init__(self, folder: Path, layer: int):
+        self.layer = layer
+        self.name = f"layer_{layer}.bin"
+        self.path = Path(folder) / FEATURES_DIR / self.name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(self.name + ".partial")
+        self.file = open(self.partial, "wb")  # noqa: SIM115 - closed in finish()
+        self.offsets = [0]
+
+    def add(self, record: dict[str, Any]) -> None:
+        i = len(self.offsets) - 1
+        if record["index"] != i:
+            raise ValueError(f"layer {self.layer}: record {i} has index {record['index']}")
+        chunk = encode_record(record)
+        self.file.write(chunk)
+        self.offsets.append(self.offsets[-1] + len(chunk))
+
+    def finish(self) -> dict[str, Any]:
+        """Close and rename the file; its entry in the index."""
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return {"filename": self.name, "offsets": self.offsets}
+
+
 def write_layer(folder: Path, layer: int, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """`features/layer_<L>.bin` from records in index order; its index entry."""
-    name = f"layer_{layer}.bin"
-    offsets, chunks, at = [0], [], 0
-    for i, record in enumerate(records):
-        if record["index"] != i:
-            raise ValueError(f"layer {layer}: record {i} has index {record['index']}")
-        chunk = encode_record(record)
-        chunks.append(chunk)
-        at += len(chunk)
-        offsets.append(at)
-    (folder / FEATURES_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / FEATURES_DIR / name, b"".join(chunks))
-    return {"filename": name, "offsets": offsets}
+    writer = LayerWriter(folder, layer)
+    for record in records:
+        writer.add(record)
+    return writer.finish()
 
 
 def write_index(folder: Path, entries: dict[int, dict[str, Any]]) -> Path:

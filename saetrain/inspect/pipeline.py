@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,10 +117,14 @@ class InspectResult:
 
 
 def inspect(
-    cfg: InspectConfig, explicit: AbstractSet[str] = frozenset(), lm: tuple[Any, Any] | None = None
+    cfg: InspectConfig,
+    explicit: AbstractSet[str] = frozenset(),
+    lm: tuple[Any, Any] | None = None,
+    keep_records: bool = False,
 ) -> InspectResult:
     """Inspect every dictionary under `cfg.path`; `explicit` names the keys set by the user;
-    `lm`: the (model, tokenizer) already loaded (a run that has just trained), else loaded."""
+    `lm`: the (model, tokenizer) already loaded (a run that has just trained), else loaded;
+    `keep_records`: return every latent's record too (InspectResult.records)."""
     import time
 
     from saetrain.activations.model import load_lm, resolve_device
@@ -191,7 +196,7 @@ def inspect(
              for r in resolved}  # fmt: skip
     metrics = {r.folder.name: _saved_metrics(r.folder) for r in resolved}
     result = write_outputs(out, units, stats, model, tokenizer, features, cfg.logits_k,
-                           cfg.dense_threshold, about, metrics, single)  # fmt: skip
+                           cfg.dense_threshold, about, metrics, single, keep_records)  # fmt: skip
     result.tokens, result.seconds = total, seconds
     return result
 
@@ -208,48 +213,63 @@ def write_outputs(
     about: dict[str, dict[str, Any]] | None = None,
     metrics: dict[str, dict[str, Any]] | None = None,
     single: bool = False,
+    keep_records: bool = False,
 ) -> InspectResult:
     """After `collect_all`: every unit's records (logit effects through `model`), its site
     (`out` itself when `single`, else `out/<name>` and an index linking them) and, if
     `features`, circuit-tracer's feature files with one layer per unit (`unit.layer`).
 
     This is the whole writing side: anything that can be cast as units (a cross-layer
-    transcoder: one per layer) gets the same site and feature files.
+    transcoder: one per layer) gets the same site and feature files. Records are made, written
+    and dropped one latent at a time (`keep_records`: also returned, for tests and notebooks).
     """
+    from saetrain.inspect.features import LayerWriter, write_index
+    from saetrain.inspect.site import SiteWriter
+    from saetrain.progress import Progress
+
     about, metrics = about or {}, metrics or {}
-    records_by_layer: dict[int, list[dict[str, Any]]] = {}
+    layers = [unit.layer for unit in units] if features else []
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"units read layers {layers}; circuit-tracer's feature files hold one "
+                         "set of features per layer")  # fmt: skip
+    entries: dict[int, dict[str, Any]] = {}
     sites: dict[str, Path] = {}
-    all_records: dict[str, list[dict[str, Any]]] = {}
+    kept: dict[str, list[dict[str, Any]]] = {}
     for unit in units:
-        records = _records(unit, stats[unit.name], model, tokenizer, logits_k)
-        all_records[unit.name] = records
-        if features:
-            if unit.layer in records_by_layer:
-                raise ValueError(f"two units read layer {unit.layer}; feature files hold one")
-            records_by_layer[unit.layer] = records
+        s = stats[unit.name]
         folder = out if single else out / unit.name
+        site = SiteWriter(folder, unit.name, unit.n_latents, s.tokens)
+        layer = LayerWriter(out, unit.layer) if features else None
+        records = kept.setdefault(unit.name, []) if keep_records else None
+        progress = Progress(f"pages of {unit.name} → {folder}", unit.n_latents, "latents")
+        with progress:
+            for record in _records(unit, s, model, tokenizer, logits_k):
+                site.add(record)
+                if layer is not None:
+                    layer.add(record)
+                if records is not None:
+                    records.append(record)
+                progress.update()
         info = about.get(unit.name) or {"input site": unit.input_site,
                                         "target site": unit.target_site,
                                         "latents": unit.n_latents}  # fmt: skip
-        sites[unit.name] = _write_site(folder, records, unit.name, info,
-                                       metrics.get(unit.name, {}), stats[unit.name].tokens,
-                                       dense_threshold)  # fmt: skip
+        sites[unit.name] = site.finish(info, metrics.get(unit.name, {}), dense_threshold)
+        if layer is not None:
+            entries[unit.layer] = layer.finish()
     index = sites[units[0].name] if single else _run_index(out, sites)
-    feature_index = None
-    if features:
-        from saetrain.inspect.features import write_feature_files
-
-        feature_index = write_feature_files(out, records_by_layer)
+    feature_index = write_index(out, entries) if features else None
+    if feature_index is not None:
         log.info("circuit-tracer feature files: %s", feature_index)
     print(f"inspect: site written to {index}", flush=True)
-    return InspectResult(sites, index, feature_index, stats, all_records)
+    return InspectResult(sites, index, feature_index, stats, kept)
 
 
 def _layer(site: str) -> int:
     return int(site.rsplit(".", 1)[1])
 
 
-def _records(unit, stats, model, tokenizer, logits_k: int) -> list[dict[str, Any]]:
+def _records(unit, stats, model, tokenizer, logits_k: int) -> Iterator[dict[str, Any]]:
+    """Every latent's record in index order, made as they are asked for."""
     from saetrain.inspect.logits import model_logit_effects
     from saetrain.inspect.report import QUANTILES, LogitTables, TokenStrings, latent_record
 
@@ -257,8 +277,8 @@ def _records(unit, stats, model, tokenizer, logits_k: int) -> list[dict[str, Any
     tables = LogitTables(*effects) if effects is not None else None
     strings = TokenStrings(tokenizer)
     quantiles = stats.quantile_values(QUANTILES)
-    return [latent_record(stats, j, unit.name, strings, tables, quantiles)
-            for j in range(unit.n_latents)]  # fmt: skip
+    for j in range(unit.n_latents):
+        yield latent_record(stats, j, unit.name, strings, tables, quantiles)
 
 
 def _about(r, dictionary, tokens: int) -> dict[str, Any]:
@@ -285,15 +305,6 @@ def _saved_metrics(dictionary_folder: Path) -> dict[str, Any]:
         saved = json.loads((dictionary_folder / "eval" / "metrics.json").read_text())
         return saved.get("metrics") or {}
     return {}
-
-
-def _write_site(folder: Path, records, name, about, metrics: dict[str, Any], tokens: int,
-                dense_threshold: float) -> Path:  # fmt: skip
-    from saetrain.inspect.site import write_site
-    from saetrain.progress import phase
-
-    with phase(f"site for {name} ({len(records)} latents) → {folder}"):
-        return write_site(folder, records, name, about, metrics, tokens, dense_threshold)
 
 
 def _run_index(out: Path, sites: dict[str, Path]) -> Path:

@@ -10,7 +10,6 @@ Pages are written from the records of report.py; the index keeps the numbers it 
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,28 +177,40 @@ def _search_text(record: dict[str, Any]) -> str:
     return " ".join(w.strip().lower() for w in words if w.strip())
 
 
-def index_page(records: list[dict[str, Any]], name: str, summary: str) -> bytes:
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What the index and the dictionary page need of a latent (its index row)."""
+    return {
+        "index": record["index"],
+        "activation_frequency": record["activation_frequency"],
+        "act_max": record["act_max"],
+        "mean_activation": record["mean_activation"],
+        "top_token": _top_token(record),
+        "text": _search_text(record),
+        "promotes": " ".join(t.strip() for t in record["top_logits"][:4]),
+    }
+
+
+def index_page(summaries: list[dict[str, Any]], name: str, caption: str) -> bytes:
     """Every latent in a table: sortable by frequency, max and mean; searchable by token."""
     rows = []
-    for r in records:
+    for r in summaries:
         j = r["index"]
-        logits = " ".join(t.strip() for t in r["top_logits"][:4])
         rows.append(
             f'<tr data-i="{j}" data-freq="{r["activation_frequency"]:.6g}" '
             f'data-max="{r["act_max"]:.6g}" data-mean="{r["mean_activation"]:.6g}" '
-            f'data-text="{html.escape(_search_text(r))}">'
+            f'data-text="{html.escape(r["text"])}">'
             f'<td class="n"><a href="{LATENTS_DIR}/{j}.html">{j}</a></td>'
             f'<td class="n">{100 * r["activation_frequency"]:.3g}%</td>'
             f'<td class="n">{_fmt(r["act_max"])}</td>'
             f'<td class="n">{_fmt(r["mean_activation"])}</td>'
-            f'<td class="tok">{_shown(_top_token(r))}</td>'
-            f'<td class="tok">{html.escape(logits)}</td></tr>'
+            f'<td class="tok">{_shown(r["top_token"])}</td>'
+            f'<td class="tok">{html.escape(r["promotes"])}</td></tr>'
         )
     body = (
-        f"<h1>{html.escape(name)}</h1><p>{summary} · "
+        f"<h1>{html.escape(name)}</h1><p>{caption} · "
         f'<a href="{DICTIONARY_PAGE}">the dictionary as a whole</a></p>'
         f'<p><input id="q" placeholder="search a token (max tokens, promoted tokens)"> '
-        f'<span id="shown">{len(records)}</span> latents shown; click a column to sort</p>'
+        f'<span id="shown">{len(summaries)}</span> latents shown; click a column to sort</p>'
         '<table id="latents"><thead><tr><th class="n" data-key="i">latent</th>'
         '<th class="n" data-key="freq">frequency</th><th class="n" data-key="max">max act</th>'
         '<th class="n" data-key="mean">mean act</th><th>max token</th><th>promotes</th></tr>'
@@ -209,11 +220,11 @@ def index_page(records: list[dict[str, Any]], name: str, summary: str) -> bytes:
 
 
 def dictionary_page(
-    records: list[dict[str, Any]], name: str, about: dict[str, Any],
+    summaries: list[dict[str, Any]], name: str, about: dict[str, Any],
     metrics: dict[str, Any], dense_threshold: float,
 ) -> bytes:  # fmt: skip
     """The whole dictionary: density histogram, never-fired and dense counts, held-out metrics."""
-    freqs = [r["activation_frequency"] for r in records]
+    freqs = [r["activation_frequency"] for r in summaries]
     alive = [math.log10(f) for f in freqs if f > 0]
     never, dense = sum(f == 0 for f in freqs), sum(f > dense_threshold for f in freqs)
     parts = [f'<p><a href="{INDEX}">index</a></p><h1>{html.escape(name)}</h1><table>']
@@ -243,6 +254,30 @@ def dictionary_page(
     return _page(f"{name}: dictionary", "".join(parts))
 
 
+class SiteWriter:
+    """One dictionary's site, written a latent at a time: each record becomes its page at once
+    and only its index row is kept, so memory holds no more than the index."""
+
+    def __init__(self, folder: str | Path, name: str, n_latents: int, tokens: int):
+        self.folder, self.name, self.n, self.tokens = Path(folder), name, n_latents, tokens
+        (self.folder / LATENTS_DIR).mkdir(parents=True, exist_ok=True)
+        self.summaries: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        page = latent_page(record, self.name, self.n, self.tokens)
+        (self.folder / LATENTS_DIR / f"{record['index']}.html").write_bytes(page)
+        self.summaries.append(summary(record))
+
+    def finish(self, about: dict[str, Any], metrics: dict[str, Any],
+               dense_threshold: float = 0.1) -> Path:  # fmt: skip
+        """dictionary.html and index.html; returns the index's path."""
+        page = dictionary_page(self.summaries, self.name, about, metrics, dense_threshold)
+        atomic_write_bytes(self.folder / DICTIONARY_PAGE, page)
+        caption = f"{len(self.summaries)} latents · {self.tokens} held-out tokens"
+        atomic_write_bytes(self.folder / INDEX, index_page(self.summaries, self.name, caption))
+        return self.folder / INDEX
+
+
 def write_site(
     folder: str | Path,
     records: list[dict[str, Any]],
@@ -253,16 +288,10 @@ def write_site(
     dense_threshold: float = 0.1,
 ) -> Path:
     """index.html, dictionary.html and latents/<j>.html under `folder`; returns the index."""
-    folder = Path(folder)
-    (folder / LATENTS_DIR).mkdir(parents=True, exist_ok=True)
-    n = len(records)
-    for r in records:
-        (folder / LATENTS_DIR / f"{r['index']}.html").write_bytes(latent_page(r, name, n, tokens))
-    summary = f"{n} latents · {tokens} held-out tokens"
-    atomic_write_bytes(folder / DICTIONARY_PAGE,
-                       dictionary_page(records, name, about, metrics, dense_threshold))  # fmt: skip
-    atomic_write_bytes(folder / INDEX, index_page(records, name, summary))
-    return folder / INDEX
+    writer = SiteWriter(folder, name, len(records), tokens)
+    for record in records:
+        writer.add(record)
+    return writer.finish(about, metrics, dense_threshold)
 
 
 def run_index(folder: str | Path, sites: dict[str, Path]) -> Path:
@@ -275,8 +304,3 @@ def run_index(folder: str | Path, sites: dict[str, Path]) -> Path:
     path = folder / INDEX
     atomic_write_bytes(path, _page("dictionaries", f"<h1>Dictionaries</h1><ul>{links}</ul>"))
     return path
-
-
-def records_json(records: list[dict[str, Any]]) -> bytes:
-    """The records as JSON (kept beside the site for scripts)."""
-    return json.dumps(records).encode("utf-8")
