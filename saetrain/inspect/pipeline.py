@@ -140,11 +140,13 @@ def inspect(
     resolved = [resolve(dataclasses.replace(ev, path=str(f)), explicit) for f in folders]
     first = resolved[0]
     for r in resolved[1:]:
-        if (r.model, r.data, r.seed) != (first.model, first.data, first.seed):
+        if (r.model, r.data) != (first.model, first.data):
             raise ConfigError(
                 f"path={cfg.path!r}: {r.folder.name} and {first.folder.name} were trained on "
-                "different models, data or seeds; inspect them one at a time"
+                "different models or data; inspect them one at a time"
             )
+    # A `dictionaries` entry may record its own init seed; the held-out split does not depend on
+    # it (documents are split by hash), only the order of its contexts: the first folder's.
     if first.data.path in LOCAL_BUILDERS:
         expand_data_files(list(first.data.data_files))  # a missing file fails before the LM loads
     features = cfg.features == "always" or (
