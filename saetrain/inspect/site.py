@@ -33,6 +33,7 @@ border-left:3px solid #eee}.ctx.rep{opacity:.5}
 .stats span{margin-right:1.6em}.logits td{font-family:ui-monospace,monospace}
 .pos{color:#1a7f37}.neg{color:#c0392b}.muted{color:#777}
 input{font-size:14px;padding:3px 6px;width:22em}
+.row{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}
 td.tok{max-width:16em;overflow:hidden;white-space:nowrap;text-overflow:ellipsis;
 font-family:ui-monospace,monospace}
 """ + "".join(f".a{b}{{background:rgba(232,131,58,{b / 10:.1f})}}" for b in range(1, 11))
@@ -148,11 +149,14 @@ def latent_page(record: dict[str, Any], name: str, n_latents: int, tokens: int) 
         f'<span>mean when firing <b>{_fmt(record["mean_activation"])}</b></span></p>'
     )
     parts = [f"<p>{' · '.join(nav)}</p><h1>{html.escape(name)} · latent {j}</h1>", stats]
+    # The histogram and the logit tables side by side (they wrap on a narrow window).
+    parts.append('<div class="row">')
     if record["count"]:
-        parts.append("<h2>Activation histogram (when firing)</h2>")
+        parts.append("<div><h2>Activation histogram (when firing)</h2>")
         parts.append(bars_svg(record["histogram"], _fmt(record["act_min"]), _fmt(act_max)))
-    parts.append("<h2>Logit effects of the decoder direction</h2>")
-    parts.append(_logit_table(record))
+        parts.append("</div>")
+    parts.append("<div><h2>Logit effects of the decoder direction</h2>")
+    parts.append(_logit_table(record) + "</div></div>")
     for group in record["examples_quantiles"]:
         parts.append(f'<h2 class="quantile">{html.escape(group["quantile_name"])}</h2>')
         if not group["examples"]:
