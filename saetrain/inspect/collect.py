@@ -189,37 +189,37 @@ class LatentCollector:
             raise ValueError(
                 f"codes of shape {tuple(codes.shape)}; expected [B, {self.t}, {self.n}]"
             )
-        codes = codes.to(self.device, torch.float32)
-        mask = mask.to(self.device)
-        codes = codes * mask[:, :, None]
-        flat = codes.reshape(b * t, n)
-        fired = flat != 0
-        self.counts += fired.sum(0)
-        self.sums += flat.sum(0, dtype=torch.float64)
+        # Latent-major (a fresh copy, so masking in place leaves the caller's codes alone): each
+        # latent's positions are contiguous for topk and gather. Few full passes over [n, B·T]:
+        # the statistics come from the non-zero entries alone.
+        by_latent = codes.to(self.device, torch.float32).reshape(b * t, n).t().contiguous()
+        mask = mask.to(self.device).reshape(1, b * t)
+        by_latent.masked_fill_(~mask, 0.0)
         self.tokens += int(mask.sum())
-        positive = flat > 0
-        self.act_min = torch.minimum(
-            self.act_min, torch.where(positive, flat, float("inf")).min(0).values
-        )
-        rows, latents = positive.nonzero(as_tuple=True)
-        if rows.numel():
-            logs = flat[rows, latents].log10()
+        latents, rows = by_latent.nonzero(as_tuple=True)
+        values = by_latent[latents, rows]
+        self.counts += torch.bincount(latents, minlength=n)
+        self.sums.index_add_(0, latents, values.double())
+        positive = values > 0
+        latents, values = latents[positive], values[positive]
+        if values.numel():
+            self.act_min.scatter_reduce_(0, latents, values, "amin")
+            logs = values.log10()
             bins = ((logs - LOG_MIN) / (LOG_MAX - LOG_MIN) * LOG_BINS).long()
             bins = bins.clamp(0, LOG_BINS - 1)
             self.hist.index_add_(0, latents * LOG_BINS + bins, torch.ones_like(bins))
 
-        # Latent-major from here: each latent's positions are contiguous for topk and gather.
-        by_latent = flat.t().contiguous()  # [n, B·T]
-        firing = by_latent > 0
         ids = input_ids.to(self.device).reshape(-1)
-        # Top-K by value (only firing positions count: silent ones get key -1).
+        # Top-K by value; only firing (positive) positions count: the rest get key -1.
         m = min(self.s.top_k, b * t)
-        key, local = torch.where(firing, by_latent, -1.0).topk(m, dim=1)
+        key, local = by_latent.topk(m, dim=1)
+        key = torch.where(key > 0, key, -1.0)
         self.top.merge(*self._entries(key, local, by_latent, ids))
         # A uniform sample of firing positions: the largest random priorities.
         m = min(self.s.sample_size, b * t)
         priority = torch.rand(by_latent.shape, generator=self.gen, device=self.device)
-        key, local = torch.where(firing, priority, -1.0).topk(m, dim=1)
+        priority.masked_fill_(by_latent <= 0, -1.0)
+        key, local = priority.topk(m, dim=1)
         self.sample.merge(*self._entries(key, local, by_latent, ids))
         self.contexts += b
 
