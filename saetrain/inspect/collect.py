@@ -70,9 +70,11 @@ class _Kept:
         self.acts = torch.zeros(n, k, window, device=device)
         self.tokens = torch.full((n, k, window), -1, dtype=torch.int32, device=device)
 
-    def merge(self, key, value, row, acts, tokens) -> None:
+    def merge(self, key, value, row, windows) -> None:
         """Keep the K largest keys of the kept and the new entries ([n, m] each); among equal keys
-        the lower row wins (the candidates are sorted by row first, and the sort is stable)."""
+        the lower row wins (the candidates are sorted by row first, and the sort is stable).
+        `windows(latents, candidates)` gives the (acts, tokens) windows [P, W] of the new entries
+        that made it: after the first batches few do, so few windows are ever gathered."""
         k = self.key.shape[1]
         key = torch.cat([self.key, key], 1)
         row = torch.cat([self.row, row], 1)
@@ -86,9 +88,14 @@ class _Kept:
         self.row = torch.gather(row, 1, order)
         self.value = torch.gather(torch.cat([self.value, value], 1), 1, order)
         w = self.acts.shape[2]
-        idx = order[:, :, None].expand(-1, -1, w)
-        self.acts = torch.gather(torch.cat([self.acts, acts], 1), 1, idx)
-        self.tokens = torch.gather(torch.cat([self.tokens, tokens], 1), 1, idx)
+        kept = order.clamp(max=k - 1)[:, :, None].expand(-1, -1, w)
+        acts, tokens = torch.gather(self.acts, 1, kept), torch.gather(self.tokens, 1, kept)
+        latents, slots = (order >= k).nonzero(as_tuple=True)
+        if latents.numel():
+            new_acts, new_tokens = windows(latents, order[latents, slots] - k)
+            acts[latents, slots] = new_acts
+            tokens[latents, slots] = new_tokens
+        self.acts, self.tokens = acts, tokens
 
 
 @dataclass
@@ -224,19 +231,23 @@ class LatentCollector:
         self.contexts += b
 
     def _entries(self, key, local, by_latent, ids):
-        """The merge's inputs for batch rows `local` [n, m]: value, global row, windows."""
+        """The merge's inputs for batch rows `local` [n, m]: key, value, global row, and the
+        function that gathers the windows of the entries that are kept."""
         t = self.t
         valid = key >= 0
         value = torch.gather(by_latent, 1, local)
         ctx, pos = local // t, local % t
         row = torch.where(valid, (self.contexts + ctx) * t + pos, -1)
-        win = pos[:, :, None] + self.offsets  # [n, m, W]
-        inside = (win >= 0) & (win < t) & valid[:, :, None]
-        flat_idx = (ctx[:, :, None] * t + win.clamp(0, t - 1)).reshape(self.n, -1)
-        acts = torch.gather(by_latent, 1, flat_idx).reshape(win.shape)
-        acts = torch.where(inside, acts, 0.0)
-        tokens = torch.where(inside, ids[flat_idx].reshape(win.shape).int(), -1)
-        return torch.where(valid, key, -1.0), torch.where(valid, value, 0.0), row, acts, tokens
+
+        def windows(latents: torch.Tensor, candidates: torch.Tensor):
+            c, p = ctx[latents, candidates], pos[latents, candidates]
+            win = p[:, None] + self.offsets  # [P, W]
+            inside = (win >= 0) & (win < t)
+            flat = c[:, None] * t + win.clamp(0, t - 1)
+            acts = torch.where(inside, by_latent[latents[:, None], flat], 0.0)
+            return acts, torch.where(inside, ids[flat].int(), -1)
+
+        return torch.where(valid, key, -1.0), torch.where(valid, value, 0.0), row, windows
 
     def result(self) -> LatentStats:
         """The statistics so far, on the CPU; the quantile sample sorted by activation."""
