@@ -208,7 +208,7 @@ class LatentCollector:
         self.counts += torch.bincount(latents, minlength=n)
         self.sums.index_add_(0, latents, values.double())
         positive = values > 0
-        latents, values = latents[positive], values[positive]
+        latents, rows, values = latents[positive], rows[positive], values[positive]
         if values.numel():
             self.act_min.scatter_reduce_(0, latents, values, "amin")
             logs = values.log10()
@@ -222,11 +222,21 @@ class LatentCollector:
         key, local = by_latent.topk(m, dim=1)
         key = torch.where(key > 0, key, -1.0)
         self.top.merge(*self._entries(key, local, by_latent, ids))
-        # A uniform sample of firing positions: the largest random priorities.
+        # A uniform sample of firing positions: the largest random priorities, drawn for the
+        # firing entries only and ranked within each latent (sorted by latent, then priority).
         m = min(self.s.sample_size, b * t)
-        priority = torch.rand(by_latent.shape, generator=self.gen, device=self.device)
-        priority.masked_fill_(by_latent <= 0, -1.0)
-        key, local = priority.topk(m, dim=1)
+        priority = torch.rand(values.shape, generator=self.gen, device=self.device)
+        order = torch.argsort(priority, descending=True)
+        order = order[torch.argsort(latents[order], stable=True)]
+        lat, local_rows, pri = latents[order], rows[order], priority[order]
+        per_latent = torch.bincount(lat, minlength=n)
+        first = per_latent.cumsum(0) - per_latent
+        rank = torch.arange(lat.numel(), device=self.device) - first[lat]
+        chosen = rank < m
+        key = torch.full((n, m), -1.0, device=self.device)
+        local = torch.zeros((n, m), dtype=torch.int64, device=self.device)
+        key[lat[chosen], rank[chosen]] = pri[chosen]
+        local[lat[chosen], rank[chosen]] = local_rows[chosen]
         self.sample.merge(*self._entries(key, local, by_latent, ids))
         self.contexts += b
 
