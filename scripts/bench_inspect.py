@@ -33,8 +33,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens per measurement")
     p.add_argument("--batch-contexts", type=int, default=16, help="contexts per LM forward")
     p.add_argument("--top-k", type=int, default=20, help="top contexts kept per latent")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="rounds; the three passes alternate in each, the fastest round counts")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds; the three passes alternate in each, the fastest round counts",
+    )
     p.add_argument("--device", default=None, help="cpu | cuda (default: the run's)")
     p.add_argument("--out", default="docs/bench_inspect.json", help="JSON output path")
     return p.parse_args()
@@ -123,8 +127,7 @@ def main() -> None:
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{device.type}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {device.type}",
         "torch": torch.__version__,
         "folder": str(r.folder),
         "model": r.model.name,

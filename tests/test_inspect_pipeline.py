@@ -181,8 +181,13 @@ needs_browser = pytest.mark.skipif(
     reason="no chromium on PATH: the site's browser test needs Debian's chromium package "
     "(apt-get install -y chromium; .ci/run installs it)",
 )
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--hide-scrollbars"]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 
 def _browser(*args: str) -> str:

@@ -80,9 +80,7 @@ class _Kept:
         row = torch.cat([self.row, row], 1)
         # Empty slots (row -1) sort last among equal keys.
         by_row = torch.argsort(torch.where(row < 0, torch.iinfo(torch.int64).max, row), dim=1)
-        by_key = torch.argsort(
-            torch.gather(key, 1, by_row), dim=1, descending=True, stable=True
-        )
+        by_key = torch.argsort(torch.gather(key, 1, by_row), dim=1, descending=True, stable=True)
         order = torch.gather(by_row, 1, by_key)[:, :k]
         self.key = torch.gather(key, 1, order)
         self.row = torch.gather(row, 1, order)

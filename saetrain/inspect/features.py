@@ -102,9 +102,7 @@ def write_index(folder: Path, entries: dict[int, dict[str, Any]]) -> Path:
     return path
 
 
-def write_feature_files(
-    folder: str | Path, layers: dict[int, Iterable[dict[str, Any]]]
-) -> Path:
+def write_feature_files(folder: str | Path, layers: dict[int, Iterable[dict[str, Any]]]) -> Path:
     """Every layer's .bin and the index, under `<folder>/features/`; returns the index's path."""
     folder = Path(folder)
     entries = {layer: write_layer(folder, layer, records) for layer, records in layers.items()}

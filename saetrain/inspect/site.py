@@ -144,9 +144,9 @@ def latent_page(record: dict[str, Any], name: str, n_latents: int, tokens: int) 
         nav.append(f'<a href="{j + 1}.html">{j + 1} →</a>')
     stats = (
         f'<p class="stats"><span>fires on <b>{100 * record["activation_frequency"]:.3g}%</b> '
-        f'of tokens ({record["count"]} of {tokens})</span>'
-        f'<span>max <b>{_fmt(act_max)}</b></span>'
-        f'<span>mean when firing <b>{_fmt(record["mean_activation"])}</b></span></p>'
+        f"of tokens ({record['count']} of {tokens})</span>"
+        f"<span>max <b>{_fmt(act_max)}</b></span>"
+        f"<span>mean when firing <b>{_fmt(record['mean_activation'])}</b></span></p>"
     )
     parts = [f"<p>{' · '.join(nav)}</p><h1>{html.escape(name)} · latent {j}</h1>", stats]
     # The histogram and the logit tables side by side (they wrap on a narrow window).
