@@ -330,6 +330,22 @@ class PublishConfig:
 
 
 @dataclass
+class InspectRunConfig:
+    """After the run is saved, look at each latent (`python -m saetrain.inspect` on the run's
+    folder, sharing its LM): a static site in <run>/inspect, and circuit-tracer's feature files
+    when the run's dictionaries are transcoders, one per layer. Off by default."""
+
+    # Write the site (and feature files) after training.
+    enabled: bool = False
+    # Held-out tokens to run over (rounded up to whole contexts).
+    n_tokens: int = 65536
+    # Top-activating contexts kept per latent.
+    top_k: int = 20
+    # circuit-tracer feature files: auto (transcoders, one per layer) | always | never.
+    features: str = "auto"
+
+
+@dataclass
 class DictionarySpec:
     """One of several dictionaries trained on the same activation stream (see Config.dictionaries).
 
@@ -370,6 +386,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    inspect: InspectRunConfig = field(default_factory=InspectRunConfig)
     # Several dictionaries trained from one LM pass: each entry overrides site / dictionary /
     # trainer / seed of the run (empty: the run's one dictionary). Sites are read together.
     dictionaries: list[DictionarySpec] = field(default_factory=list)
@@ -427,6 +444,9 @@ def _forward_position(site: Any) -> tuple[int, int]:
 def validate(cfg: Config) -> None:
     """Check choices and ranges that the types alone cannot express (every dictionary's too)."""
     _validate_one(cfg)
+    _positive("inspect.n_tokens", cfg.inspect.n_tokens)
+    _positive("inspect.top_k", cfg.inspect.top_k)
+    _choice("inspect.features", cfg.inspect.features, ("auto", "always", "never"))
     if cfg.dictionaries:
         names: dict[str, int] = {}
         for i, (name, sub) in enumerate(dictionary_configs(cfg)):

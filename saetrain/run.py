@@ -282,7 +282,10 @@ def _run(
             started,
             dp,
         )
-        return _evaluate_and_save(setup, _train(setup))
+        result = _evaluate_and_save(setup, _train(setup))
+        if cfg.inspect.enabled and dp.world.is_main:
+            _inspect(setup, result)
+        return result
     except BaseException:
         for logger in loggers:
             logger.abort()  # a finished logger ignores it
@@ -632,6 +635,19 @@ def _evaluate(
             )
         metrics |= reduce_ce(world, mine)
     return metrics
+
+
+def _inspect(setup: _Setup, result: RunResult) -> None:
+    """`inspect.enabled`: the latent site (saetrain/inspect) for the dictionaries just saved,
+    with the run's LM; into <run>/inspect (a one-dictionary run: <folder>/inspect)."""
+    from saetrain.inspect.pipeline import InspectConfig, inspect
+
+    i = setup.cfg.inspect
+    folder = result.output_dir if len(result.dictionaries) > 1 else result.dictionary_dir
+    lm = (setup.source.model, setup.tokens.packer.tokenizer)
+    with phase("inspect the latents"):
+        inspect(InspectConfig(path=str(folder), n_tokens=i.n_tokens, top_k=i.top_k,
+                              features=i.features), lm=lm)  # fmt: skip
 
 
 def _already_finished(output_dir: Path, says: bool = True) -> RunResult:
