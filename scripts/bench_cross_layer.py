@@ -529,8 +529,13 @@ def paired_lines(part: dict) -> list[str]:
 def provenance(meta: dict) -> list[str]:
     if "command" not in meta:
         return []
-    return [f"Made {meta.get('date', '?')} on {meta.get('machine', '?')} by:", "",
-            f"    {meta['command']}", ""]  # fmt: skip
+    lines = []
+    if "trained_by" in meta:
+        lines += [f"Trained {meta['trained_by']['date']} ({meta['trained_by']['seconds']:.0f} s of "
+                  "training and held-out evaluation on the loaded machine) by:", "",
+                  f"    {meta['trained_by']['command']}", ""]  # fmt: skip
+    return lines + [f"Made {meta.get('date', '?')} on {meta.get('machine', '?')} by:", "",
+                    f"    {meta['command']}", ""]  # fmt: skip
 
 
 def machine() -> str:
