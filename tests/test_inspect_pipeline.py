@@ -261,3 +261,51 @@ def test_cross_layer_transcoder_shape_plugs_in(tiny_model, corpus, tmp_path):
             json.loads(json.dumps(_circuit_tracer_record(r))) for r in records
         ]
         assert (tmp_path / f"clt_layer_{L}" / "latents" / f"{n - 1}.html").is_file()
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_a_saved_clt_is_inspected_one_unit_per_layer(tiny_model, corpus, tmp_path, arch):
+    """A trained cross-layer transcoder's folder: one site per layer, one feature file per layer,
+    each layer's codes its own encoder's (its top activation = the brute-force maximum of the CLT's
+    codes of that layer on the same held-out tokens), logits from its decoders summed."""
+    from saetrain.activations.model import load_lm
+    from saetrain.activations.source import ActivationSource
+    from saetrain.activations.tokens import TokenSource
+    from saetrain.api import load
+
+    cfg = Config(
+        model=ModelConfig(name=str(tiny_model), gguf_package=None, device="cpu"),
+        data=DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10),
+        site=SiteConfig(input="mlp_in.*", target="mlp_out.*", layers=list(LAYERS)),
+        buffer=BufferConfig(size_tokens=512, lm_batch_contexts=8),
+        dictionary=DictionaryConfig(architecture=arch, kind="clt", n_latents=24, k=3,
+                                    jumprelu_init_threshold=0.05),  # fmt: skip
+        trainer=TrainerConfig(total_tokens=512, batch_tokens=128, warmup_steps=1, init_batches=1),
+        eval=EvalConfig(n_tokens=128, batch_contexts=8, compute_ce=False),
+        logger=LoggerConfig(log_every=100),
+    )
+    folder = run(cfg, tmp_path / "run").dictionary_dir
+    result = inspect_path(str(folder), SMALL, keep_records=True)
+    names = [f"{folder.name}.L{L}" for L in LAYERS]
+    assert sorted(result.sites) == names
+    entries = json.loads(gzip.decompress(result.features.read_bytes()))
+    assert [e["filename"] for e in entries] == [f"layer_{L}.bin" for L in LAYERS]
+    clt = load(folder)
+    lm, tokenizer = load_lm(cfg.model, torch.device("cpu"))
+    inputs = [f"mlp_in.{L}" for L in LAYERS]
+    source = ActivationSource(lm, inputs)
+    batches = TokenSource(cfg.data, tokenizer, cfg.seed).held_out(20, 6)  # SMALL's 320 tokens
+    rows = torch.cat(list(source.rows(iter(batches), inputs, torch.float32)))
+    with torch.no_grad():
+        codes = clt.encode(rows)
+        dense = codes if isinstance(codes, torch.Tensor) else codes.to_dense(clt.n_latents)
+    for i, (L, name) in enumerate(zip(LAYERS, names, strict=True)):
+        records = result.records[name]
+        assert len(records) == 24
+        block = dense[:, i * 24 : (i + 1) * 24]
+        for j, record in enumerate(records):
+            assert record["count"] == int((block[:, j] > 0).sum()), (name, j)
+            if record["count"]:
+                assert record["act_max"] == pytest.approx(float(block[:, j].max()), rel=1e-4)
+        back = read_feature(result.features.parent.parent, L, 0)
+        assert back["transcoder_id"] == name and back["index"] == 0

@@ -126,6 +126,21 @@ class CLTStructure(Dictionary):
         n = self.layer_latents
         return self.b_enc[layer * n : (layer + 1) * n]
 
+    def layer_pre(self, x_layer: torch.Tensor, layer: int) -> torch.Tensor:
+        """[N, n]: one layer's pre-activations from that layer's input alone."""
+        return x_layer @ self.W_enc[layer] + self.layer_bias(layer)
+
+    def encode_layer(self, x_layer: torch.Tensor, layer: int) -> Codes:
+        """One layer's codes ([N, n], latent indices local to the layer) from its input alone:
+        a layer's codes never depend on another layer's input. ReLU here."""
+        return self.layer_pre(x_layer, layer).relu()
+
+    def layer_decoder_sum(self, layer: int) -> torch.Tensor:
+        """[n, d_out]: each of the layer's latents' decoders summed over the layers it writes,
+        its whole write into the residual stream (what inspect shows logit effects of)."""
+        n, d = self.layer_latents, self.layer_d_out
+        return self.W_dec[layer].detach().reshape(n, self.n_layers - layer, d).sum(1)
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L·n]: each layer's encoder on its own input (a batched product, no dense
         [L·d, L·n] matrix)."""
@@ -236,6 +251,10 @@ class TopKCLT(CLTStructure, TopKSAE):
         pre = self.pre_activations(x)
         indices = self._layer_topk(pre)
         return SparseCodes(indices, pre.gather(1, indices).relu())
+
+    def encode_layer(self, x_layer: torch.Tensor, layer: int) -> Codes:
+        values, indices = self.layer_pre(x_layer, layer).topk(self.k, dim=-1, sorted=False)
+        return SparseCodes(indices, values.relu())
 
     def training_forward(
         self,
@@ -363,6 +382,10 @@ class BatchTopKCLT(TopKCLT):
         pre = self.pre_activations(x)
         return pre * (pre > self.latent_thresholds()).to(pre.dtype)
 
+    def encode_layer(self, x_layer: torch.Tensor, layer: int) -> Codes:
+        pre = self.layer_pre(x_layer, layer)
+        return pre * (pre > self.threshold[layer]).to(pre.dtype)
+
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> None:
         """Each layer's θ ← running average of its smallest kept activation (the first batch
@@ -391,6 +414,11 @@ class BatchTopKCLT(TopKCLT):
 
 class JumpReLUCLT(CLTStructure, JumpReLUSAE):
     """JumpReLU per latent; the tanh penalty and pre-activation loss on a·‖W_dec‖ (Anthropic)."""
+
+    def encode_layer(self, x_layer: torch.Tensor, layer: int) -> Codes:
+        n = self.layer_latents
+        pre = self.layer_pre(x_layer, layer)
+        return pre * (pre > self.threshold[layer * n : (layer + 1) * n]).to(pre.dtype)
 
     def training_forward(
         self,

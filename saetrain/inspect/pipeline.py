@@ -132,7 +132,7 @@ def inspect(
     from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
     from saetrain.evaluate import EvaluateConfig, resolve
     from saetrain.export.saelens import load_dictionary
-    from saetrain.inspect.units import collect_all, unit_from_dictionary
+    from saetrain.inspect.units import collect_all, units_of
 
     check(cfg)
     folders = dictionary_folders(cfg.path)  # type: ignore[arg-type]
@@ -150,9 +150,9 @@ def inspect(
     if first.data.path in LOCAL_BUILDERS:
         expand_data_files(list(first.data.data_files))  # a missing file fails before the LM loads
     features = cfg.features == "always" or (
-        cfg.features == "auto" and all(r.input_site != r.target_site for r in resolved)
+        cfg.features == "auto" and all(r.inputs != r.targets for r in resolved)
     )
-    layers = [_layer(r.input_site) for r in resolved]
+    layers = [_layer(site) for r in resolved for site in r.inputs]
     if features and len(set(layers)) != len(layers):
         if cfg.features == "always":
             raise ConfigError(
@@ -169,18 +169,25 @@ def inspect(
             dictionaries[r.folder.name] = load_dictionary(r.folder, device).requires_grad_(False)
         except ValueError as e:
             raise ConfigError(f"path={str(r.folder)!r}: {e}") from None
-    model, tokenizer = lm if lm is not None else load_lm(first.model, device)
-    source = ActivationSource(model, sorted({r.input_site for r in resolved}))
+    units, owner = [], {}
     for r in resolved:
-        width, d_in = source.width(r.input_site), dictionaries[r.folder.name].d_in
+        try:
+            mine = units_of(r.folder.name, dictionaries[r.folder.name], r.inputs, r.targets)
+        except ValueError as e:
+            raise ConfigError(f"path={str(r.folder)!r}: {e}") from None
+        units += mine
+        owner |= {unit.name: r for unit in mine}
+    model, tokenizer = lm if lm is not None else load_lm(first.model, device)
+    source = ActivationSource(model, sorted({unit.input_site for unit in units}))
+    for r in resolved:
+        d = dictionaries[r.folder.name]
+        width, d_in = source.width(r.input_site), getattr(d, "layer_d_in", d.d_in)
         if width != d_in:
             raise ConfigError(
                 f"model.name={first.model.name!r} has activations {width} wide at "
                 f"{r.input_site} but {r.folder.name}'s d_in is {d_in}; is this the model (and "
                 "the site) it was trained on?"
             )
-    units = [unit_from_dictionary(r.folder.name, dictionaries[r.folder.name], r.input_site,
-                                  r.target_site) for r in resolved]  # fmt: skip
     n_contexts = max(math.ceil(cfg.n_tokens / first.data.context_size), 1)
     batches = TokenSource(first.data, tokenizer, first.seed).held_out(
         n_contexts, cfg.batch_contexts
@@ -193,10 +200,10 @@ def inspect(
     seconds = time.monotonic() - started
 
     out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.path).expanduser() / OUTPUT_DIR
-    single = len(folders) == 1 and (Path(cfg.path).expanduser() / CFG_FILE).is_file()
-    about = {r.folder.name: _about(r, dictionaries[r.folder.name], stats[r.folder.name].tokens)
-             for r in resolved}  # fmt: skip
-    metrics = {r.folder.name: _saved_metrics(r.folder) for r in resolved}
+    single = len(units) == 1 and (Path(cfg.path).expanduser() / CFG_FILE).is_file()
+    about = {unit.name: _about(owner[unit.name], dictionaries[owner[unit.name].folder.name],
+                               stats[unit.name].tokens, unit) for unit in units}  # fmt: skip
+    metrics = {unit.name: _saved_metrics(owner[unit.name].folder) for unit in units}
     result = write_outputs(out, units, stats, model, tokenizer, features, cfg.logits_k,
                            cfg.dense_threshold, about, metrics, single, keep_records)  # fmt: skip
     result.tokens, result.seconds = total, seconds
@@ -283,17 +290,23 @@ def _records(unit, stats, model, tokenizer, logits_k: int) -> Iterator[dict[str,
         yield latent_record(stats, j, unit.name, strings, tables, quantiles)
 
 
-def _about(r, dictionary, tokens: int) -> dict[str, Any]:
+def _about(r, dictionary, tokens: int, unit) -> dict[str, Any]:
     about = {
         "folder": str(r.folder),
         "architecture": dictionary.architecture,
         "model": r.model.name,
-        "input site": r.input_site,
-        "target site": r.target_site,
+        "input site": unit.input_site,
+        "target site": unit.target_site,
         "d_in → d_out": f"{dictionary.d_in} → {dictionary.d_out}",
-        "latents": dictionary.n_latents,
+        "latents": unit.n_latents,
         "held-out tokens inspected": tokens,
     }
+    if dictionary.kind == "clt":  # one layer of a cross-layer transcoder
+        about["kind"] = (
+            f"one layer of a cross-layer transcoder over {', '.join(r.inputs)} (its latents' "
+            "decoders summed over the layers they write for the logit effects)"
+        )
+        about["d_in → d_out"] = f"{dictionary.layer_d_in} → {dictionary.layer_d_out} per layer"
     if getattr(dictionary, "k", None):
         about["k"] = dictionary.k
     return about

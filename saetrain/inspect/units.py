@@ -53,6 +53,41 @@ def unit_from_dictionary(name: str, dictionary, input_site: str, target_site: st
     )
 
 
+def units_of(name: str, dictionary, inputs: list[str], targets: list[str]) -> list[InspectUnit]:
+    """A dictionary's units: itself for an SAE or transcoder; one per layer for a cross-layer
+    transcoder (`<name>.L<layer>`: that layer's encoder on its own input, and its latents'
+    decoders summed over the layers they write). A crosscoder reads several sites at once, which
+    a unit does not: refused (ValueError)."""
+    if dictionary.kind == "crosscoder":
+        raise ValueError(
+            "a crosscoder reads several sites at once; inspect reads one site per set of latents "
+            "(SAEs, transcoders, a CLT's layers)"
+        )
+    if dictionary.kind != "clt":
+        return [unit_from_dictionary(name, dictionary, inputs[0], targets[0])]
+    units = []
+    weight = dictionary.W_enc
+    d = dictionary.layer_d_in
+    for i, (input_site, target_site) in enumerate(zip(inputs, targets, strict=True)):
+
+        def encode(x: torch.Tensor, i: int = i) -> Codes:
+            return dictionary.encode_layer(x[:, :d].to(weight.device, weight.dtype), i)
+
+        layer = re.search(r"\.(\d+)$", input_site)
+        label = layer.group(1) if layer else str(i)
+        units.append(
+            InspectUnit(
+                f"{name}.L{label}",
+                input_site,
+                target_site,
+                encode,
+                dictionary.layer_latents,
+                dictionary.layer_decoder_sum(i),
+            )
+        )
+    return units
+
+
 @torch.no_grad()
 def collect_all(
     source,
