@@ -34,11 +34,10 @@ from saetrain.dictionaries.base import (
     SparseCodes,
     TrainOutput,
     column_scales,
-    squared_error,
     total_variance,
 )
 from saetrain.dictionaries.batchtopk import batch_topk
-from saetrain.dictionaries.jumprelu import JumpReLUFunction, JumpReLUSAE
+from saetrain.dictionaries.jumprelu import JumpReLUSAE
 from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE, select_dead
 from saetrain.kernels.ops import encode_gather, sparse_decode
@@ -420,28 +419,12 @@ class JumpReLUCLT(CLTStructure, JumpReLUSAE):
         pre = self.layer_pre(x_layer, layer)
         return pre * (pre > self.threshold[layer * n : (layer + 1) * n]).to(pre.dtype)
 
-    def training_forward(
-        self,
-        x: torch.Tensor,
-        target: torch.Tensor,
-        dead_mask: torch.Tensor | None,
-        sparsity_multiplier: float = 1.0,
-    ) -> TrainOutput:
-        pre = self.pre_activations(x)
-        theta = self.threshold
-        z = JumpReLUFunction.apply(pre, theta, self.bandwidth)
-        with torch.no_grad():  # the decode reads the firing latents and the threshold's window
+    def training_codes(self, z: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor) -> Codes:
+        """Sparse per layer: the firing latents and those within the threshold's window, whose
+        zero codes still carry the straight-through gradient to θ."""
+        with torch.no_grad():
             support = (pre > theta) | ((pre - theta).abs() < self.bandwidth / 2)
-        x_hat = self.reconstruct(x, layer_blocked(z, support, self.n_layers))
-        mse = squared_error(target, x_hat)
-        penalty = self.sparsity_penalty(pre, z, theta)
-        loss = mse + sparsity_multiplier * self.sparsity_coefficient * penalty
-        terms = {"mse": mse.detach(), "l0_penalty": penalty.detach()}
-        if self.pre_act_coefficient > 0:
-            pre_act = self.pre_act_loss(pre, theta, dead_mask)
-            loss = loss + self.pre_act_coefficient * pre_act
-            terms["pre_act"] = pre_act.detach()
-        return TrainOutput(loss, x_hat, z, terms)
+        return layer_blocked(z, support, self.n_layers)
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {n: t.detach() for n, t in self.state_dict().items() if n != "log_threshold"}

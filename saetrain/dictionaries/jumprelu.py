@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
+from saetrain.dictionaries.base import Codes, Dictionary, TrainOutput, squared_error
 
 SPARSITY_LOSSES = ("step", "quadratic", "tanh")
 PRE_ACT_LATENTS = ("all", "dead")
@@ -171,6 +171,11 @@ class JumpReLUSAE(Dictionary):
             below = below * dead_mask.to(below.dtype)
         return self.sum_over_latents(below.sum(-1)).mean()
 
+    def training_codes(self, z: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor) -> Codes:
+        """What the training step's decoder reads: the dense codes here (a CLT decodes sparsely
+        and keeps the threshold's straight-through window in its support)."""
+        return z
+
     def training_forward(
         self,
         x: torch.Tensor,
@@ -181,7 +186,7 @@ class JumpReLUSAE(Dictionary):
         pre = self.pre_activations(x)
         theta = self.threshold
         z = JumpReLUFunction.apply(pre, theta, self.bandwidth)
-        x_hat = self.reconstruct(x, z)
+        x_hat = self.reconstruct(x, self.training_codes(z, pre, theta))
         mse = squared_error(target, x_hat)
         penalty = self.sparsity_penalty(pre, z, theta)
         loss = mse + sparsity_multiplier * self.sparsity_coefficient * penalty
