@@ -547,7 +547,7 @@ def write_markdown(results: dict, path: Path, notes: str) -> None:
     lines = ["# Cross-layer transcoder vs per-layer transcoders (issue 12)", ""]
     if notes:
         lines += [notes, ""]
-    for key, part in sorted(results.items()):
+    for key, part in sorted(results.items(), key=lambda kv: (kv[0] != "real_topk", kv[0])):
         if key.startswith("real"):
             m = part["meta"]
             lines += [f"## {key}: {m['model']}, {m['sites']}, layers {m['layers']}", "",
