@@ -501,9 +501,11 @@ def dictionary_configs(cfg: Config, n_layers: int | None = None) -> list[tuple[s
     from saetrain.site_patterns import has_pattern
 
     if not cfg.dictionaries:
-        return _expand_patterns([(None, cfg)], n_layers) if has_pattern(cfg.site) else [
-            (site_folder(cfg.site), cfg)
-        ]
+        return (
+            _expand_patterns([(None, cfg)], n_layers)
+            if has_pattern(cfg.site)
+            else [(site_folder(cfg.site), cfg)]
+        )
     subs: list[tuple[str | None, Config]] = []
     for i, spec in enumerate(cfg.dictionaries):
         where = f"dictionaries[{i}]"

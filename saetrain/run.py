@@ -738,7 +738,6 @@ def _announce(job: _Job) -> None:
         trainer.base_lr,
     )
 
-
     if isinstance(dictionary, CLTStructure):
         L, n, d = dictionary.n_layers, dictionary.layer_latents, dictionary.layer_d_out
         decoder_bytes = sum(W.numel() * W.element_size() for W in dictionary.W_dec)

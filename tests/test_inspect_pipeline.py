@@ -278,8 +278,9 @@ def test_a_saved_clt_is_inspected_one_unit_per_layer(tiny_model, corpus, tmp_pat
         data=DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10),
         site=SiteConfig(input="mlp_in.*", target="mlp_out.*", layers=list(LAYERS)),
         buffer=BufferConfig(size_tokens=512, lm_batch_contexts=8),
-        dictionary=DictionaryConfig(architecture=arch, kind="clt", n_latents=24, k=3,
-                                    jumprelu_init_threshold=0.05),  # fmt: skip
+        dictionary=DictionaryConfig(
+            architecture=arch, kind="clt", n_latents=24, k=3, jumprelu_init_threshold=0.05
+        ),  # fmt: skip
         trainer=TrainerConfig(total_tokens=512, batch_tokens=128, warmup_steps=1, init_batches=1),
         eval=EvalConfig(n_tokens=128, batch_contexts=8, compute_ce=False),
         logger=LoggerConfig(log_every=100),

@@ -161,9 +161,7 @@ class Dictionary(nn.Module):
             raise ValueError("dictionary.skip=true needs a transcoder (a site.target)")
         if encoder_init_norm is not None and not encoder_init_norm > 0:
             raise ValueError(f"dictionary.encoder_init_norm={encoder_init_norm} must be > 0")
-        self.init_parameters(
-            skip, {"dtype": dtype, "device": device}, generator, encoder_init_norm
-        )
+        self.init_parameters(skip, {"dtype": dtype, "device": device}, generator, encoder_init_norm)
 
     def init_parameters(
         self,
