@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 from safetensors.torch import save as safetensors_bytes
 
 from saetrain.activations.sites import _TL_HOOK_NAMES, SiteError, canonical_site_name
@@ -44,11 +42,11 @@ from saetrain.config import (
     EvalConfig,
     ModelConfig,
     SiteConfig,
-    check_known_keys,
 )
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.export.saelens import CFG_FILE, RUN_FILE, WEIGHTS_FILE
+from saetrain.folder_cli import compose_schema, folder_main
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +87,6 @@ class EvaluateConfig:
     # A latent firing on more than this fraction of tokens counts as dense (reported, not judged):
     # one token in ten is no longer sparse, and such latents tend to encode position or bias.
     dense_threshold: float = DEFAULT_DENSE_THRESHOLD
-
-
-def register_configs() -> None:
-    """The evaluation schema in Hydra's ConfigStore, under its own name."""
-    ConfigStore.instance().store(name=CONFIG_NAME, node=EvaluateConfig)
 
 
 def site_from_tl_hook(hook_name: str) -> str:
@@ -440,21 +433,7 @@ def print_metrics(metrics: dict[str, float], metrics_path: Path, plot_path: Path
 
 def compose_config(overrides: Sequence[str]) -> tuple[EvaluateConfig, set[str]]:
     """Hydra-compose the schema with command-line overrides; also return the keys they set."""
-    from hydra import compose, initialize
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    register_configs()
-    overrides = list(overrides)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    explicit = {o.key_or_group for o in parsed}
-    GlobalHydra.instance().clear()
-    with initialize(version_base=None, config_path=None):
-        node = compose(config_name=CONFIG_NAME, overrides=overrides)
-    check_known_keys(node, EvaluateConfig)  # `+eval.n_tokenz=...` must not pass silently
-    cfg = OmegaConf.to_object(node)
-    assert isinstance(cfg, EvaluateConfig)
-    return cfg, explicit
+    return compose_schema(EvaluateConfig, CONFIG_NAME, overrides)
 
 
 USAGE = """usage: python -m saetrain.evaluate path=<dictionary folder> [key=value ...]
@@ -476,23 +455,7 @@ def evaluate_path(path: str | Path, overrides: Sequence[str] = ()) -> Evaluation
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 on success, 2 on bad input (a message, no traceback)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        cfg, explicit = compose_config(argv)
-        evaluate(cfg, explicit)
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"saetrain.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigError, SiteError, FileNotFoundError) as e:
-        print(f"saetrain.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return folder_main("saetrain.evaluate", USAGE, argv, compose_config, evaluate)
 
 
 if __name__ == "__main__":

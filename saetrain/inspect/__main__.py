@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from saetrain.folder_cli import compose_schema, folder_main
 from saetrain.inspect.pipeline import InspectConfig, InspectResult, inspect
 
 CONFIG_NAME = "saetrain_inspect"
@@ -30,25 +31,7 @@ data.* (see saetrain/inspect/pipeline.py's InspectConfig).
 
 def compose_config(overrides: Sequence[str]) -> tuple[InspectConfig, set[str]]:
     """Hydra-compose the schema with command-line overrides; also return the keys they set."""
-    from hydra import compose, initialize
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    from saetrain.config import check_known_keys
-
-    ConfigStore.instance().store(name=CONFIG_NAME, node=InspectConfig)
-    overrides = list(overrides)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    explicit = {o.key_or_group for o in parsed}
-    GlobalHydra.instance().clear()
-    with initialize(version_base=None, config_path=None):
-        node = compose(config_name=CONFIG_NAME, overrides=overrides)
-    check_known_keys(node, InspectConfig)
-    cfg = OmegaConf.to_object(node)
-    assert isinstance(cfg, InspectConfig)
-    return cfg, explicit
+    return compose_schema(InspectConfig, CONFIG_NAME, overrides)
 
 
 def inspect_path(
@@ -62,24 +45,7 @@ def inspect_path(
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 on success, 2 on bad input."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from saetrain.activations.sites import SiteError
-    from saetrain.config import ConfigError
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        cfg, explicit = compose_config(argv)
-        inspect(cfg, explicit)
-    except (HydraException, OmegaConfBaseException, ConfigError, SiteError,
-            FileNotFoundError) as e:  # fmt: skip
-        print(f"saetrain.inspect: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return folder_main("saetrain.inspect", USAGE, argv, compose_config, inspect)
 
 
 if __name__ == "__main__":
