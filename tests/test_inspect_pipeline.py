@@ -310,3 +310,47 @@ def test_a_saved_clt_is_inspected_one_unit_per_layer(tiny_model, corpus, tmp_pat
                 assert record["act_max"] == pytest.approx(float(block[:, j].max()), rel=1e-4)
         back = read_feature(result.features.parent.parent, L, 0)
         assert back["transcoder_id"] == name and back["index"] == 0
+
+
+def test_a_saved_crosscoder_is_inspected_over_all_its_sources(tiny_model, corpus, tmp_path):
+    """A crosscoder's pages: its codes read every source at once (counts and maxima equal its own
+    codes on the same held-out tokens); logit effects from its decoders summed over sources."""
+    from saetrain.activations.model import load_lm
+    from saetrain.activations.source import ActivationSource
+    from saetrain.activations.tokens import TokenSource
+    from saetrain.api import load
+
+    cfg = Config(
+        model=ModelConfig(name=str(tiny_model), gguf_package=None, device="cpu"),
+        data=DataConfig(data_files=[str(corpus / "*.txt")], context_size=16, holdout_percent=10),
+        site=SiteConfig(input="resid_post.*", layers=[0, 2]),
+        buffer=BufferConfig(size_tokens=512, lm_batch_contexts=8),
+        dictionary=DictionaryConfig(architecture="topk", kind="crosscoder", n_latents=24, k=3),
+        trainer=TrainerConfig(total_tokens=512, batch_tokens=128, warmup_steps=1, init_batches=1),
+        eval=EvalConfig(n_tokens=128, batch_contexts=8, compute_ce=False),
+        logger=LoggerConfig(log_every=100),
+    )
+    folder = run(cfg, tmp_path / "run").dictionary_dir
+    result = inspect_path(str(folder), SMALL, keep_records=True)
+    assert result.features is None  # a crosscoder is no transcoder set
+    records = result.records[folder.name]
+    cc = load(folder)
+    lm, tokenizer = load_lm(cfg.model, torch.device("cpu"))
+    sources = ["resid_post.0", "resid_post.2"]
+    batches = TokenSource(cfg.data, tokenizer, cfg.seed).held_out(20, 6)
+    rows = torch.cat(
+        list(ActivationSource(lm, sources).rows(iter(batches), sources, torch.float32))
+    )
+    with torch.no_grad():
+        dense = cc.encode(rows).to_dense(cc.n_latents)
+    assert sum(r["count"] for r in records) == int((dense > 0).sum())
+    for j, record in enumerate(records):
+        assert record["count"] == int((dense[:, j] > 0).sum()), j
+        if record["count"]:
+            assert record["act_max"] == pytest.approx(float(dense[:, j].max()), rel=1e-4)
+    summed = cc.W_dec.detach().reshape(24, 2, 32).sum(1)  # each latent's decoders, summed
+    W_U, gain = lm.lm_head.weight.detach(), lm.model.norm.weight.detach()
+    brute = (summed * gain) @ W_U.T
+    for j in range(24):
+        want = [tokenizer.decode([i]) for i in brute[j].topk(5).indices.tolist()]
+        assert records[j]["top_logits"] == want

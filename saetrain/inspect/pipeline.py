@@ -139,6 +139,11 @@ def inspect(
     ev = EvaluateConfig(path=None, model=cfg.model, data=cfg.data, seed=cfg.seed)
     resolved = [resolve(dataclasses.replace(ev, path=str(f)), explicit) for f in folders]
     first = resolved[0]
+    if any(r.model_b is not None for r in resolved):
+        raise ConfigError(
+            f"path={cfg.path!r}: a model-diffing crosscoder reads two models; inspect reads one "
+            "(inspect its sources' SAEs, or train a crosscoder on one model)"
+        )
     for r in resolved[1:]:
         if (r.model, r.data) != (first.model, first.data):
             raise ConfigError(
@@ -178,15 +183,16 @@ def inspect(
         units += mine
         owner |= {unit.name: r for unit in mine}
     model, tokenizer = lm if lm is not None else load_lm(first.model, device)
-    source = ActivationSource(model, sorted({unit.input_site for unit in units}))
-    for r in resolved:
-        d = dictionaries[r.folder.name]
-        width, d_in = source.width(r.input_site), getattr(d, "layer_d_in", d.d_in)
+    source = ActivationSource(model, sorted({site for unit in units for site in unit.sites}))
+    for unit in units:
+        d = dictionaries[owner[unit.name].folder.name]
+        width = sum(source.width(site) for site in unit.sites)
+        d_in = getattr(d, "layer_d_in", d.d_in)  # a CLT's unit reads one layer
         if width != d_in:
             raise ConfigError(
                 f"model.name={first.model.name!r} has activations {width} wide at "
-                f"{r.input_site} but {r.folder.name}'s d_in is {d_in}; is this the model (and "
-                "the site) it was trained on?"
+                f"{', '.join(unit.sites)} but {unit.name}'s d_in is {d_in}; is this the model "
+                "(and the site) it was trained on?"
             )
     n_contexts = max(math.ceil(cfg.n_tokens / first.data.context_size), 1)
     batches = TokenSource(first.data, tokenizer, first.seed).held_out(
@@ -301,6 +307,9 @@ def _about(r, dictionary, tokens: int, unit) -> dict[str, Any]:
         "latents": unit.n_latents,
         "held-out tokens inspected": tokens,
     }
+    if dictionary.kind == "crosscoder":
+        about["sources"] = ", ".join(unit.sites)
+        about["kind"] = "crosscoder (logit effects of each latent's decoders summed over sources)"
     if dictionary.kind == "clt":  # one layer of a cross-layer transcoder
         about["kind"] = (
             f"one layer of a cross-layer transcoder over {', '.join(r.inputs)} (its latents' "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +30,13 @@ class InspectUnit:
     encode: Callable[[torch.Tensor], Codes]  # raw activations [N, d_in] → codes
     n_latents: int
     W_dec: torch.Tensor  # [n_latents, d_out]: the directions whose logit effects are shown
+    # More sites `encode` reads, side by side after input_site (a crosscoder's other sources).
+    more_sites: tuple[str, ...] = ()
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site `encode` reads, in the order its columns are given."""
+        return (self.input_site, *self.more_sites)
 
     @property
     def layer(self) -> int:
@@ -56,13 +63,13 @@ def unit_from_dictionary(name: str, dictionary, input_site: str, target_site: st
 def units_of(name: str, dictionary, inputs: list[str], targets: list[str]) -> list[InspectUnit]:
     """A dictionary's units: itself for an SAE or transcoder; one per layer for a cross-layer
     transcoder (`<name>.L<layer>`: that layer's encoder on its own input, and its latents'
-    decoders summed over the layers they write). A crosscoder reads several sites at once, which
-    a unit does not: refused (ValueError)."""
+    decoders summed over the layers they write); a crosscoder is one unit reading all its sources
+    (its logit effects: each latent's decoders summed over the sources)."""
     if dictionary.kind == "crosscoder":
-        raise ValueError(
-            "a crosscoder reads several sites at once; inspect reads one site per set of latents "
-            "(SAEs, transcoders, a CLT's layers)"
-        )
+        unit = unit_from_dictionary(name, dictionary, inputs[0], targets[0])
+        d, s = dictionary.source_widths[0], dictionary.n_sources
+        summed = dictionary.W_dec.detach().reshape(dictionary.n_latents, s, d).sum(1)
+        return [replace(unit, W_dec=summed, more_sites=tuple(inputs[1:]))]
     if dictionary.kind != "clt":
         return [unit_from_dictionary(name, dictionary, inputs[0], targets[0])]
     units = []
@@ -113,7 +120,11 @@ def collect_all(
             acts = source(batch.input_ids)
             b, t = batch.input_ids.shape
             for unit in units:
-                x = acts[unit.input_site]
+                x = (
+                    acts[unit.input_site]
+                    if not unit.more_sites
+                    else torch.cat([acts[site] for site in unit.sites], dim=-1)
+                )
                 codes = dense_codes(unit.encode(x.reshape(b * t, -1)), unit.n_latents)
                 collectors[unit.name].update(
                     codes.reshape(b, t, unit.n_latents), batch.input_ids, batch.mask
