@@ -225,9 +225,8 @@ def test_resume_with_another_world_size_is_refused(two_rank_run, tiny_model, cor
     assert list_checkpoints(crashed)[-1].name == "step-000000006.pt"  # left as it was
 
 
-def _stop_then_resume(cfg, out: str) -> tuple[str, list[int]]:
-    """run() with SIGTERM reaching rank 1 only, during its third step; then resumed."""
-    import dataclasses
+def _stop(cfg, out: str) -> tuple[str, list[int]]:
+    """run() with SIGTERM reaching rank 1 only, during its third step."""
     import signal
 
     from saetrain.run import run
@@ -248,16 +247,25 @@ def _stop_then_resume(cfg, out: str) -> tuple[str, list[int]]:
     except TrainingInterrupted as e:
         message = str(e)
     T.Trainer.step = real
-    steps = [int(p.name[5:14]) for p in list_checkpoints(out)]
+    return message, [int(p.name[5:14]) for p in list_checkpoints(out)]
+
+
+def _resume(cfg, out: str) -> None:
+    """The stopped run resumed, as a new launch would (new processes, a new process group: two
+    groups one after the other on one rendezvous port can pair with the other's stale store)."""
+    import dataclasses
+
+    from saetrain.run import run
+
     run(dataclasses.replace(cfg, resume=out), out)
-    return message, steps
 
 
 def test_a_signal_on_one_rank_stops_both_at_one_checkpoint_and_resumes(
     two_rank_run, tiny_model, corpus, tmp_path
 ):
     cfg = config_from_overrides(_overrides(tiny_model, corpus, tmp_path))
-    results = run_ranks(_stop_then_resume, 2, (cfg, str(tmp_path)), timeout_s=180)
+    results = run_ranks(_stop, 2, (cfg, str(tmp_path)), timeout_s=180)
+    run_ranks(_resume, 2, (cfg, str(tmp_path)), timeout_s=180)
     for message, steps in results:
         assert "stopped by a signal after step 3" in message
         assert steps == [2, 3]  # the periodic one, then the stop's: the same on both ranks
