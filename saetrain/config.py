@@ -498,14 +498,8 @@ def dictionary_configs(cfg: Config, n_layers: int | None = None) -> list[tuple[s
     the pattern early): one dictionary per layer for dictionary.kind=single, the layer list set on
     the one crosscoder or CLT otherwise (saetrain/site_patterns.py).
     """
-    from saetrain.site_patterns import has_pattern
-
     if not cfg.dictionaries:
-        return (
-            _expand_patterns([(None, cfg)], n_layers)
-            if has_pattern(cfg.site)
-            else [(site_folder(cfg.site), cfg)]
-        )
+        return _named(_expand_patterns([(None, cfg)], n_layers))
     subs: list[tuple[str | None, Config]] = []
     for i, spec in enumerate(cfg.dictionaries):
         where = f"dictionaries[{i}]"
@@ -531,21 +525,23 @@ def dictionary_configs(cfg: Config, n_layers: int | None = None) -> list[tuple[s
             dictionaries=[],
         )
         subs.append((spec.name, sub))
-    if any(has_pattern(sub.site) for _, sub in subs):
-        return _expand_patterns(subs, n_layers)
+    return _named(_expand_patterns(subs, n_layers))
+
+
+def _named(subs: list[tuple[str | None, Config]]) -> list[tuple[str, Config]]:
+    """Every dictionary's folder name: its entry's `name`, else its site (with its index when
+    several share one)."""
     folders = [site_folder(sub.site) for _, sub in subs]
-    out: list[tuple[str, Config]] = []
-    for i, (name, sub) in enumerate(subs):
-        if name is None:
-            name = folders[i] if folders.count(folders[i]) == 1 else f"{folders[i]}-{i}"
-        out.append((name, sub))
-    return out
+    return [
+        (name or (folders[i] if folders.count(folders[i]) == 1 else f"{folders[i]}-{i}"), sub)
+        for i, (name, sub) in enumerate(subs)
+    ]
 
 
 def _expand_patterns(
     subs: list[tuple[str | None, Config]], n_layers: int | None
-) -> list[tuple[str, Config]]:
-    """Named dictionaries with every `*` pattern over its layers (see dictionary_configs)."""
+) -> list[tuple[str | None, Config]]:
+    """The dictionaries with every `*` pattern over its layers (see dictionary_configs)."""
     from saetrain.site_patterns import at_layer, check_kind, has_pattern, pattern_layers
 
     expanded: list[tuple[str | None, Config]] = []
@@ -566,13 +562,7 @@ def _expand_patterns(
             )
             per_layer = dataclasses.replace(sub, site=_canonical_site(site))
             expanded.append((f"{name}.{layer}" if name else None, per_layer))
-    folders = [site_folder(sub.site) for _, sub in expanded]
-    out: list[tuple[str, Config]] = []
-    for i, (name, sub) in enumerate(expanded):
-        if name is None:
-            name = folders[i] if folders.count(folders[i]) == 1 else f"{folders[i]}-{i}"
-        out.append((name, sub))
-    return out
+    return expanded
 
 
 def _validate_one(cfg: Config) -> None:
