@@ -282,7 +282,13 @@ def use_fused_topk(x: torch.Tensor, W_enc: torch.Tensor, k: int) -> bool:
     if not 1 <= k <= min(W_enc.shape[1], FUSED_TOPK_MAX_K):
         _log_fallback(f"fused top-k encode needs 1 <= k <= {FUSED_TOPK_MAX_K}, not k = {k}")
         return False
-    return use_triton(x, W_enc)
+    if not use_triton(x, W_enc):
+        return False
+    ops = _triton_ops()
+    if ops is not None and not ops.HAS_FUSED_TOPK:
+        _log_fallback("fused top-k encode needs Triton >= 3.4 (tl.topk, tl.bitonic_merge)")
+        return False
+    return True
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ that the [N, n] pre-activations are never written; see the section above it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -41,6 +42,22 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
+# The launch parameters each wrapper below picks; kernels/compile_check.py compiles exactly these
+# ahead of time for a GPU target, so they live in one place.
+
+
+def decode_config(K: int, D: int) -> dict[str, int]:
+    return {"BLOCK_K": _block(K, 16), "BLOCK_D": _block(D, 128)}
+
+
+def gather_dot_config(K: int, D: int) -> dict[str, int]:
+    return {"BLOCK_K": _block(K, 32), "BLOCK_D": _block(D, 128)}
+
+
+def segment_reduce_config(D: int) -> dict[str, int]:
+    return {"BLOCK_E": 16, "BLOCK_D": _block(D, 128)}
+
+
 @triton.jit
 def _decode_kernel(
     idx_ptr,
@@ -54,7 +71,7 @@ def _decode_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row · D passes 2³¹ at ~930k rows of d 2304
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -81,7 +98,7 @@ def _gather_dot_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row · D passes 2³¹ at ~930k rows of d 2304
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     idx = tl.load(idx_ptr + row * K + ks, mask=k_ok, other=0).to(tl.int64)
@@ -138,12 +155,9 @@ def decode(indices: torch.Tensor, values: torch.Tensor, W: torch.Tensor) -> torc
         return out.zero_()
     idx = indices.contiguous()
     val = values.contiguous()
-    block_d = _block(D, 128)
-    block_k = _block(K, 16)
-    grid = (N, triton.cdiv(D, block_d))
-    _decode_kernel[grid](
-        idx, val, W, out, K, D, W.stride(0), W.stride(1), BLOCK_K=block_k, BLOCK_D=block_d
-    )
+    config = decode_config(K, D)
+    grid = (N, triton.cdiv(D, config["BLOCK_D"]))
+    _decode_kernel[grid](idx, val, W, out, K, D, W.stride(0), W.stride(1), **config)
     return out
 
 
@@ -157,12 +171,10 @@ def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch
     if D == 0:
         return out.zero_()
     W = W if W.stride(1) == 1 else W.contiguous()
-    block_k = _block(K, 32)
-    block_d = _block(D, 128)
-    grid = (N, triton.cdiv(K, block_k))
+    config = gather_dot_config(K, D)
+    grid = (N, triton.cdiv(K, config["BLOCK_K"]))
     _gather_dot_kernel[grid](
-        g.contiguous(), indices.contiguous(), W, out, K, D, W.stride(0),
-        BLOCK_K=block_k, BLOCK_D=block_d,
+        g.contiguous(), indices.contiguous(), W, out, K, D, W.stride(0), **config
     )  # fmt: skip
     return out
 
@@ -176,11 +188,10 @@ def segment_reduce(
     out = torch.empty(n_latents, D, dtype=rows.dtype, device=rows.device)
     if n_latents == 0 or D == 0:
         return out
-    block_d = _block(D, 128)
-    grid = (n_latents, triton.cdiv(D, block_d))
+    config = segment_reduce_config(D)
+    grid = (n_latents, triton.cdiv(D, config["BLOCK_D"]))
     _segment_reduce_kernel[grid](
-        plan.perm, plan.starts, values.contiguous(), rows.contiguous(), out, K, D,
-        BLOCK_E=16, BLOCK_D=block_d,
+        plan.perm, plan.starts, values.contiguous(), rows.contiguous(), out, K, D, **config
     )  # fmt: skip
     return out
 
@@ -196,6 +207,9 @@ def segment_reduce(
 # tl.bitonic_merge sorts back in O(K_PAD log K_PAD) — no full re-sort of the union.
 
 TOPK_MAX_K = 128
+# tl.topk and tl.bitonic_merge arrived in Triton 3.4; with an older Triton (torch < 2.8 brings
+# one) the other kernels still run and the fused encoder is left to the reference.
+HAS_FUSED_TOPK: bool = hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")
 
 
 @triton.jit
@@ -282,6 +296,33 @@ def _topk_splits(row_tiles: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, triton.cdiv(2 * sms, row_tiles)))
 
 
+def topk_encode_config(
+    k: int,
+    dtype: torch.dtype,
+    has_b_dec: bool,
+    ieee: bool,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_d: int | None = None,
+) -> dict[str, Any]:
+    """The fused encoder's constexprs and num_warps for k and the input dtype (see above)."""
+    k_pad = max(2, triton.next_power_of_2(k))
+    block_n = block_n or max(k_pad, 64)
+    if block_n < k_pad:
+        raise ValueError(f"block_n = {block_n} must be at least k padded to {k_pad}")
+    return {
+        "HAS_B_DEC": has_b_dec,
+        "ROUND": dtype != torch.float32,
+        "PRECISION": "ieee" if ieee else "tf32",
+        "K_PAD": k_pad,
+        "BLOCK_M": block_m or (32 if k_pad >= 64 else 64),
+        "BLOCK_N": block_n,
+        "BLOCK_D": block_d or 32,
+        "num_warps": 8 if k_pad >= 128 else 4,
+    }
+
+
 def topk_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -300,14 +341,13 @@ def topk_encode(
     n = W_enc.shape[1]
     if not 1 <= k <= min(n, TOPK_MAX_K):
         raise ValueError(f"k = {k} must be in [1, min(n_latents = {n}, {TOPK_MAX_K})]")
-    k_pad = max(2, triton.next_power_of_2(k))
-    block_n = block_n or max(k_pad, 64)
-    block_m = block_m or (32 if k_pad >= 64 else 64)
-    block_d = block_d or 32
-    if block_n < k_pad:
-        raise ValueError(f"block_n = {block_n} must be at least k padded to {k_pad}")
-    n_tiles = triton.cdiv(n, block_n)
-    row_tiles = triton.cdiv(N, block_m)
+    # fp32: exact products unless torch's own GEMM would use TF32 too (16-bit inputs ignore it).
+    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    config = topk_encode_config(
+        k, x.dtype, b_dec is not None, ieee, block_m=block_m, block_n=block_n, block_d=block_d
+    )
+    n_tiles = triton.cdiv(n, config["BLOCK_N"])
+    row_tiles = triton.cdiv(N, config["BLOCK_M"])
     splits = max(1, min(n_tiles, splits or _topk_splits(row_tiles, n_tiles, x.device)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
@@ -315,16 +355,11 @@ def topk_encode(
     indices = torch.empty(N, splits * k, dtype=torch.int64, device=x.device)
     if N == 0:
         return values, indices
-    fp32 = x.dtype == torch.float32
-    # fp32: exact products unless torch's own GEMM would use TF32 too (16-bit inputs ignore it).
-    ieee = fp32 and not torch.backends.cuda.matmul.allow_tf32
     _topk_encode_kernel[(row_tiles, splits)](
         x, W_enc, b_enc, b_dec if b_dec is not None else b_enc, values, indices,
         N, D, n, k, tiles_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), splits * k,
-        HAS_B_DEC=b_dec is not None, ROUND=not fp32, PRECISION="ieee" if ieee else "tf32",
-        K_PAD=k_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=8 if k_pad >= 128 else 4,
+        **config,
     )  # fmt: skip
     if splits > 1:
         values, best = values.topk(k, dim=1)

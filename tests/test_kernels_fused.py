@@ -188,6 +188,23 @@ def test_dispatcher_falls_back_for_large_k_and_says_so_once(interpret, monkeypat
     _check_topk(values, indices, _pre64(x, W, b_enc, b_dec), 130, torch.float32)
 
 
+@needs_triton
+def test_a_triton_without_tl_topk_keeps_the_fused_encoder_on_the_reference(
+    interpret, monkeypatch, caplog
+):
+    """Triton < 3.4 has no tl.topk: the fused encoder is not launched (it would fail to build and
+    turn every kernel off), the reason is logged, the other kernels stay on."""
+    monkeypatch.setattr(ops, "_logged", set())
+    monkeypatch.setattr(triton_ops, "HAS_FUSED_TOPK", False)
+    x, W, b_enc, b_dec = _inputs(6, 8, 40, torch.float32, seed=9)
+    with caplog.at_level(logging.INFO, logger="saetrain.kernels.ops"):
+        values, indices = ops.fused_topk_encode(x, W, b_enc, 5, b_dec)
+    assert interpret == {"topk_encode": 0}
+    assert "needs Triton >= 3.4" in caplog.text
+    _check_topk(values, indices, _pre64(x, W, b_enc, b_dec), 5, torch.float32)
+    assert ops.use_triton(W) and ops._triton_error is None
+
+
 # -- TopKSAE.encode -------------------------------------------------------------------------------
 
 
