@@ -99,7 +99,14 @@ class OnDevice(ModuleType):
 
     def _wrap(self, fn: Any) -> Any:
         def on_device(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*_move(args, self._device), **_move(kwargs, self._device))
+            # The tests' fixtures set TRITON_INTERPRET=1 around each call; a kernel compiled on
+            # its first call must not see it (Triton 3.6 then mis-builds tl.topk's helpers).
+            saved = os.environ.pop("TRITON_INTERPRET", None)
+            try:
+                out = fn(*_move(args, self._device), **_move(kwargs, self._device))
+            finally:
+                if saved is not None:
+                    os.environ["TRITON_INTERPRET"] = saved
             return _move(out, "cpu")
 
         on_device.__name__ = fn.__name__
