@@ -98,7 +98,8 @@ class Prefetcher:
             current = torch.cuda.current_stream(self._device)
             current.wait_event(event)
             for tensor in _tensors(value):
-                tensor.record_stream(current)
+                if tensor.is_cuda:  # a CPU tensor has no stream to record (and would raise)
+                    tensor.record_stream(current)
         return value
 
     def queued(self) -> list[torch.Tensor]:

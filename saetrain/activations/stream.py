@@ -101,7 +101,9 @@ class TrainingStream:
         assert self.cache is not None
         for rows in self.cache.read(generator, self.cache_shards, self.cached_chunks_out):
             self.cached_tokens += rows.shape[0]
-            yield rows, -1  # -1: a cached chunk, counted by chunks rather than contexts
+            # On the LM's device, as live rows are: with prefetch the copy runs ahead on the
+            # producer's stream, and the consumer's stream bookkeeping sees device tensors only.
+            yield rows.to(self.source.device), -1  # -1: a cached chunk, counted by chunks
 
     def _live(self) -> Iterator[tuple[torch.Tensor, int]]:
         cache = self.cache
