@@ -671,8 +671,10 @@ def part_pipeline(smoke: bool) -> dict[str, Any]:
 
 
 def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
-    """`python -m saetrain` on the tiny local Llama (tests/_tiny_llama.py) on cuda: the prefetch
-    thread on its CUDA stream, the Triton path, export and evaluation; exit code and metrics."""
+    """`python -m saetrain` on the tiny local Llama (tests/_tiny_llama.py) on cuda, twice: the
+    first run writes the activation cache (the prefetch thread on its CUDA stream, the Triton
+    path, export and evaluation), the second reads it back through the prefetch thread; exit
+    codes and metrics of both."""
     if str(TESTS) not in sys.path:
         sys.path.insert(0, str(TESTS))
     from _tiny_llama import build_corpus, build_tiny_llama
@@ -681,19 +683,41 @@ def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="saetrain-gpu-check-e2e-", dir=workdir))
     model = build_tiny_llama(work / "model")
     corpus = build_corpus(work / "corpus")
-    run_dir = work / "run"
     overrides = [
         f"model.name={model}", "model.gguf_package=null", f"model.device={device}",
         f"data.data_files=[{corpus}/*.txt]", "data.context_size=16", "data.holdout_percent=10",
         "site.input=resid_post.1", "buffer.size_tokens=1024", "buffer.lm_batch_contexts=8",
-        f"buffer.prefetch_batches={0 if smoke else 2}",
+        f"buffer.prefetch_batches={0 if smoke else 2}", f"cache.dir={work / 'cache'}",
+        "cache.shard_tokens=512",
         "dictionary.n_latents=64", "dictionary.k=4",
         f"trainer.total_tokens={2048 if smoke else 4096}",
         "trainer.batch_tokens=256", "trainer.lr=1e-3", "trainer.warmup_steps=2",
         "trainer.init_batches=2", "eval.n_tokens=256", "eval.batch_contexts=8",
         "eval.ce_contexts=8", "logger.log_every=4",
-        f"output_dir={run_dir}", f"hydra.run.dir={work / 'hydra'}",
     ]  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    runs = {}
+    for name in ("writes_cache", "reads_cache"):
+        runs[name] = _saetrain_run(overrides, work, name, deadline - time.monotonic(), smoke)
+    first, second = runs["writes_cache"], runs["reads_cache"]
+    out = first | {"reads_cache": second}
+    if first["status"] == "pass" and second["status"] == "pass":
+        cached = (second.get("stream") or {}).get("cached_tokens") or 0
+        if cached <= 0:
+            second |= {"status": "fail", "reason": "the second run read no cached activations"}
+    failed = [f"{n}: {r['reason']}" for n, r in runs.items() if r["status"] != "pass"]
+    if failed:
+        return out | {"status": "fail", "reason": "; ".join(failed)}
+    return out | {"status": "pass"}
+
+
+def _saetrain_run(
+    overrides: list[str], work: Path, name: str, timeout_s: float, smoke: bool
+) -> dict[str, Any]:
+    """One `python -m saetrain` into work/<name>: exit code, exported files, metrics, and whether
+    the Triton kernels ran (on cuda) without a fallback."""
+    run_dir = work / name
+    overrides = [*overrides, f"output_dir={run_dir}", f"hydra.run.dir={work / ('hydra-' + name)}"]
     env = dict(os.environ)
     env.pop("SAETRAIN_KERNELS", None)
     env.pop("TRITON_INTERPRET", None)
@@ -702,13 +726,13 @@ def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout_s
+            cmd, cwd=work, env=env, capture_output=True, text=True, timeout=max(timeout_s, 1)
         )
     except subprocess.TimeoutExpired:
         return {"status": "fail", "reason": f"python -m saetrain ran past {timeout_s:.0f} s"}
     seconds = time.perf_counter() - start
     text = proc.stdout + proc.stderr
-    hydra_log = work / "hydra" / "__main__.log"
+    hydra_log = work / f"hydra-{name}" / "__main__.log"
     log_text = text + (hydra_log.read_text() if hydra_log.exists() else "")
     folder = run_dir / "resid_post.1"
     out: dict[str, Any] = {
@@ -727,13 +751,14 @@ def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
         info = json.loads(info_path.read_text())
         out["metrics"] = info.get("final_metrics")
         out["device"] = info.get("device")
-        out["stream"] = {k: info["stream"].get(k) for k in ("lm_tokens", "pipeline_rows_per_s")}
+        keys = ("lm_tokens", "cached_tokens", "pipeline_rows_per_s")
+        out["stream"] = {k: info["stream"].get(k) for k in keys}
     problems = []
     if proc.returncode != 0:
         problems.append(f"exit code {proc.returncode}")
-    for name in ("cfg.json", "sae_weights.safetensors", "saetrain_run.json"):
-        if name not in out["exported"]:
-            problems.append(f"{name} not written")
+    for file in ("cfg.json", "sae_weights.safetensors", "saetrain_run.json"):
+        if file not in out["exported"]:
+            problems.append(f"{file} not written")
     metrics = out.get("metrics") or {}
     if not all(math.isfinite(metrics.get(key, math.nan)) for key in ("fvu", "l0", "ce_spliced")):
         problems.append("metrics missing or not finite")

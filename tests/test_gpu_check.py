@@ -40,12 +40,23 @@ def test_cpu_smoke_writes_every_part_and_the_tables(tmp_path):
     assert pipeline["sweep"]["ks"] == [4, 8, 16, 32] and pipeline["lm_alone"]["rows_per_s"] > 0
     e2e = report["parts"]["e2e"]
     assert e2e["returncode"] == 0 and "sae_weights.safetensors" in e2e["exported"]
+    again = e2e["reads_cache"]  # the second run read the activations the first one cached
+    assert again["returncode"] == 0 and again["stream"]["cached_tokens"] > 0
+    assert again["stream"]["lm_tokens"] < e2e["stream"]["lm_tokens"]
     assert len(report["targets"]) == 7
     assert all(t["status"] in ("PASS", "FAIL") for t in report["targets"])
     table = (out / "results.md").read_text()
     assert "| target | limit | measured | status |" in table
     assert "CPU smoke run" in table
     assert "part e2e" in proc.stdout and "streaming training" in proc.stdout
+
+
+def test_the_part_budgets_fit_the_default_total():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    assert list(gpu_check.BUDGET_S) == PARTS
+    assert sum(gpu_check.BUDGET_S.values()) <= gpu_check.parse_args([]).budget_s <= 8 * 60 - 30
 
 
 def test_help_and_unknown_part():
