@@ -55,9 +55,7 @@ class LatentSums(Protocol):
 def fired_latents(codes: Codes, n_latents: int) -> torch.Tensor:
     """Bool [n_latents]: which latents were active on at least one row."""
     if isinstance(codes, SparseCodes):
-        fired = torch.zeros(n_latents, dtype=torch.bool, device=codes.indices.device)
-        fired[codes.indices[codes.values != 0]] = True
-        return fired
+        return firing_counts(codes, n_latents) > 0
     return (codes != 0).any(dim=0)
 
 
@@ -70,9 +68,11 @@ def active_count(codes: Codes) -> torch.Tensor:
 def firing_counts(codes: Codes, n_latents: int) -> torch.Tensor:
     """Int64 [n_latents]: on how many rows each latent was active."""
     if isinstance(codes, SparseCodes):
-        active = codes.values != 0
+        # Every slot is added, the inactive ones as 0: no boolean indexing, whose data-dependent
+        # size would make the host wait for the GPU once per training step.
+        active = (codes.values != 0).reshape(-1).to(torch.int64)
         counts = torch.zeros(n_latents, dtype=torch.int64, device=codes.indices.device)
-        return counts.index_add_(0, codes.indices[active], torch.ones_like(codes.indices[active]))
+        return counts.index_add_(0, codes.indices.reshape(-1), active)
     return (codes != 0).sum(dim=0)
 
 

@@ -155,16 +155,18 @@ class Trainer:
         if self.l0_controller is not None:
             sparsity *= self.l0_controller.factor
         out = self.forward(x, y, sparsity)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        # Checked once the backward is queued, so that the GPU has it to run while the host waits
+        # for this one value; still before the update: the weights (and the last checkpoint)
+        # stay good.
         if not torch.isfinite(out.loss):
-            # Stop before the update: the weights (and the last checkpoint) stay good.
             raise TrainingDiverged(
                 f"the loss is {float(out.loss.detach())} at step {step + 1}"
                 f"{f' of dictionary {self.name}' if self.name else ''} "
                 f"(terms: {', '.join(f'{k}={float(v):.4g}' for k, v in out.terms.items())}); "
                 "training stopped before applying it"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
         if d.unit_norm_decoder:
             d.remove_gradient_parallel_to_decoder()
         if self.cfg.grad_clip > 0:
@@ -177,7 +179,7 @@ class Trainer:
             self.l0_controller.update(self.mean_l0(out, x.shape[0]))
 
         self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired[fired_latents(out.codes, d.n_latents)] = 0
+        self.tokens_since_fired.masked_fill_(fired_latents(out.codes, d.n_latents), 0)
         self.state.step += 1
         self.state.tokens += x.shape[0]
         return y, out
