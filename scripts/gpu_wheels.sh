@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
+pyver=${WHEEL_PYTHON:-3.12}  # the Python the wheels are for (the GPU image has 3.12)
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
@@ -27,7 +28,7 @@ WHEELS=(
 dest=.whl
 rm -rf "$dest"
 mkdir -p "$dest"
-"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d "$dest" "${WHEELS[@]}"
