@@ -13,7 +13,10 @@ For every (n_latents, k, dtype) it measures, with N rows of width d:
   pre-activations never written) against the unfused inference encoder it replaces,
   torch.addmm(b_enc, x − b_dec, W_enc).topk(k), with the peak memory of both;
 - the optimizer step separately: torch.optim.Adam(fused=True where the device has it), as
-  achieved bytes/s over the bytes it must move (read p, g, m, v; write p, m, v).
+  achieved bytes/s over the bytes it must move (read p, g, m, v; write p, m, v);
+- with --profile, where the sparse step's time goes (torch.profiler: the kernels with the most
+  self time, and the fraction of the step the device was busy), so that one GPU run can explain
+  a missed target.
 
 Times are medians over --repeats after --warmup runs (CUDA: synchronised). Prints a table and
 writes JSON. `python scripts/bench_kernels.py --out docs/bench_kernels.json` on a CUDA machine;
@@ -72,6 +75,65 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
     fn()
     _sync(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def profile_step(
+    fn: Callable[[], Any], device: torch.device, steps: int = 3, top: int = 12
+) -> dict[str, Any]:
+    """Where a step's time goes, for the run that has to explain a missed target: the ops (CPU) or
+    kernels (CUDA) with the most self time over `steps` steps under torch.profiler, and on CUDA
+    how busy the device was — the union of its kernels' intervals over their span; the rest is
+    the device waiting for the host (launches, host syncs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+
+    def self_us(event: Any) -> float:
+        if not cuda:
+            return float(event.self_cpu_time_total)
+        value = getattr(event, "self_device_time_total", None)
+        return float(value if value is not None else event.self_cuda_time_total)
+
+    averages = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in averages)
+    ranked = sorted(averages, key=self_us, reverse=True)[:top]
+    out: dict[str, Any] = {
+        "steps": steps,
+        "timer": "CUDA kernels" if cuda else "CPU ops",
+        "self_ms_per_step": total / 1e3 / steps,
+        "top": [
+            {
+                "name": e.key[:90],
+                "calls_per_step": e.count / steps,
+                "self_ms_per_step": self_us(e) / 1e3 / steps,
+                "share": self_us(e) / total if total else 0.0,
+            }
+            for e in ranked
+        ],
+        "device_busy": None,
+    }
+    if cuda:
+        spans = sorted(
+            (e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA
+        )
+        busy, end_of_union = 0.0, float("-inf")
+        for start, end in spans:
+            if end > end_of_union:
+                busy += end - max(start, end_of_union)
+                end_of_union = end
+        if spans:
+            out["device_busy"] = busy / max(end_of_union - spans[0][0], 1e-9)
+    return out
 
 
 def _codes(N: int, n: int, k: int, device: torch.device, dtype: torch.dtype, g: torch.Generator):
@@ -166,6 +228,8 @@ def bench_step(N, d, n, k, dtype, device, args) -> dict[str, Any]:
         "peak_dense_bytes": peak_bytes(dense_step, device),
     }
     out["step_over_gemm"] = out["step_sparse_s"] / out["encoder_gemm_s"]
+    if args.profile:
+        out["step_profile"] = profile_step(sparse_step, device)
 
     sparse_step()  # gradients in place for the optimizer
     fused = device.type == "cuda"
@@ -275,6 +339,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reference", action="store_true", help="force the torch reference ops (no Triton)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the sparse step (top kernels, device busy fraction) into the JSON",
     )
     args = parser.parse_args(argv)
     small = args.small

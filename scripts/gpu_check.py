@@ -376,6 +376,7 @@ def markdown(report: dict[str, Any]) -> str:
             [header for header, _, _ in BENCH_COLUMNS],
             [[fmt(r.get(key)) for _, key, fmt in BENCH_COLUMNS] for r in bench["rows"]],
         )
+        lines += _profile_section(bench["rows"])
     pipe = parts.get("pipeline", {})
     if "lm_alone" in pipe:
         m = pipe["model"]
@@ -434,6 +435,38 @@ def markdown(report: dict[str, Any]) -> str:
             + (f"; {again['reason']}" if again.get("reason") else "")
         ]
     return "\n".join(lines) + "\n"
+
+
+def _profile_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The profile of the step furthest from its target (step/GEMM), when bench_kernels made one."""
+    profiled = [r for r in rows if r.get("step_profile")]
+    if not profiled:
+        return []
+    worst = max(profiled, key=lambda r: r["step_over_gemm"])
+    prof = worst["step_profile"]
+    busy = prof.get("device_busy")
+    lines = [
+        "",
+        f"### Where the step's time goes ({_where(worst)}, step/GEMM "
+        f"{worst['step_over_gemm']:.2f}×; {prof['timer']}, {prof['steps']} steps)",
+        "",
+        f"Self time {prof['self_ms_per_step']:.3f} ms per step"
+        + (f"; device busy {busy:.0%} of the step's span." if busy is not None else "."),
+        "",
+    ]
+    lines += _md_table(
+        ["kernel / op", "calls per step", "ms per step", "share"],
+        [
+            [
+                f"`{t['name']}`",
+                f"{t['calls_per_step']:g}",
+                f"{t['self_ms_per_step']:.3f}",
+                f"{t['share']:.0%}",
+            ]
+            for t in prof["top"]
+        ],  # fmt: skip
+    )
+    return lines
 
 
 def summary(report: dict[str, Any]) -> str:

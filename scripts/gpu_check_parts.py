@@ -441,7 +441,8 @@ def copy_bandwidth(device: torch.device, n_bytes: int) -> float:
 
 def part_bench_kernels(smoke: bool, workdir: Path) -> dict[str, Any]:
     """scripts/bench_kernels.py at the issue-5 shapes (N 4096, d 2304), trimmed to n 16384 / 65536,
-    k 32 / 128, bf16 and fp32, 2 warm-ups and the median of 5; plus the copy bandwidth."""
+    k 32 / 128, bf16 and fp32, 2 warm-ups and the median of 5, each step profiled; plus the copy
+    bandwidth."""
     import bench_kernels
     from saetrain.kernels import ops
 
@@ -453,6 +454,7 @@ def part_bench_kernels(smoke: bool, workdir: Path) -> dict[str, Any]:
     else:
         argv = ["--latents", "16384", "65536", "--k", "32", "128", "--dtypes", "bf16", "fp32"]
         argv += ["--warmup", "2", "--repeats", "5"]
+    argv += ["--profile"]
     argv += ["--device", device.type, "--out", str(json_out)]
     rc = bench_kernels.main(argv)
     data = json.loads(json_out.read_text())

@@ -35,7 +35,10 @@ def test_cpu_smoke_writes_every_part_and_the_tables(tmp_path):
     assert {c["dtype"] for c in sizes["checks"]} == {"fp32", "fp16", "bf16"}
     assert {c["op"] for c in sizes["checks"]} >= {"decode", "gather_dot", "segment_reduce"}
     assert {c["kind"] for c in sizes["checks"]} >= {"random", "all_equal", "ties"}
-    assert report["parts"]["bench_kernels"]["rows"]
+    bench_rows = report["parts"]["bench_kernels"]["rows"]
+    assert bench_rows and all(r["step_profile"]["top"] for r in bench_rows)
+    top = bench_rows[0]["step_profile"]["top"]  # the profiled step's own ops, largest first
+    assert any("topk" in t["name"] for t in top) and top[0]["share"] >= top[-1]["share"]
     pipeline = report["parts"]["pipeline"]
     assert pipeline["sweep"]["ks"] == [4, 8, 16, 32] and pipeline["lm_alone"]["rows_per_s"] > 0
     e2e = report["parts"]["e2e"]
@@ -48,6 +51,7 @@ def test_cpu_smoke_writes_every_part_and_the_tables(tmp_path):
     table = (out / "results.md").read_text()
     assert "| target | limit | measured | status |" in table
     assert "CPU smoke run" in table
+    assert "### Where the step's time goes" in table
     assert "part e2e" in proc.stdout and "streaming training" in proc.stdout
 
 
