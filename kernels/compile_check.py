@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Set before triton_ops is imported: these kernels are to be compiled, not interpreted.
+# Set before triton_ops is imported: these kernels are to be compiled, not interpreted. (This
+# module is a command; a process that imports it has its kernels compiled from then on.)
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences a warning
 
@@ -42,8 +43,12 @@ from saetrain.kernels import triton_ops  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-# Largest shared memory one block may use (opt-in), by compute capability (CUDA guide, table 21).
+# Largest shared memory one block may use (opt-in), by compute capability (CUDA guide, table 21);
+# an unlisted one is held to the smallest.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# SMs of the target's usual GPU (A100, H100 SXM / H200): the fused top-k's column splits, and so
+# the hint on its tiles_per_split argument, depend on them.
+SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -116,7 +121,8 @@ def _spec(args: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int):
             out[name] = str(value)
         else:
-            out[name] = 1 if value == 1 else ("d16" if value % 16 == 0 else "int")
+            wide = "" if -(2**31) <= value < 2**31 else "/i64"
+            out[name] = 1 if value == 1 else ("d16" if value % 16 == 0 else "int") + wide
     return out
 
 
@@ -125,8 +131,11 @@ def _fn_constexprs(kernel: str) -> set[str]:
     return {fn.arg_names[i] for i in fn.constexprs}
 
 
-def launches(shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...]) -> Iterator[Launch]:
-    """The launches triton_ops' wrappers make for these shapes, one per JIT specialisation."""
+def launches(
+    shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...], sms: int = 132
+) -> Iterator[Launch]:
+    """The launches triton_ops' wrappers make for these shapes on a GPU with `sms` SMs, one per
+    JIT specialisation."""
     seen: set[str] = set()
     i64 = torch.int64
     for s in shapes:
@@ -157,19 +166,19 @@ def launches(shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...]) -> Iter
             precisions = (True, False) if dtype == torch.float32 else (False,)
             for ieee in precisions:
                 for has_b_dec in (True, False) if s.name == "real-k32" else (True,):
-                    candidates.append(_topk_launch(s, dtype, ieee, has_b_dec))
+                    candidates.append(_topk_launch(s, dtype, ieee, has_b_dec, sms))
             for launch in candidates:
                 if launch.key() not in seen:
                     seen.add(launch.key())
                     yield launch
 
 
-def _topk_launch(s: Shape, dtype: torch.dtype, ieee: bool, has_b_dec: bool) -> Launch:
+def _topk_launch(s: Shape, dtype: torch.dtype, ieee: bool, has_b_dec: bool, sms: int) -> Launch:
     config = triton_ops.topk_encode_config(s.k, dtype, has_b_dec, ieee)
     options = {"num_warps": config.pop("num_warps")}
     n_tiles = triton.cdiv(s.n, config["BLOCK_N"])
-    # _topk_splits on an H100 / H200 (132 SMs): only the hint on tiles_per_split depends on it.
-    splits = max(1, min(n_tiles, triton.cdiv(2 * 132, triton.cdiv(s.N, config["BLOCK_M"]))))
+    # _topk_splits on that GPU: only the hint on tiles_per_split depends on it.
+    splits = max(1, min(n_tiles, triton.cdiv(2 * sms, triton.cdiv(s.N, config["BLOCK_M"]))))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     args = {
@@ -222,7 +231,7 @@ def build(launch: Launch, arch: int) -> dict[str, Any]:
     row["seconds"] = time.perf_counter() - start
     row["shared_bytes"] = int(compiled.metadata.shared)
     row |= _resources(compiled.asm["cubin"])
-    limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+    limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
     if row["shared_bytes"] > limit:  # the launch would fail with OutOfResources
         error = f"shared memory {row['shared_bytes']} B over sm_{arch}'s {limit} B"
         return row | {"ok": False, "error": error}
@@ -233,7 +242,7 @@ def run(archs: list[int], quick: bool) -> dict[str, Any]:
     shapes = tuple(s for s in SHAPES if not quick or s.name in QUICK_SHAPES)
     rows = []
     for arch in archs:
-        for launch in launches(shapes, DTYPES):
+        for launch in launches(shapes, DTYPES, SM_COUNT.get(arch, 132)):
             rows.append(build(launch, arch))
             r = rows[-1]
             state = "ok" if r["ok"] else f"FAIL {r['error']}"
@@ -258,7 +267,7 @@ def _ptxas_version() -> str | None:
     path = str(tool) if tool.exists() else shutil.which("ptxas")
     if path is None:
         return None
-    text = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
     found = re.search(r"release ([\d.]+)", text)
     return found.group(1) if found else None
 

@@ -102,7 +102,16 @@ def profile_step(
         value = getattr(event, "self_device_time_total", None)
         return float(value if value is not None else event.self_cuda_time_total)
 
-    averages = [e for e in prof.key_averages() if self_us(e) > 0]
+    def counted(event: Any) -> bool:
+        # On CUDA the kernels alone: torch also credits each kernel's time to the op that
+        # launched it, and user annotations span others.
+        if not cuda:
+            return True
+        return event.device_type == DeviceType.CUDA and not getattr(
+            event, "is_user_annotation", False
+        )
+
+    averages = [e for e in prof.key_averages() if counted(e) and self_us(e) > 0]
     total = sum(self_us(e) for e in averages)
     ranked = sorted(averages, key=self_us, reverse=True)[:top]
     out: dict[str, Any] = {

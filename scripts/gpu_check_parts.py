@@ -700,7 +700,11 @@ def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     runs = {}
     for name in ("writes_cache", "reads_cache"):
-        runs[name] = _saetrain_run(overrides, work, name, deadline - time.monotonic(), smoke)
+        left = deadline - time.monotonic()
+        if left < 10:
+            runs[name] = {"status": "fail", "reason": f"no time left ({left:.0f} s of the part)"}
+            continue
+        runs[name] = _saetrain_run(overrides, work, name, left, smoke)
     first, second = runs["writes_cache"], runs["reads_cache"]
     out = first | {"reads_cache": second}
     if first["status"] == "pass" and second["status"] == "pass":

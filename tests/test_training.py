@@ -296,3 +296,17 @@ def test_a_latent_that_never_fires_becomes_dead_after_dead_after_tokens():
         assert not dead[fired].any()
         # The forward sees the dead mask from before its own step: AuxK starts at step 6.
         assert ("auxk" in out.terms) == (step >= 6)
+
+
+def test_a_checkpoint_resumes_with_this_device_s_adam_implementation():
+    """A state saved by a CUDA run (fused Adam) resumed on CPU keeps the CPU run's Adam, and the
+    other way round: load_state_dict would bring back the saving run's `fused` flag."""
+    trainer, _ = _trainer(steps=4)
+    state = trainer.state_dict()
+    assert trainer.optimizer.param_groups[0]["fused"] is None  # CPU: torch's default
+    state["optimizer"]["param_groups"][0]["fused"] = True  # as a CUDA run saves it
+    resumed, _ = _trainer(steps=4)
+    resumed.load_state_dict(state)
+    assert resumed.optimizer.param_groups[0]["fused"] is None
+    assert resumed.optimizer.param_groups[0]["lr"] == state["optimizer"]["param_groups"][0]["lr"]
+    assert state["optimizer"]["param_groups"][0]["fused"] is True  # the saved state untouched

@@ -34,6 +34,25 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _finite_later(loss: torch.Tensor) -> Callable[[], bool]:
+    """Whether `loss` is finite, asked for now and read later. On CUDA the flag is copied to
+    pinned memory behind the forward, and reading it waits for that copy alone: the host can
+    queue the backward meanwhile, and the GPU runs it instead of idling at a sync."""
+    finite = torch.isfinite(loss.detach())
+    if not finite.is_cuda:
+        return lambda: bool(finite)
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    flag.copy_(finite, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(flag)
+
+    return read
+
+
 class Trainer:
     """Adam on a dictionary, with its decoder constraint, sparsity warm-up and dead-latent tracking.
 
@@ -112,7 +131,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dictionary.load_state_dict(state["dictionary"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._same_implementation(state["optimizer"]))
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.scale = self._on_device(state["scale"])
         self.target_scale = self._on_device(state["target_scale"])
@@ -138,6 +157,17 @@ class Trainer:
         x, y = batch[:, : d.d_in] * self.scale, batch[:, d.d_in :] * self.target_scale
         return x.to(dtype), y.to(dtype)
 
+    def _same_implementation(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved optimizer state with this run's Adam implementation (fused on CUDA, torch's
+        default elsewhere): load_state_dict would otherwise bring back the saving run's, and a
+        checkpoint may resume on another device."""
+        mine = self.optimizer.param_groups
+        groups = [
+            g | {key: m.get(key) for key in ("fused", "foreach") if key in m}
+            for g, m in zip(saved["param_groups"], mine, strict=False)
+        ]
+        return saved | {"param_groups": groups}
+
     def step(self, batch: torch.Tensor) -> tuple[torch.Tensor, TrainOutput]:
         """One optimiser step on a batch of raw activations.
 
@@ -155,12 +185,10 @@ class Trainer:
         if self.l0_controller is not None:
             sparsity *= self.l0_controller.factor
         out = self.forward(x, y, sparsity)
+        finite = _finite_later(out.loss)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        # Checked once the backward is queued, so that the GPU has it to run while the host waits
-        # for this one value; still before the update: the weights (and the last checkpoint)
-        # stay good.
-        if not torch.isfinite(out.loss):
+        if not finite():  # before the update: the weights (and the last checkpoint) stay good
             raise TrainingDiverged(
                 f"the loss is {float(out.loss.detach())} at step {step + 1}"
                 f"{f' of dictionary {self.name}' if self.name else ''} "
