@@ -277,6 +277,7 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     from saetrain.config import Config, DictionaryConfig, validate
     from saetrain.evaluation.density import count_firing
     from saetrain.evaluation.evaluate import evaluate_dictionary
+    from saetrain.export.norm_space import foreign_to_model_space_
     from saetrain.export.saelens import load_dictionary
 
     r = resolve(cfg, explicit)
@@ -335,6 +336,8 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
                 f"{', '.join(names)} but the dictionary's {name} is {width}; is this the model "
                 "(and the site) it was trained on?"
             )
+    inputs, targets = [source.sites[s] for s in r.inputs], [source.sites[s] for s in r.targets]
+    foreign_to_model_space_(dictionary, r.folder, inputs, targets)  # another tool's, before a norm
 
     # The held-out contexts exactly as run() draws them, so a run's folder gives the run's numbers.
     tokens = TokenSource(r.data, tokenizer, r.seed)

@@ -46,6 +46,7 @@ from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import replacement_lm_metrics
 from saetrain.export.extras import kind_metrics, write_extras
 from saetrain.export.hub import PublishError, check_publish, publish_folder
+from saetrain.export.norm_space import export_affines
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.preflight import preflight
@@ -531,7 +532,13 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             job.cfg, setup.source, exported.architecture, job.inputs, job.targets
         )
         with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
-            folder = save_dictionary(exported, setup.output_dir / job.name, sae_metadata, run_info)
+            sites = setup.source.sites
+            affines = export_affines(
+                exported, [sites[s] for s in job.inputs], [sites[s] for s in job.targets]
+            )
+            folder = save_dictionary(
+                exported, setup.output_dir / job.name, sae_metadata, run_info, affines
+            )
             model = setup.source.model
             write_extras(
                 exported, folder, job.inputs, job.targets, num_layers(model), model_family(model)

@@ -42,7 +42,10 @@ _TL_RE = re.compile(r"^blocks\.(\d+)\.([a-z0-9_.]+)$")
 
 # TransformerLens / SAELens hook names (the part after `blocks.L.`) of the same tensors: exported
 # cfg.json carries them as `hook_name`, and configs may use them instead of ours. Only names that
-# mean the same tensor in every supported family are here; TransformerLens's `hook_mlp_in` /
+# mean the same tensor in every supported family are here, with one difference made good at the
+# edges: `ln2.hook_normalized` fires before the MLP norm's affine, our `mlp_in` after it, so a
+# dictionary on it is saved for the former and loaded back for the latter (export/norm_space.py).
+# TransformerLens's `hook_mlp_in` /
 # `hook_attn_in` (copies of the residual that feed one branch only) and the TransformerBridge's
 # `mlp.hook_out` / `attn.hook_out` (before Gemma's post-norms) are not.
 _TL_HOOKS: dict[str, str] = {

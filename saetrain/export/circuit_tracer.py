@@ -160,7 +160,8 @@ def circuit_tracer_hooks(
     - `mlp_in.L` → `mlp.hook_in`: circuit-tracer wraps every MLP with a hook on its input, the
       norm's output with the norm's weight, which is our `mlp_in`. TransformerLens's
       `ln2.hook_normalized` (the SAELens alias in sites.py) is x/scale *before* the weight in the
-      unfolded model circuit-tracer loads (`fold_ln=False`), so it is not written here;
+      unfolded model circuit-tracer loads (`fold_ln=False`), so it is not written here (the
+      SAELens folder is saved for it instead: export/norm_space.py);
     - `mlp_out.L` → `hook_mlp_out` (sites.py's name; for Gemma the output after the post-MLP
       norm, as ours), or `mlp.hook_out` with `mlp_hook_out=True` (the wrapped MLP's output; what
       circuit-tracer's nnsight backend needs for Qwen 3). Refused for Gemma families, whose

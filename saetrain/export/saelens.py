@@ -8,7 +8,9 @@ jumprelu, transcoder, skip_transcoder, jumprelu_transcoder, ...), `d_in`, `d_sae
 `attn.hook_z`), the architecture's own fields (e.g. `k`) and a `metadata` block (model, hook,
 context). BatchTopK and Matryoshka dictionaries are saved as the JumpReLU they are at
 inference. The legacy top-level fields of older SAELens versions are written too. Weights are
-saved for raw activations: the training normalisation is folded in before saving.
+saved for raw activations: the training normalisation is folded in before saving. A dictionary on
+`mlp_in` is saved for TransformerLens's `ln2.hook_normalized`, before the norm's affine (see
+norm_space.py), with the affine beside it; loading undoes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from safetensors.torch import save as safetensors_bytes
 
 from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
+from saetrain.export.norm_space import (
+    NORM_FILE,
+    Affine,
+    affine_tensors,
+    from_norm_space,
+    read_affines,
+    to_norm_space,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -77,10 +87,27 @@ def save_dictionary(
     folder: str | Path,
     metadata: dict[str, Any],
     run_info: dict[str, Any] | None = None,
+    norm_affines: tuple[Affine | None, Affine | None] | None = None,
 ) -> Path:
-    """Write cfg.json, the weights and (optionally) the run's record into `folder`, atomically."""
+    """Write cfg.json, the weights and (optionally) the run's record into `folder`, atomically.
+
+    `norm_affines` (input, target): the sides read before a norm's affine in TransformerLens
+    (`mlp_in`); the weights are written for that space and the affines beside them, which
+    `load_dictionary` undoes (saetrain/export/norm_space.py).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata)
+    sidecar = folder / NORM_FILE
+    if norm_affines is not None and any(a is not None for a in norm_affines):
+        dictionary = to_norm_space(dictionary, *norm_affines)
+        # Before the weights: a folder never holds rewritten weights without the way back.
+        atomic_write_bytes(sidecar, safetensors_bytes(affine_tensors(*norm_affines)))
+        metadata["saetrain_norm_affine_folded"] = [
+            side for side, a in zip(("input", "target"), norm_affines, strict=True) if a is not None
+        ]
+    else:
+        sidecar.unlink(missing_ok=True)
     tensors = {
         name: t.detach().to("cpu").contiguous() for name, t in dictionary.saelens_tensors().items()
     }
@@ -113,4 +140,7 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
         dictionary = SAELENS_LOADERS[arch].from_saelens(cfg, tensors)
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"{folder}: the tensors do not fit architecture={arch!r}: {e}") from None
+    affines = read_affines(folder)
+    if affines is not None:  # written for TransformerLens's pre-affine hook: back to the model's
+        dictionary = from_norm_space(dictionary, *affines)
     return dictionary.to(device).eval()

@@ -128,9 +128,11 @@ def inspect(
     import time
 
     from saetrain.activations.model import load_lm, resolve_device
+    from saetrain.activations.sites import resolve_site
     from saetrain.activations.source import ActivationSource
     from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
     from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.export.norm_space import foreign_to_model_space_
     from saetrain.export.saelens import load_dictionary
     from saetrain.inspect.units import collect_all, units_of
 
@@ -184,6 +186,11 @@ def inspect(
         owner |= {unit.name: r for unit in mine}
     model, tokenizer = lm if lm is not None else load_lm(first.model, device)
     source = ActivationSource(model, sorted({site for unit in units for site in unit.sites}))
+    for r in resolved:  # in place: the units hold these dictionaries
+        sites = [resolve_site(model, s) for s in (*r.inputs, *r.targets)]
+        foreign_to_model_space_(
+            dictionaries[r.folder.name], r.folder, sites[: len(r.inputs)], sites[len(r.inputs) :]
+        )
     for unit in units:
         d = dictionaries[owner[unit.name].folder.name]
         width = sum(source.width(site) for site in unit.sites)

@@ -1,0 +1,226 @@
+"""`mlp_in` dictionaries in TransformerLens's space: the MLP norm's affine folded in at export.
+
+saetrain's `mlp_in.L` is what the MLP reads: the norm's output after its weight (and a
+LayerNorm's bias), h = g(x)·a + c, with g the parameter-free RMS or layer normalisation. SAELens
+names that site `blocks.L.ln2.hook_normalized`, but TransformerLens fires that hook on g(x),
+*before* the affine (and folds a into W_in when it processes a model). A dictionary trained on h
+and attached there would read the wrong tensor without any error.
+
+So the SAELens folder of a dictionary whose input or target is `mlp_in` holds it rewritten for
+z = g(x): W_enc·diag(a), the decoder divided by a, the biases shifted so that every
+pre-activation, code and reconstruction is the same (`to_norm_space`). The affine (a, c) of each
+side is kept beside it in `saetrain_norm_affine.safetensors`, and `load_dictionary` undoes the
+fold (`from_norm_space`), so saetrain itself always works on the model's own tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saetrain.activations.sites import ResolvedSite
+from saetrain.dictionaries import Dictionary
+
+log = logging.getLogger(__name__)
+
+NORM_FILE = "saetrain_norm_affine.safetensors"
+# The site kinds whose TransformerLens hook sits before a norm's affine.
+PRE_AFFINE_KINDS = ("mlp_in",)
+
+
+class NormFoldError(ValueError):
+    """A norm that is not g(x)·a + c, or an affine that cannot be undone (a zero scale)."""
+
+
+@dataclass(frozen=True)
+class Affine:
+    """h = z·scale + shift, per column: the model's tensor h from TransformerLens's z."""
+
+    scale: torch.Tensor  # [d]
+    shift: torch.Tensor  # [d]
+
+    def inverse(self) -> Affine:
+        return Affine(1.0 / self.scale, -self.shift / self.scale)
+
+
+def _probe_direction(d: int) -> torch.Tensor:
+    """A float64 [d] vector with zero mean, unit RMS and no zero entry: both normalisations
+    (RMS and layer norm) map a large multiple of it to itself. For an even d it is ±1, and with
+    s = 2¹⁰ every step of the norm is exact in float32: the affine is read off bit for bit."""
+    if d < 4:
+        raise NormFoldError(f"cannot probe a norm of width {d} (at least 4)")
+    u = torch.ones(d, dtype=torch.float64)
+    even = d if d % 2 == 0 else d - 3
+    u[1:even:2] = -1.0
+    if even < d:
+        u[even:] = torch.tensor([1.0, 1.0, -2.0], dtype=torch.float64)
+    return u / u.pow(2).mean().sqrt()
+
+
+def norm_affine(norm: nn.Module, d: int) -> Affine:
+    """(a, c) of a norm module computing g(x)·a + c, read off the module by probing it.
+
+    Probing, rather than reading `weight` / `bias`, covers every family's convention (Gemma's
+    1 + weight, a LayerNorm's bias, none at all). g(s·u) = u for a large s and a zero-mean,
+    unit-RMS u, so f(s·u) − f(−s·u) = 2u·a and f(s·u) + f(−s·u) = 2c. The result is then checked
+    on random inputs against both normalisations; a norm that fits neither is refused.
+    """
+    probe = copy.deepcopy(norm).to(device="cpu", dtype=torch.float64).eval()
+    u = _probe_direction(d)
+    s = 1024.0  # eps (≤ 1e-5 in practice) then vanishes in the mean square (2²⁰)
+    with torch.no_grad():
+        plus, minus = probe(s * u[None])[0].double(), probe(-s * u[None])[0].double()
+        scale, shift = (plus - minus) / (2 * u), (plus + minus) / 2
+        x = torch.randn(8, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x = 10.0 * x + 3.0  # an offset: tells RMS from layer normalisation
+        got = probe(x).double()
+    centred = x - x.mean(-1, keepdim=True)
+    candidates = {
+        "rms": x / x.pow(2).mean(-1, keepdim=True).sqrt(),
+        "layer": centred / centred.pow(2).mean(-1, keepdim=True).sqrt(),
+    }
+    size = got.abs().max().item()
+    for g in candidates.values():
+        if (g * scale + shift - got).abs().max().item() <= 1e-4 * max(size, 1.0):
+            if not bool((scale.abs() > 1e-6 * scale.abs().max()).all()):
+                raise NormFoldError(f"{type(norm).__name__} has a zero scale: cannot be undone")
+            return Affine(scale.float(), shift.float())
+    raise NormFoldError(
+        f"{type(norm).__name__} is not a normalisation followed by a per-column affine "
+        "(neither RMS nor layer normalisation fits its output)"
+    )
+
+
+@torch.no_grad()
+def _refit(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
+    """A copy of `dictionary` that, fed z with x = z·a_in + c_in, gives the original's codes of x
+    and predicts z_t with y = z_t·a_out + c_out (see the module docstring)."""
+    if getattr(dictionary, "kind", "single") != "single":
+        raise NormFoldError(f"a {dictionary.kind} dictionary is not rewritten (single only)")
+    d = copy.deepcopy(dictionary)
+    like = d.W_enc
+    c_in = inp.shift.to(like) if inp is not None else torch.zeros(d.d_in).to(like)
+    c_out = out.shift.to(like) if out is not None else torch.zeros(d.d_out).to(like)
+    # 1. Shifts: x' = x − c_in in, y' = y − c_out out.
+    b_dec_before = d.b_dec.detach().clone()
+    d.b_dec -= c_out
+    if d.W_skip is not None:  # y += x·W_skipᵀ = x'·W_skipᵀ + c_in·W_skipᵀ
+        d.b_dec += c_in @ d.W_skip.T
+    encoder_shift = c_in.clone()
+    if d.apply_b_dec_to_input:  # the encoder reads x − b_dec: the new b_dec moved it too
+        encoder_shift += d.b_dec - b_dec_before
+    if bool(encoder_shift.any()):
+        d.absorb_input_shift(encoder_shift)
+    # 2. Scales: x' = z·a_in, y' = z_t·a_out is the normalisation fold_input_scale undoes.
+    ones_in, ones_out = torch.ones(d.d_in), torch.ones(d.d_out)
+    scale_in = inp.scale if inp is not None else ones_in
+    scale_out = out.scale if out is not None else ones_out
+    d.fold_input_scale(scale_in.to(like), scale_out.to(like))
+    return d
+
+
+def to_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
+    """A copy working on TransformerLens's pre-affine tensors at the sides given (None: as is)."""
+    return _refit(dictionary, inp, out)
+
+
+def from_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
+    """The inverse of `to_norm_space` with the same affines: back to the model's tensors."""
+    return _refit(
+        dictionary, inp.inverse() if inp is not None else None, out.inverse() if out else None
+    )
+
+
+def affine_tensors(inp: Affine | None, out: Affine | None) -> dict[str, torch.Tensor]:
+    """The sidecar file's tensors: `input.scale`, `input.shift`, `target.*` for the sides given."""
+    tensors = {}
+    for side, affine in (("input", inp), ("target", out)):
+        if affine is not None:
+            # Copies: an SAE's two sides are one affine, and safetensors refuses shared storage.
+            tensors[f"{side}.scale"] = affine.scale.detach().float().cpu().clone()
+            tensors[f"{side}.shift"] = affine.shift.detach().float().cpu().clone()
+    return tensors
+
+
+def read_affines(folder: Path) -> tuple[Affine | None, Affine | None] | None:
+    """(input, target) affines of a folder written with them, or None when it has no sidecar."""
+    path = Path(folder) / NORM_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    t = load_file(path, device="cpu")
+
+    def side(name: str) -> Affine | None:
+        if f"{name}.scale" not in t:
+            return None
+        return Affine(t[f"{name}.scale"], t[f"{name}.shift"])
+
+    return side("input"), side("target")
+
+
+def site_affine(module: nn.Module, kind: str, width: int) -> Affine | None:
+    """The affine to fold for a site of this kind read at `module`'s output, or None."""
+    if kind not in PRE_AFFINE_KINDS:
+        return None
+    affine = norm_affine(module, width)
+    if not math.isfinite(float(affine.scale.abs().max())):
+        raise NormFoldError(f"{type(module).__name__}: a non-finite scale")
+    return affine
+
+
+def export_affines(
+    dictionary: Dictionary, inputs: list[ResolvedSite], targets: list[ResolvedSite]
+) -> tuple[Affine | None, Affine | None] | None:
+    """What `save_dictionary` folds for a trained dictionary: (input, target) affines, or None.
+
+    Only single-site dictionaries, the ones SAELens loads; a crosscoder's or CLT's layout is
+    saetrain's own and keeps the model's tensors. A norm that cannot be folded is reported and
+    the dictionary saved as it is.
+    """
+    if dictionary.kind != "single" or len(inputs) != 1 or len(targets) != 1:
+        return None
+    src, dst = inputs[0], targets[0]
+    try:
+        inp = site_affine(src.module, src.site.kind, dictionary.d_in)
+        if dst.module is src.module and dst.site == src.site:  # an SAE: one tensor
+            out = inp
+        else:
+            out = site_affine(dst.module, dst.site.kind, dictionary.d_out)
+    except NormFoldError as e:
+        log.warning(
+            "%s is saved on the model's own tensors, not for TransformerLens's %s: %s",
+            src.site.name, src.tl_hook_name, e,
+        )  # fmt: skip
+        return None
+    return (inp, out) if inp is not None or out is not None else None
+
+
+def foreign_to_model_space_(
+    dictionary: Dictionary, folder: Path, inputs: list[ResolvedSite], targets: list[ResolvedSite]
+) -> bool:
+    """Rewrite, in place, another tool's dictionary saved at a TransformerLens hook before a
+    norm's affine (`ln2.hook_normalized`: it reads g(x)) for the norm's output that saetrain
+    feeds it, with this model's norm. saetrain's own folders are left alone: a folded one carries
+    its affine (undone by `load_dictionary`), an older one was saved on the model's tensors.
+    Returns whether it was rewritten."""
+    cfg = json.loads((Path(folder) / "cfg.json").read_text())
+    meta = cfg.get("metadata") or {}
+    if "saetrain_site" in meta or read_affines(folder) is not None:
+        return False
+    affines = export_affines(dictionary, inputs, targets)
+    if affines is None:
+        return False
+    dictionary.load_state_dict(from_norm_space(dictionary, *affines).state_dict())
+    log.info(
+        "%s: read at TransformerLens's %s (before the norm's weight); rewritten for %s",
+        folder, inputs[0].tl_hook_name, inputs[0].site.name,
+    )  # fmt: skip
+    return True
