@@ -616,7 +616,10 @@ def part_pipeline(smoke: bool) -> dict[str, Any]:
         sweep_ks = (4, 8, 16, 32)
     else:
         context, lm_batch, buffer_tokens, batch, total = 1024, 16, 262144, 4096, 1 << 20
-        n_latents, sweep_ks = 16 * d, (16, 32, 64, 128)
+        # The default expansion (8 × d_model = 16384). By FLOPs a step is about one encoder
+        # GEMM, 2·N·d·n, against the LM's 2·N·(0.5B parameters up to the site): 16× would cost
+        # ~20% of the LM forward by itself, more than the 10% the target allows.
+        n_latents, sweep_ks = DictionaryConfig().expansion_factor * d, (16, 32, 64, 128)
     tokens = RandomTokens(model.config.vocab_size, context)
 
     def dictionary(k: int) -> DictionaryConfig:
