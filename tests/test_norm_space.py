@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from saetrain.config import DictionaryConfig, SiteConfig
 from saetrain.dictionaries import ARCHITECTURES, Dictionary, SparseCodes, build_dictionary
+from saetrain.export.model_card import render_model_card
 from saetrain.export.norm_space import (
     NORM_FILE,
     Affine,
@@ -176,6 +177,8 @@ def test_a_run_on_mlp_in_exports_for_ln2_hook_normalized(llama_with_trained_norm
     assert (folder / NORM_FILE).exists()
     meta = json.loads((folder / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "blocks.1.ln2.hook_normalized"
+    card = render_model_card(folder, mlp_in_run.metrics)
+    assert "norm's affine is folded in" in card and NORM_FILE in card
 
     # The model's own tensors: resid_mid entering the MLP norm (h = its output).
     model = AutoModelForCausalLM.from_pretrained(llama_with_trained_norms).eval()

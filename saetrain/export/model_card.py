@@ -177,6 +177,14 @@ def render_model_card(
             "```",
             "",
         ]
+        if meta.get("saetrain_norm_affine_folded"):
+            lines += [
+                "Its weights are written for TransformerLens's `ln2.hook_normalized`, which fires "
+                "before the MLP norm's weight: the norm's affine is folded in, and "
+                "`saetrain_norm_affine.safetensors` holds it so that saetrain's loader gives the "
+                "dictionary back for the model's own MLP input.",
+                "",
+            ]
     lines += [
         "With saetrain:",
         "",
