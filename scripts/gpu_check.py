@@ -7,7 +7,7 @@ Parts, in this order, each in its own process with its own time limit, so that o
 exception, a CUDA fault, a hang) does not stop the rest; the whole run stays under --budget-s:
 
   env            GPU name, memory, driver; torch / triton / transformers / ... versions
-  kernel_tests   tests/test_kernels*.py on the compiled kernels (SAETRAIN_TRITON_TESTS=cuda)
+  kernel_tests   tests/test_kernels.py, test_kernels_fused.py on the compiled kernels (on CUDA)
   kernel_sizes   the kernels at N 4096, d 2304, n 65536, k 32 / 128 in fp32 / fp16 / bf16 against
                  float64, repeated and all-equal indices; a TopK step Triton vs reference
   bench_kernels  scripts/bench_kernels.py at the issue-5 shapes (trimmed) + copy bandwidth
