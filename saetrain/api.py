@@ -202,7 +202,10 @@ def load(
     leading shape. `dtype` (float32,
     bfloat16, float16, float64 or a torch dtype) casts the weights; encode and decode expect
     inputs in that dtype, forward casts them. The module is in eval mode with its parameters
-    frozen (`requires_grad_(True)` to fine-tune it).
+    frozen (`requires_grad_(True)` to fine-tune it). saetrain's `mlp_in` folders come back for
+    the model's MLP input (`read_activations(text, "mlp_in.L")`); another tool's folder at
+    `ln2.hook_normalized` stays on TransformerLens's tensor, before the norm's weight (the
+    evaluate and inspect commands rewrite it with the model's norm: export/norm_space.py).
     """
     import torch
 
