@@ -182,7 +182,10 @@ def render_model_card(
                 "Its weights are written for TransformerLens's `ln2.hook_normalized`, which fires "
                 "before the MLP norm's weight: the norm's affine is folded in, and "
                 "`saetrain_norm_affine.safetensors` holds it so that saetrain's loader gives the "
-                "dictionary back for the model's own MLP input.",
+                "dictionary back for the model's own MLP input. Codes and the spliced model are "
+                "exact; a reconstruction error measured at that hook weights each channel by "
+                "1/weight², so a norm weight near zero can dominate it (the metrics above are "
+                "the model's own MLP input's).",
                 "",
             ]
     lines += [
