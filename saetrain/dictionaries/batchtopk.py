@@ -59,6 +59,17 @@ def padded_rows(chosen: torch.Tensor, N: int, n: int) -> tuple[torch.Tensor, tor
     return indices, mask
 
 
+@torch.no_grad()
+def average_threshold(
+    threshold: torch.Tensor, updates: torch.Tensor, observed: torch.Tensor, momentum: float
+) -> None:
+    """threshold ← momentum·threshold + (1 − momentum)·observed, or observed on the first update
+    (`updates` == 0); `updates` += 1. Chosen on the device: no host read of `updates` per step."""
+    averaged = threshold * momentum + (1 - momentum) * observed
+    threshold.copy_(torch.where(updates == 0, observed, averaged))
+    updates += 1
+
+
 class BatchTopKSAE(TopKSAE):
     """TopK's training step with the selection made across the batch, and a threshold encoder."""
 
@@ -97,13 +108,10 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def after_step(self, out: TrainOutput) -> None:
         """θ ← running average of the smallest kept activation (the first batch sets it)."""
-        observed = out.terms["batch_threshold"].float()
-        if int(self.threshold_updates) == 0:
-            self.threshold.copy_(observed)
-        else:
-            m = self.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * observed)
-        self.threshold_updates += 1
+        average_threshold(
+            self.threshold, self.threshold_updates, out.terms["batch_threshold"].float(),
+            self.threshold_momentum,
+        )  # fmt: skip
 
     def saelens_architecture(self) -> str:
         return jumprelu_saelens_name(self)

@@ -36,7 +36,7 @@ from saetrain.dictionaries.base import (
     column_scales,
     total_variance,
 )
-from saetrain.dictionaries.batchtopk import batch_topk
+from saetrain.dictionaries.batchtopk import average_threshold, batch_topk
 from saetrain.dictionaries.jumprelu import JumpReLUSAE
 from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE, select_dead
@@ -392,12 +392,7 @@ class BatchTopKCLT(TopKCLT):
         observed = torch.stack(
             [out.terms[f"batch_threshold.{layer}"].float() for layer in range(self.n_layers)]
         )
-        if int(self.threshold_updates) == 0:
-            self.threshold.copy_(observed)
-        else:
-            m = self.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * observed)
-        self.threshold_updates += 1
+        average_threshold(self.threshold, self.threshold_updates, observed, self.threshold_momentum)
 
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
