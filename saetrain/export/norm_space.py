@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +98,10 @@ def norm_affine(norm: nn.Module, d: int) -> Affine:
 
 
 @torch.no_grad()
-def _refit(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
+def to_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
     """A copy of `dictionary` that, fed z with x = z·a_in + c_in, gives the original's codes of x
-    and predicts z_t with y = z_t·a_out + c_out (see the module docstring)."""
+    and predicts z_t with y = z_t·a_out + c_out: for TransformerLens's pre-affine tensors at the
+    sides given (None: that side as is)."""
     if getattr(dictionary, "kind", "single") != "single":
         raise NormFoldError(f"a {dictionary.kind} dictionary is not rewritten (single only)")
     d = copy.deepcopy(dictionary)
@@ -126,14 +126,9 @@ def _refit(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Di
     return d
 
 
-def to_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
-    """A copy working on TransformerLens's pre-affine tensors at the sides given (None: as is)."""
-    return _refit(dictionary, inp, out)
-
-
 def from_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
     """The inverse of `to_norm_space` with the same affines: back to the model's tensors."""
-    return _refit(
+    return to_norm_space(
         dictionary, inp.inverse() if inp is not None else None, out.inverse() if out else None
     )
 
@@ -168,12 +163,7 @@ def read_affines(folder: Path) -> tuple[Affine | None, Affine | None] | None:
 
 def site_affine(module: nn.Module, kind: str, width: int) -> Affine | None:
     """The affine to fold for a site of this kind read at `module`'s output, or None."""
-    if kind not in PRE_AFFINE_KINDS:
-        return None
-    affine = norm_affine(module, width)
-    if not math.isfinite(float(affine.scale.abs().max())):
-        raise NormFoldError(f"{type(module).__name__}: a non-finite scale")
-    return affine
+    return norm_affine(module, width) if kind in PRE_AFFINE_KINDS else None
 
 
 def export_affines(
