@@ -547,6 +547,7 @@ def section(result: dict[str, Any]) -> str:
             table(result["rows"]),
             "",
             "Reading it:",
+            "",  # a markdown list needs a blank line before it (else mkdocs renders it as text)
             *reading(result, result.get("note", "")),
             "",
         ]

@@ -1,6 +1,6 @@
 """The Python API (saetrain.api, re-exported by saetrain): configs from overrides or dataclasses
 with the CLI's defaults and messages, train() returning loaded dictionaries and their metrics,
-load() doing the exported weights' math, and the README's example run as written."""
+load() doing the exported weights' math, and the Python API page's example run as written."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from saetrain import (
     TrainerConfig,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PYTHON_API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "python_api.md"
 TEXT = "w1 w5 w9 w2 w7 w7 w3 w11 w40 w0 w8 w13"
 
 
@@ -221,29 +221,29 @@ def test_load_encodes_and_decodes_with_the_exported_weights(trained, tiny_model)
         saetrain.load(folder.parent)
 
 
-def _readme_example() -> str:
-    text = README.read_text()
-    section = text[text.index("## Python API") :]
+def _python_api_example() -> str:
+    text = PYTHON_API_PAGE.read_text()
+    section = text[text.index("# Python API") :]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README's Python API section has no python block"
+    assert match, "docs/python_api.md has no python block"
     return match.group(1)
 
 
-def test_readme_example_runs(tiny_model, corpus, tmp_path, monkeypatch, capsys):
-    """The README's block, verbatim, with the tiny model's overrides appended to the ones it
+def test_python_api_page_example_runs(tiny_model, corpus, tmp_path, monkeypatch, capsys):
+    """docs/python_api.md's block, verbatim, with the tiny model's overrides appended to the ones it
     passes (later overrides win, as on the command line)."""
     real = saetrain.config_from_overrides
     tiny = _tiny_overrides(tiny_model, corpus)
     monkeypatch.setattr(saetrain, "config_from_overrides", lambda o=(): real([*o, *tiny]))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(_readme_example(), "README.md: ## Python API", "exec"), namespace)
+    exec(compile(_python_api_example(), "docs/python_api.md", "exec"), namespace)
 
     result, x, codes = namespace["result"], namespace["x"], namespace["codes"]
     assert result.folder == tmp_path / "outputs/python_api/resid_post.1"
     run_info = json.loads((result.folder / "saetrain_run.json").read_text())
     assert result.metrics == run_info["final_metrics"]
-    assert run_info["config"]["dictionary"]["k"] == 16  # the README's override stood
+    assert run_info["config"]["dictionary"]["k"] == 16  # the page's override stood
     assert x.shape[1] == 32 and x.shape[0] > 5
     assert codes.indices.shape == (x.shape[0], 16)
     torch.testing.assert_close(namespace["x_hat"], namespace["sae"](x))
