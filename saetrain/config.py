@@ -14,7 +14,7 @@ import difflib
 import os
 import sysconfig
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -402,6 +402,15 @@ class Config:
 def second_model(cfg: Config) -> ModelConfig | None:
     """`model_b` when it names a model (model diffing), else None."""
     return cfg.model_b if cfg.model_b.name else None
+
+
+T = TypeVar("T")
+
+
+def resolved(group: T) -> T:
+    """A config dataclass with its interpolations expanded (`${stdlib:}` in DataConfig's default
+    data_files): Hydra does that to composed configs, a dataclass built in Python keeps them."""
+    return OmegaConf.to_object(OmegaConf.structured(group))  # type: ignore[return-value]
 
 
 def register_configs() -> None:

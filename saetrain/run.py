@@ -28,6 +28,7 @@ from saetrain.config import (
     Config,
     ConfigError,
     DictionarySpec,
+    ModelConfig,
     canonical_sites,
     dictionary_configs,
     merged,
@@ -794,6 +795,9 @@ def saelens_metadata(
         "model_from_pretrained_kwargs": {},
         "saetrain_architecture": architecture,
         "saetrain_site": inputs[0],
+        # How the model loads (a packaged GGUF file, a revision): what `model_name` alone does
+        # not say, so that a folder without its saetrain_run.json still evaluates offline.
+        "saetrain_model": model_record(cfg.model),
     }
     if len(inputs) > 1:
         metadata |= {
@@ -815,6 +819,11 @@ def saelens_metadata(
                 "saetrain_target_sites": targets,
             }
     return metadata
+
+
+def model_record(model: ModelConfig) -> dict[str, Any]:
+    """The model group's fields that say how the model loads (not the machine's device)."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k != "device"}
 
 
 def package_versions() -> dict[str, str | None]:
