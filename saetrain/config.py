@@ -14,7 +14,7 @@ import difflib
 import os
 import sysconfig
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -218,6 +218,14 @@ class DictionaryConfig:
     # Parameters' dtype during training: float32 (recommended) | bfloat16. Not float16: Adam's
     # epsilon and small updates underflow there and the loss turns NaN within steps.
     dtype: str = "float32"
+    # Fine-tune: start from the trained dictionary in this folder (any folder
+    # `saetrain.export.saelens.load_dictionary` reads: saetrain's, SAELens's) instead of a random
+    # one. Its architecture, n_latents, k and skip are taken from the folder (a different
+    # value set here is an error; the defaults are not), its weights start the run exactly (the
+    # run's normalisation applied to them); the training settings (lr, λ, aux_k, ...) are this
+    # run's. An SAE or transcoder on one site (dictionary.kind=single), no `*` site pattern.
+    # Null: a new dictionary (saetrain/training/finetune.py).
+    init_from: str | None = None
 
 
 @dataclass
@@ -402,6 +410,15 @@ class Config:
 def second_model(cfg: Config) -> ModelConfig | None:
     """`model_b` when it names a model (model diffing), else None."""
     return cfg.model_b if cfg.model_b.name else None
+
+
+T = TypeVar("T")
+
+
+def resolved(group: T) -> T:
+    """A config dataclass with its interpolations expanded (`${stdlib:}` in DataConfig's default
+    data_files): Hydra does that to composed configs, a dataclass built in Python keeps them."""
+    return OmegaConf.to_object(OmegaConf.structured(group))  # type: ignore[return-value]
 
 
 def register_configs() -> None:
@@ -673,6 +690,7 @@ def _validate_one(cfg: Config) -> None:
                 f"{cfg.site.input!r} in the forward; a transcoder predicts a later activation "
                 "(e.g. mlp_in.L → mlp_out.L)"
             )
+    _check_init_from(cfg)
     from saetrain.dictionaries.layout import check_cross_layer
 
     check_cross_layer(cfg.dictionary)
@@ -738,6 +756,32 @@ def _validate_one(cfg: Config) -> None:
                 f"dictionary.matryoshka_prefixes must end with dictionary.n_latents="
                 f"{cfg.dictionary.n_latents}, got {list(prefixes)}"
             )
+
+
+def _check_init_from(cfg: Config) -> None:
+    """dictionary.init_from: what a run can start from a folder (its contents: preflight)."""
+    folder = cfg.dictionary.init_from
+    if folder is None:
+        return
+    from saetrain.site_patterns import has_pattern
+
+    where = f"dictionary.init_from={folder!r}"
+    if not folder.strip():
+        raise ConfigError(f"{where} is empty; name a dictionary folder, or null for a new one")
+    if cfg.dictionary.kind != "single":
+        raise ConfigError(
+            f"{where}: a run starts from a folder's SAE or transcoder (dictionary.kind=single), "
+            f"not dictionary.kind={cfg.dictionary.kind!r}"
+        )
+    if has_pattern(cfg.site):
+        raise ConfigError(
+            f"{where} names one dictionary, but site.input={cfg.site.input!r} trains one per "
+            "layer; give each layer its own `dictionaries` entry with its dictionary.init_from"
+        )
+    if cfg.distributed.shard_latents:
+        raise ConfigError(
+            f"{where} cannot start a dictionary split over ranks (distributed.shard_latents=true)"
+        )
 
 
 # Fields typed `Any` whose mappings are overrides of a group: the schema their keys must follow.

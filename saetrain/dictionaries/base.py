@@ -258,6 +258,15 @@ class Dictionary(nn.Module):
         """The constructor arguments this architecture takes from `dictionary.*`."""
         return {}
 
+    def config_fields(self) -> dict[str, Any]:
+        """The `dictionary.*` settings this dictionary's shape fixes (a run fine-tuning it takes
+        them from its folder; dictionary.init_from); its training settings are not among them."""
+        return {
+            "architecture": self.architecture,
+            "n_latents": self.n_latents,
+            "skip": self.W_skip is not None,
+        }
+
     # -- shared --------------------------------------------------------------------------------
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -342,6 +351,15 @@ class Dictionary(nn.Module):
         self.b_dec /= scale_out
         if self.W_skip is not None:
             self.W_skip *= skip_factor
+
+    @torch.no_grad()
+    def scale_latents_(self, factors: torch.Tensor) -> bool:
+        """Multiply latent i's code by factors[i] and divide its decoder row by it: the same
+        output, other decoder norms. False (nothing changed) where the architecture cannot."""
+        self.W_enc *= factors
+        self.b_enc *= factors
+        self.W_dec /= factors[:, None]
+        return True
 
     @torch.no_grad()
     def absorb_input_shift(self, delta: torch.Tensor) -> None:

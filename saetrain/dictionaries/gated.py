@@ -80,6 +80,16 @@ class GatedSAE(Dictionary):
         return TrainOutput(loss, x_hat, z, terms)
 
     @torch.no_grad()
+    def scale_latents_(self, factors: torch.Tensor) -> bool:
+        """The gate's sign is kept (W_enc and b_gate scaled together); the magnitude, which
+        reads W_enc·exp(r_mag), scales with W_enc and b_mag."""
+        self.W_enc *= factors
+        self.b_gate *= factors
+        self.b_mag *= factors
+        self.W_dec /= factors[:, None]
+        return True
+
+    @torch.no_grad()
     def absorb_input_shift(self, delta: torch.Tensor) -> None:
         shift = delta @ self.W_enc
         self.b_gate += shift

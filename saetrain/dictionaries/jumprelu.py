@@ -204,6 +204,12 @@ class JumpReLUSAE(Dictionary):
         self.log_threshold.data = kept.to(self.W_enc.device)
         return self
 
+    @torch.no_grad()
+    def scale_latents_(self, factors: torch.Tensor) -> bool:
+        """The thresholds scale with the pre-activations."""
+        self.log_threshold += factors.float().log()
+        return super().scale_latents_(factors)
+
     def saelens_architecture(self) -> str:
         return jumprelu_saelens_name(self)
 

@@ -184,6 +184,18 @@ class TopKSAE(Dictionary):
     def init_kwargs_from_saelens(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"k": int(cfg["k"])}
 
+    def config_fields(self) -> dict[str, Any]:
+        return super().config_fields() | {"k": self.k}
+
+    @torch.no_grad()
+    def scale_latents_(self, factors: torch.Tensor) -> bool:
+        """Only one factor for all latents (to float rounding): unequal ones would change which
+        k are kept."""
+        common = torch.full_like(factors, float(factors[0]))
+        if not torch.allclose(factors, common, rtol=1e-5, atol=0.0):
+            return False
+        return super().scale_latents_(common)
+
     @classmethod
     def init_kwargs_from_config(cls, cfg: DictionaryConfig) -> dict[str, Any]:
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +23,14 @@ from saetrain.dictionaries import Dictionary, Layout, build_dictionary
 from saetrain.dictionaries.base import Scale
 from saetrain.progress import phase
 from saetrain.training.checkpoint import TrainingInterrupted
+from saetrain.training.finetune import Start, start_fvu, start_weights_
 from saetrain.training.initialization import block_normalization_scales, initial_b_dec
 from saetrain.training.trainer import Trainer, TrainState
 
 if TYPE_CHECKING:
     from saetrain.distributed.latent_shard import LatentShard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,13 +56,16 @@ def prepare_trainer(
     name: str = "",
     layout: Layout | None = None,
     shard: LatentShard | None = None,
+    start: Start | None = None,
 ) -> Trainer:
     """A new dictionary, its normalisation scales and b_dec set from `samples`, and its trainer.
 
     `samples` are raw rows ([x, y] side by side for a transcoder). With a `layout` of several
     sites (a crosscoder, a CLT), each site gets its own scale. With `shard`, the dictionary is
     initialised whole on the CPU (the same weights as one process), and this rank keeps its
-    latents on `device`.
+    latents on `device`. With `start` (dictionary.init_from), the dictionary is the folder's
+    instead, in the normalised space of the folder's recorded scales or of those estimated here
+    (saetrain/training/finetune.py).
     """
     layout = layout or Layout.single(d_in, d_out)
     # Usually quick; a line (and a name for a signal's message) when it is not.
@@ -66,20 +73,27 @@ def prepare_trainer(
         samples = samples.float()
         x, y = (samples[:, :d_in], samples[:, d_in:]) if transcoder else (samples, samples)
         normalize = dict_cfg.normalize_activations
-        scale_in = block_normalization_scales(x, layout.in_widths) if normalize else 1.0
-        scale_out = (
+        scale_in: Scale = block_normalization_scales(x, layout.in_widths) if normalize else 1.0
+        scale_out: Scale = (
             block_normalization_scales(y, layout.out_widths)
             if normalize and transcoder
             else scale_in
         )
+        if start is not None and start.scales is not None and normalize:
+            scale_in, scale_out = start.scales  # the space the folder's weights were trained in
         where = torch.device("cpu") if shard is not None else device
         dictionary = build_dictionary(dict_cfg, d_in, d_out, where, generator, transcoder, layout)
-        with torch.no_grad():
-            # per-column scales broadcast over the columns
-            s_out = scale_out.to(y.device) if isinstance(scale_out, torch.Tensor) else scale_out
-            y_scaled = y * s_out
-            b_dec = initial_b_dec(y_scaled.to(where), dict_cfg.b_dec_init)
-            dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
+        if start is not None:
+            assert not isinstance(scale_in, torch.Tensor)  # one site: validate() refuses others
+            assert not isinstance(scale_out, torch.Tensor)
+            start_weights_(dictionary, start, scale_in, scale_out)
+            fvu = start_fvu(dictionary, (x * scale_in).to(where), (y * scale_out).to(where))
+            log.info(
+                "%sstarting dictionary: FVU %.4f on the %d initialisation rows",
+                f"[{name}] " if name else "", fvu, x.shape[0],
+            )  # fmt: skip
+        else:
+            _initial_b_dec(dictionary, y, scale_out, dict_cfg.b_dec_init, where)
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
     if shard is not None:
         from saetrain.distributed.latent_shard import ShardedTrainer
@@ -91,6 +105,17 @@ def prepare_trainer(
     return Trainer(
         dictionary, trainer_cfg, scale_in, total_steps, target_scale=scale_out, name=name
     )
+
+
+@torch.no_grad()
+def _initial_b_dec(
+    dictionary: Dictionary, y: torch.Tensor, scale_out: Scale, method: str, where: torch.device
+) -> None:
+    """b_dec of a new dictionary from the raw targets `y` (dictionary.b_dec_init)."""
+    # per-column scales broadcast over the columns
+    s_out = scale_out.to(y.device) if isinstance(scale_out, torch.Tensor) else scale_out
+    b_dec = initial_b_dec((y * s_out).to(where), method)
+    dictionary.b_dec.copy_(b_dec.to(dictionary.b_dec.dtype))
 
 
 def restore_trainer(
