@@ -3,7 +3,7 @@
 The penalty architectures (relu, gated, jumprelu) set their L0 through λ and through what decides
 which latents fire (JumpReLU's thresholds θ, ReLU's b_enc, Gated's biases). Adam moves those by
 about lr per step whatever λ is, so a controller that acts on λ alone cannot move L0 faster than
-lr allows: its integral winds up meanwhile (λ × 20,000 in a 1,024-step run), the penalty swamps
+lr allows: its integral winds up meanwhile (λ × 24,000 in a 1,024-step run), the penalty swamps
 the reconstruction, and L0 overshoots once the thresholds catch up. Two actuators instead, both
 driven by the batch's L0 (active latents per row of the training codes):
 
@@ -17,7 +17,7 @@ driven by the batch's L0 (active latents per row of the training codes):
     λ_t = λ · exp(I_t)
 
 The threshold shift is proportional control on the quantity that sets L0, so L0 follows the
-target within tens of steps at any learning rate. The integral on λ is what makes the shift
+target within tens of steps (it does not go through Adam). The integral on λ is what makes the shift
 unnecessary at equilibrium (λ such that Adam's own threshold updates balance); it integrates only
 while the error is not already shrinking (during a transient the shift does the work: integrating
 then is the wind-up) and λ stays within MAX_FACTOR of its configured value either way. The
