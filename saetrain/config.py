@@ -199,10 +199,12 @@ class DictionaryConfig:
     # jumprelu: which latents the pre-activation loss reaches: all (Anthropic) | dead (SAELens;
     # dead as trainer.dead_after_tokens says).
     jumprelu_pre_act_latents: str = "all"
-    # relu, gated, jumprelu: the L0 (active latents per token) to end the run at. λ
-    # (sparsity_coefficient, its starting value) is then adapted during training by a controller
-    # (saetrain/training/l0_controller.py, gain trainer.target_l0_gain) instead of tuned by hand.
-    # Also the centre of the quadratic penalty. Null: λ as given. Not for the TopK family (k).
+    # relu, gated, jumprelu: the L0 (active latents per token) to end the run at. A controller
+    # (saetrain/training/l0_controller.py) then moves the activity threshold every step (JumpReLU's
+    # θ, the ReLU and Gated biases) towards it and adapts λ (sparsity_coefficient, its starting
+    # value) within ×100 of it (gain trainer.target_l0_gain). It needs 50 steps after the sparsity
+    # warm-up (a warning says when a run has fewer). Also the centre of the quadratic penalty.
+    # Null: λ as given. Not for the TopK family (k).
     target_l0: float | None = None
     # Transcoders only: add a dense skip connection y ≈ ... + W_skip·x (W_skip zero-initialised).
     skip: bool = False
@@ -254,9 +256,8 @@ class TrainerConfig:
     # A latent that has not fired for this many training tokens counts as dead (and gets the
     # AuxK loss). Gao et al. use 10M; short runs need a shorter window.
     dead_after_tokens: int = 10_000_000
-    # dictionary.target_l0's controller: how fast log λ follows log(L0 / target) per step
-    # (integral gain; the proportional gain is 10× it). Larger reaches the target sooner and
-    # oscillates more.
+    # dictionary.target_l0's controller: how fast log λ follows log(L0 / target) per step (the
+    # integral gain; the threshold steering, which reaches the target, does not depend on it).
     target_l0_gain: float = 0.02
 
 

@@ -217,6 +217,18 @@ class Dictionary(nn.Module):
     def after_step(self, out: TrainOutput) -> None:
         """Update state that is not learnt by gradient (e.g. BatchTopK's threshold)."""
 
+    def shift_sparsity(self, amount: float) -> None:
+        """Raise what decides which latents fire by `amount` (lower it when negative), outside
+        the optimiser: the fast actuator of dictionary.target_l0's controller
+        (saetrain/training/l0_controller.py). Units: about one unit lowers L0 by a factor e.
+        Only the architectures that take target_l0 have one."""
+        raise NotImplementedError(f"{self.architecture} does not take dictionary.target_l0")
+
+    def encoder_norms(self) -> torch.Tensor:
+        """[n_latents]: each latent's encoder column norm, the scale of its pre-activation on
+        normalised activations (per-dimension RMS 1)."""
+        return self.W_enc.detach().norm(dim=-2).reshape(-1)
+
     def saelens_architecture(self) -> str:
         """The `architecture` that cfg.json names (SAELens's name where SAELens has one)."""
         return self.architecture

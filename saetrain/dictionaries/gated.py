@@ -95,6 +95,14 @@ class GatedSAE(Dictionary):
         self.b_gate += shift
         self.b_mag += shift * self.r_mag.exp()
 
+    @torch.no_grad()
+    def shift_sparsity(self, amount: float) -> None:
+        """Both paths' biases lowered by `amount` of their latent's pre-activation scale
+        (‖W_enc,i‖ for the gate, × exp(r_mag,i) for the magnitude): z_i ≠ 0 needs both > 0."""
+        step = amount * self.encoder_norms().to(self.b_gate.dtype)
+        self.b_gate -= step
+        self.b_mag -= step * self.r_mag.exp()
+
     def saelens_architecture(self) -> str:
         return "gated_skip_transcoder" if self.W_skip is not None else "gated"
 

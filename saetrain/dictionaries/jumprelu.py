@@ -197,6 +197,11 @@ class JumpReLUSAE(Dictionary):
             terms["pre_act"] = pre_act.detach()
         return TrainOutput(loss, x_hat, z, terms)
 
+    @torch.no_grad()
+    def shift_sparsity(self, amount: float) -> None:
+        """θ ← θ·e^amount (every latent's, in log space: θ stays > 0)."""
+        self.log_threshold += amount
+
     def _apply(self, fn: Any, recurse: bool = True) -> JumpReLUSAE:
         """Move or cast like any module, but keep the threshold in fp32 (never rounded)."""
         kept = self.log_threshold.data

@@ -51,6 +51,12 @@ class ReLUSAE(Dictionary):
         loss = mse + sparsity_multiplier * self.sparsity_coefficient * l1
         return TrainOutput(loss, x_hat, z, {"mse": mse.detach(), "l1": l1.detach()})
 
+    @torch.no_grad()
+    def shift_sparsity(self, amount: float) -> None:
+        """b_enc ← b_enc − amount·‖W_enc,i‖: each bias moves by `amount` of its latent's
+        pre-activation scale."""
+        self.b_enc -= amount * self.encoder_norms().to(self.b_enc.dtype)
+
     def saelens_architecture(self) -> str:
         if not self.transcoder:
             return "standard"

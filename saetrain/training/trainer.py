@@ -21,7 +21,7 @@ from saetrain.dictionaries.base import (
 from saetrain.evaluation.metrics import reconstruction_metrics
 from saetrain.progress import duration, human
 from saetrain.training.checkpoint import TrainingDiverged
-from saetrain.training.l0_controller import L0Controller
+from saetrain.training.l0_controller import L0Controller, too_short
 from saetrain.training.schedules import default_lr, lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ class Trainer:
         self.l0_controller = (
             L0Controller(target_l0, cfg.target_l0_gain) if target_l0 is not None else None
         )
+        if target_l0 is not None:
+            reason = too_short(total_steps, cfg.sparsity_warmup_steps, cfg.batch_tokens, target_l0)
+            if reason is not None:
+                log.warning("%s%s", f"[{name}] " if name else "", reason)
 
     def _on_device(self, scale: Scale) -> Scale:
         """A number stays a float; per-column scales live beside the weights."""
@@ -205,6 +209,7 @@ class Trainer:
         d.after_step(out)
         if self.l0_controller is not None and step + 1 >= warmup:
             self.l0_controller.update(self.mean_l0(out, x.shape[0]))
+            d.shift_sparsity(self.l0_controller.shift)
 
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired.masked_fill_(fired_latents(out.codes, d.n_latents), 0)
