@@ -46,7 +46,7 @@ from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import replacement_lm_metrics
 from saetrain.export.extras import kind_metrics, write_extras
 from saetrain.export.hub import PublishError, check_publish, publish_folder
-from saetrain.export.norm_space import export_affines
+from saetrain.export.norm_space import export_fold
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.preflight import preflight
@@ -551,11 +551,14 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         )
         with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
             sites = setup.source.sites
-            affines = export_affines(
-                exported, [sites[s] for s in job.inputs], [sites[s] for s in job.targets]
-            )
+            inputs, targets = [sites[s] for s in job.inputs], [sites[s] for s in job.targets]
+            norm_fold = export_fold(exported, inputs, targets)
             folder = save_dictionary(
-                exported, setup.output_dir / job.name, sae_metadata, run_info, affines
+                exported,
+                setup.output_dir / job.name,
+                norm_fold.honest_metadata(sae_metadata, inputs, targets),
+                run_info,
+                norm_fold.affines,
             )
             model = setup.source.model
             write_extras(
