@@ -178,6 +178,30 @@ def test_a_saved_folder_holds_the_rewritten_weights_and_loads_back(tmp_path):
     assert torch.equal(load_dictionary(folder).W_enc, original.W_enc)
 
 
+def _saved(model: torch.nn.Module, tiny_model: Path, folder: Path) -> Path:
+    """`model` saved into `folder` with the tiny Llama's tokenizer files."""
+    model.save_pretrained(folder)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def _mlp_norm_tensors(model_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Layer 1's MLP norm, its output h (the model's own tensor) and z = g(x), what
+    TransformerLens's ln2.hook_normalized fires on, for some random tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    norm = model.model.layers[1].post_attention_layernorm
+    seen = {}
+    norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], h=out))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=_gen(2))
+    with torch.no_grad():
+        model(ids)
+    x, h = seen["x"].reshape(-1, 32), seen["h"].reshape(-1, 32)
+    z = x / (x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps).sqrt()  # TL's hook
+    return norm, h, z
+
+
 @pytest.fixture(scope="module")
 def llama_with_trained_norms(tiny_model: Path, tmp_path_factory) -> Path:
     """The tiny Llama with random MLP-norm weights: an untrained norm's affine is the identity."""
@@ -188,12 +212,7 @@ def llama_with_trained_norms(tiny_model: Path, tmp_path_factory) -> Path:
         w.data = (0.5 + torch.rand(w.shape, generator=g)) * torch.where(
             torch.rand(w.shape, generator=g) < 0.25, -1.0, 1.0
         )
-    folder = tmp_path_factory.mktemp("trained_norms")
-    model.save_pretrained(folder)
-    for f in tiny_model.iterdir():  # the tokenizer files
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
-            (folder / f.name).write_bytes(f.read_bytes())
-    return folder
+    return _saved(model, tiny_model, tmp_path_factory.mktemp("trained_norms"))
 
 
 @pytest.fixture(scope="module")
@@ -212,15 +231,7 @@ def test_a_run_on_mlp_in_exports_for_ln2_hook_normalized(llama_with_trained_norm
     assert "norm's affine is folded in" in card and NORM_FILE in card
 
     # The model's own tensors: resid_mid entering the MLP norm (h = its output).
-    model = AutoModelForCausalLM.from_pretrained(llama_with_trained_norms).eval()
-    norm = model.model.layers[1].post_attention_layernorm
-    seen = {}
-    norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], h=out))
-    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=_gen(2))
-    with torch.no_grad():
-        model(ids)
-    x, h = seen["x"].reshape(-1, 32), seen["h"].reshape(-1, 32)
-    z = x / (x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps).sqrt()  # TL's hook
+    norm, h, z = _mlp_norm_tensors(llama_with_trained_norms)
 
     # SAELens's TopK SAE from the raw file, on z; saetrain's loaded dictionary, on h.
     w = load_file(folder / "sae_weights.safetensors")
@@ -269,12 +280,7 @@ def llama_with_a_zero_norm_channel(tiny_model: Path, tmp_path_factory) -> Path:
     w = model.model.layers[1].post_attention_layernorm.weight
     w.data = 0.5 + torch.rand(w.shape, generator=_gen(12))
     w.data[7] = 0.0
-    folder = tmp_path_factory.mktemp("zero_norm")
-    model.save_pretrained(folder)
-    for f in tiny_model.iterdir():  # the tokenizer files
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
-            (folder / f.name).write_bytes(f.read_bytes())
-    return folder
+    return _saved(model, tiny_model, tmp_path_factory.mktemp("zero_norm"))
 
 
 def test_a_zero_norm_scale_folds_a_transcoder_s_input_and_names_an_sae_s_site_honestly(
@@ -310,15 +316,7 @@ def test_a_zero_norm_scale_folds_a_transcoder_s_input_and_names_an_sae_s_site_ho
     assert "could not be rewritten" in card
 
     # The model's tensors: z at TransformerLens's hook, h the norm's output (channel 7 is 0).
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    norm = model.model.layers[1].post_attention_layernorm
-    seen = {}
-    norm.register_forward_hook(lambda m, args, out: seen.update(x=args[0], h=out))
-    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=_gen(2))
-    with torch.no_grad():
-        model(ids)
-    x, h = seen["x"].reshape(-1, 32), seen["h"].reshape(-1, 32)
-    z = x / (x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps).sqrt()
+    _, h, z = _mlp_norm_tensors(model_dir)
     assert not h[:, 7].any() and bool(z[:, 7].abs().gt(0).all())
     w = load_file(tc / "sae_weights.safetensors")
     pre = z @ w["W_enc"] + w["b_enc"]  # a transcoder: no b_dec on the input
