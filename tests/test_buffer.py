@@ -257,3 +257,20 @@ def test_a_buffer_that_holds_every_row_the_run_draws_serves_them_all_without_ref
     assert counter[0] < 240 + max(CHUNK_SIZES)  # the source was read no further
     with pytest.raises(ValueError, match="more than the buffer holds"):
         buf.next_batch(1)
+
+
+def test_only_a_run_that_draws_less_than_its_buffer_gets_a_smaller_one():
+    """The default job draws 97 × 2048 rows through its 16,384-row buffer: unchanged. The issue's
+    quick look at gemma_l12 (32,768 tokens) gets 32,768 rows, not the 1,048,576 it configures."""
+    from saetrain.api import config_from_overrides
+
+    def drawn(overrides: list[str]) -> int | None:
+        cfg = config_from_overrides(overrides)
+        steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
+        return ActivationBuffer.holds_all_size(
+            cfg.buffer.size_tokens, cfg.trainer.batch_tokens, steps
+        )
+
+    assert drawn([]) is None
+    assert drawn(["+experiment=gemma_l12"]) is None
+    assert drawn(["+experiment=gemma_l12", "trainer.total_tokens=32768"]) == 32768
