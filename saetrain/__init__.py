@@ -27,7 +27,8 @@ def config_dir() -> str:
 
 # The Python API and the config dataclasses, imported on first use (PEP 562) so that
 # `import saetrain` loads neither torch nor Hydra: the sweep callback imports it in every run.
-_API = ("config_from_overrides", "check", "train", "load", "read_activations", "TrainResult",
+_API = ("config_from_overrides", "check", "train", "load", "read_activations",
+        "collect_activations", "gather_activations", "TrainResult",
         "TrainedDictionary")  # fmt: skip
 _CONFIG = ("Config", "ConfigError", "ModelConfig", "DataConfig", "SiteConfig", "BufferConfig",
            "CacheConfig", "CheckpointConfig", "DictionaryConfig", "TrainerConfig", "EvalConfig",

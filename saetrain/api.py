@@ -10,7 +10,9 @@ give the same config, the same checks, the same folders and the same numbers:
 - `train(cfg, output_dir)` calls `saetrain.run.run()` and hands back every trained dictionary,
   loaded from its saved folder (folded: it works on raw activations), with its metrics;
 - `load(folder)` loads any SAELens-layout folder saetrain's loader understands;
-- `read_activations(text, site, model)` reads an LM's activations at a site for some text.
+- `read_activations(text, site, model)` reads an LM's activations at a site for some text;
+- `collect_activations(sites, n_tokens, cfg)` streams a dataset's activations in batches (a
+  run's training stream or held-out split), `gather_activations` collects them into tensors.
 
 Nothing heavy is imported at module level: `import saetrain` stays cheap.
 """
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from saetrain.config import Config, ModelConfig
+    from saetrain.config import Config, DataConfig, ModelConfig
     from saetrain.dictionaries.base import Dictionary
 
 log = logging.getLogger(__name__)
@@ -244,16 +246,10 @@ def read_activations(
     """
     import torch
 
-    from saetrain.activations.model import load_lm, resolve_device
     from saetrain.activations.source import ActivationSource
     from saetrain.config import ModelConfig
 
-    model = model if model is not None else ModelConfig()
-    device = resolve_device(model.device)
-    key = f"{model!r}@{device}"
-    if key not in _LMS:
-        _LMS[key] = load_lm(model, device)
-    lm, tokenizer = _LMS[key]
+    lm, tokenizer = _lm(model if model is not None else ModelConfig())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prepend_bos and bos is None:
@@ -263,3 +259,124 @@ def read_activations(
         raise ValueError("the text has no tokens")
     acts = ActivationSource(lm, [site])(torch.tensor([ids]))[site][0]
     return acts[1:] if prepend_bos else acts
+
+
+def _lm(model: ModelConfig) -> tuple[Any, Any]:
+    """The LM and tokenizer of `model`, loaded once per config and device."""
+    from saetrain.activations.model import load_lm, resolve_device
+
+    device = resolve_device(model.device)
+    key = f"{model!r}@{device}"
+    if key not in _LMS:
+        _LMS[key] = load_lm(model, device)
+    return _LMS[key]
+
+
+def collect_activations(
+    sites: str | Sequence[str],
+    n_tokens: int,
+    cfg: Config | Sequence[str] | None = None,
+    *,
+    split: str = "train",
+    batch_rows: int = 4096,
+    model: ModelConfig | None = None,
+    data: DataConfig | None = None,
+    cache_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A dataset's activations at `sites`, `batch_rows` rows at a time: {site: [rows, width]}.
+
+    The rows are those a run of `cfg` (a Config or overrides; default the default job) reads:
+    `split="train"` its training stream (before the buffer's shuffle), `"held_out"` its held-out
+    contexts in its order — the same documents and seed give the same rows, so a metric computed
+    on them matches the run's. One row per token that is not special (BOS, separators), the
+    sites' rows aligned. `model` / `data` replace the config's; `cache_dir` (default
+    `cfg.cache.dir`) reads and extends the activation cache of the training stream, under the key
+    a run with the same sites in the same order uses. At most `n_tokens` rows in all; memory
+    holds one batch and one LM batch, and the LM runs only as far as the batches taken. Progress
+    lines (rows, rate, ETA) print where logging is not configured (`verbose`).
+    """
+    from saetrain.activations.collect import check_request
+    from saetrain.activations.sites import canonical_site_name
+    from saetrain.activations.tokens import check_dataset
+
+    names = [sites] if isinstance(sites, str) else list(sites)
+    check_request(names, n_tokens, split, batch_rows)
+    names = [canonical_site_name(site) for site in names]  # an unknown site fails now
+    cfg = _request_config(cfg, model, data, cache_dir)
+    check_dataset(cfg.data)  # a missing path or column fails before the LM loads
+    return _collected(cfg, names, n_tokens, split, batch_rows, verbose)
+
+
+def _collected(
+    cfg: Config, sites: list[str], n_tokens: int, split: str, batch_rows: int, verbose: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    """collect_activations's batches: the LM loads at the first one."""
+    from saetrain.activations.cache import ActivationCache, activation_key_fields
+    from saetrain.activations.collect import collect
+    from saetrain.activations.model import TORCH_DTYPES
+    from saetrain.activations.source import ActivationSource
+    from saetrain.activations.tokens import TokenSource
+
+    dtype = TORCH_DTYPES[cfg.buffer.dtype]
+    with _progress_to_stdout(verbose):
+        lm, tokenizer = _lm(cfg.model)
+        source = ActivationSource(lm, sites)
+        cache = None
+        if cfg.cache.dir is not None and split == "train":  # the cache holds training streams
+            cache = ActivationCache(
+                cfg.cache.dir, activation_key_fields(cfg, sites), dict(source.widths), dtype,
+                cfg.cache.shard_tokens, cfg.cache.verify,
+            )  # fmt: skip
+        tokens = TokenSource(cfg.data, tokenizer, cfg.seed)
+        yield from collect(
+            source, tokens, sites, n_tokens, split, batch_rows, dtype,
+            cfg.buffer.lm_batch_contexts, cache, cfg.seed,
+        )  # fmt: skip
+
+
+def _request_config(
+    cfg: Config | Sequence[str] | None,
+    model: ModelConfig | None,
+    data: DataConfig | None,
+    cache_dir: str | Path | None,
+) -> Config:
+    """The run config whose stream `collect_activations` reads, with the caller's replacements."""
+    import dataclasses
+
+    if cfg is None:
+        cfg = config_from_overrides([])
+    elif _is_overrides(cfg):
+        cfg = config_from_overrides(cfg)  # type: ignore[arg-type]
+    else:
+        cfg = check(cfg)  # type: ignore[arg-type]
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=model)
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=data)
+    if cache_dir is not None:
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, dir=str(cache_dir)))
+    return cfg
+
+
+def gather_activations(
+    sites: str | Sequence[str],
+    n_tokens: int,
+    cfg: Config | Sequence[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """`collect_activations` gathered into one [rows, width] tensor per site (rows ≤ n_tokens,
+    fewer only where the held-out split ends): memory is the budget n_tokens × width (per site)
+    and one batch. The keyword arguments are collect_activations's."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    filled = 0
+    for batch in collect_activations(sites, n_tokens, cfg, **kwargs):
+        n = next(iter(batch.values())).shape[0]
+        for site, rows in batch.items():
+            if site not in out:
+                out[site] = torch.empty(n_tokens, rows.shape[1], dtype=rows.dtype)
+            out[site][filled : filled + n] = rows.cpu()
+        filled += n
+    return {site: rows[:filled] for site, rows in out.items()}

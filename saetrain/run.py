@@ -47,7 +47,7 @@ from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import replacement_lm_metrics
 from saetrain.export.extras import kind_metrics, write_extras
 from saetrain.export.hub import PublishError, check_publish, publish_folder
-from saetrain.export.norm_space import export_affines
+from saetrain.export.norm_space import export_fold
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.preflight import preflight, starting_point
@@ -335,6 +335,20 @@ def _train(setup: _Setup) -> dict[str, Any]:
     # This rank's buffer and batch: its share of the global ones (all of them in one process).
     buffer_tokens = dp.local(cfg.buffer.size_tokens)
     batch_tokens = dp.local(cfg.trainer.batch_tokens)
+    # A run that draws fewer rows than the buffer holds reads only those (a quick look before a
+    # long run does not fill a long run's buffer first).
+    drawn = ActivationBuffer.holds_all_size(buffer_tokens, batch_tokens, total_steps)
+    if drawn is not None:
+        log.info(
+            "buffer: this run draws %d rows (%d steps × %d), fewer than the buffer's %d "
+            "(buffer.size_tokens); "
+            "the buffer holds just those (filled once, shuffled, never refilled)",
+            drawn,
+            total_steps,
+            batch_tokens,
+            buffer_tokens,
+        )
+        buffer_tokens = drawn
     stop = StopRequest()
     pipeline_start = time.time()
     stream = TrainingStream(
@@ -346,7 +360,9 @@ def _train(setup: _Setup) -> dict[str, Any]:
         cache,
         _prefetch_batches(cfg, device),
         torch.Generator().manual_seed(cfg.seed + 1),
-        limit_tokens=ActivationBuffer.rows_needed(buffer_tokens, batch_tokens, total_steps),
+        limit_tokens=ActivationBuffer.rows_needed(
+            buffer_tokens, batch_tokens, total_steps, holds_all=drawn is not None
+        ),
         position=checkpoint["stream"] if checkpoint is not None else None,
     )
     try:
@@ -358,6 +374,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
             device,
             torch.Generator().manual_seed(dp.seed(cfg.seed)),
             state=checkpoint["buffer"] if checkpoint is not None else None,
+            holds_all=drawn is not None,
         )
         log.info(
             "buffer: %d tokens × %d sites (%d wide in all) (%s) = %.1f MiB on %s",
@@ -470,6 +487,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
     stream_info = {
         "sites": sites,
         "buffer_tokens": cfg.buffer.size_tokens,
+        "buffer_rows": buffer.size,  # this rank's: fewer when the run draws fewer (holds_all)
         "buffer_bytes": buffer.storage_bytes(),
         "lm_tokens": lm_tokens,
         "lm_contexts": lm_contexts,
@@ -548,11 +566,14 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
         )
         with phase(f"{_tag(job, jobs)}export to {setup.output_dir / job.name}"):
             sites = setup.source.sites
-            affines = export_affines(
-                exported, [sites[s] for s in job.inputs], [sites[s] for s in job.targets]
-            )
+            inputs, targets = [sites[s] for s in job.inputs], [sites[s] for s in job.targets]
+            norm_fold = export_fold(exported, inputs, targets)
             folder = save_dictionary(
-                exported, setup.output_dir / job.name, sae_metadata, run_info, affines
+                exported,
+                setup.output_dir / job.name,
+                norm_fold.honest_metadata(sae_metadata, inputs, targets),
+                run_info,
+                norm_fold.affines,
             )
             model = setup.source.model
             write_extras(

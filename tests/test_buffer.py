@@ -232,3 +232,45 @@ def test_storage_dtype_conversion():
     assert batch.dtype == torch.bfloat16
     ids = batch[:, 0].float()
     torch.testing.assert_close(batch[:, 1].float(), (2 * ids).bfloat16().float())
+
+
+def test_a_buffer_that_holds_every_row_the_run_draws_serves_them_all_without_refilling():
+    """A run of 5 steps of 48 draws 240 rows: its buffer holds those, read once, all served."""
+    batch, steps = 48, 5
+    size = ActivationBuffer.holds_all_size(4096, batch, steps)
+    assert size == 240
+    assert ActivationBuffer.holds_all_size(240, batch, steps) is None  # a buffer's worth: as ever
+    counter = [0]
+    buf = ActivationBuffer(
+        _source(counter=counter),
+        size=size,
+        d=D,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        holds_all=True,
+    )
+    served = [i for _ in range(steps) for i in _ids(buf.next_batch(batch))]
+    assert sorted(served) == list(range(240)) and served != sorted(served)  # all, shuffled
+    assert buf.refills == 0
+    assert ActivationBuffer.rows_needed(size, batch, steps, holds_all=True) == 240
+    assert counter[0] < 240 + max(CHUNK_SIZES)  # the source was read no further
+    with pytest.raises(ValueError, match="more than the buffer holds"):
+        buf.next_batch(1)
+
+
+def test_only_a_run_that_draws_less_than_its_buffer_gets_a_smaller_one():
+    """The default job draws 97 × 2048 rows through its 16,384-row buffer: unchanged. The issue's
+    quick look at gemma_l12 (32,768 tokens) gets 32,768 rows, not the 1,048,576 it configures."""
+    from saetrain.api import config_from_overrides
+
+    def drawn(overrides: list[str]) -> int | None:
+        cfg = config_from_overrides(overrides)
+        steps = max(cfg.trainer.total_tokens // cfg.trainer.batch_tokens, 1)
+        return ActivationBuffer.holds_all_size(
+            cfg.buffer.size_tokens, cfg.trainer.batch_tokens, steps
+        )
+
+    assert drawn([]) is None
+    assert drawn(["+experiment=gemma_l12"]) is None
+    assert drawn(["+experiment=gemma_l12", "trainer.total_tokens=32768"]) == 32768

@@ -85,3 +85,25 @@ def test_context_longer_than_the_model_allows_is_named(tiny_model, corpus, tmp_p
     cfg = replace(cfg, data=replace(cfg.data, context_size=4096))
     with pytest.raises(ConfigError, match="data.context_size=4096.*max_position_embeddings"):
         run(cfg, tmp_path)
+
+
+def test_a_short_run_reads_only_the_tokens_it_trains_on(tiny_model, corpus, tmp_path, caplog):
+    """A quick look (4 steps of 64 tokens) with a long run's buffer (2¹⁸ rows): the LM runs on
+    the 256 rows trained on (up to one LM batch more), not on a whole buffer first."""
+    cfg = _config(tiny_model, corpus, "topk", None)
+    cfg = replace(
+        cfg,
+        buffer=replace(cfg.buffer, size_tokens=2**18),
+        trainer=replace(cfg.trainer, total_tokens=256, batch_tokens=64, init_batches=1),
+    )
+    with caplog.at_level("INFO", logger="saetrain"):
+        result = run(cfg, tmp_path)
+    stream = json.loads((result.dictionary_dir / "saetrain_run.json").read_text())["stream"]
+    lm_batch_rows = cfg.buffer.lm_batch_contexts * (cfg.data.context_size - 1)
+    assert 256 <= stream["lm_tokens"] < 256 + lm_batch_rows
+    assert stream["buffer_rows"] == 256 and stream["buffer_tokens"] == 2**18
+    said = [r.getMessage() for r in caplog.records if "this run draws" in r.getMessage()]
+    assert said == [
+        "buffer: this run draws 256 rows (4 steps × 64), fewer than the buffer's 262144 "
+        "(buffer.size_tokens); the buffer holds just those (filled once, shuffled, never refilled)"
+    ]

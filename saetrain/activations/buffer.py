@@ -4,6 +4,10 @@ Consecutive tokens of one context are strongly correlated; training on them in o
 buffer holds `size` activations, serves them in random order and, once half have been drawn,
 overwrites exactly the drawn rows with fresh ones and reshuffles. Every activation the source
 makes is drawn exactly once, and memory stays at `size × d` whatever the run's length.
+
+A run that draws fewer rows than the buffer holds gets a buffer of exactly those rows
+(`holds_all`): filled once, shuffled once, drawn to its end, never refilled — so a short look
+before a long run does not pay the LM for a whole buffer it never trains on.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ class ActivationBuffer:
         device: torch.device,
         generator: torch.Generator,
         state: dict[str, Any] | None = None,
+        holds_all: bool = False,
     ):
         self._chunks = chunks
         self._leftover: torch.Tensor | None = None
         self.size = size
+        # Every row the run draws is in the first fill: draws go on past half, nothing is refilled.
+        self.holds_all = holds_all
         self.generator = generator
         self.storage = torch.empty(size, d, dtype=dtype, device=device)
         self.tokens_served = 0
@@ -72,9 +79,18 @@ class ActivationBuffer:
         self.refills = int(state["refills"])
 
     @staticmethod
-    def rows_needed(size: int, batch: int, steps: int) -> int:
+    def holds_all_size(size: int, batch: int, steps: int) -> int | None:
+        """The rows a run draws (`steps × batch`) when fewer than `size`: the buffer it needs
+        then holds just those (`holds_all`); None when the run draws a buffer or more."""
+        rows = batch * steps
+        return rows if rows < size else None
+
+    @staticmethod
+    def rows_needed(size: int, batch: int, steps: int, holds_all: bool = False) -> int:
         """How many rows the source must supply for `steps` draws of `batch` (no more is read,
         so a stream can stop the LM — and the cache — exactly there)."""
+        if holds_all:  # its one fill
+            return size
         total, pos = size, 0
         for _ in range(steps):
             if pos + batch > size // 2:
@@ -131,12 +147,22 @@ class ActivationBuffer:
 
     def next_batch(self, n: int) -> torch.Tensor:
         """n activations drawn without replacement from the current contents."""
+        if self.holds_all:
+            if self._pos + n > self.size:
+                raise ValueError(
+                    f"batch of {n} after {self._pos} draws is more than the buffer holds "
+                    f"({self.size}: every row the run was to draw)"
+                )
+            return self._draw(n)
         if n > self.size // 2:
             raise ValueError(f"batch of {n} is more than half the buffer ({self.size})")
         if self._pos + n > self.size // 2:
             self._fill(self._order[: self._pos])
             self._reshuffle()
             self.refills += 1
+        return self._draw(n)
+
+    def _draw(self, n: int) -> torch.Tensor:
         rows = self._order[self._pos : self._pos + n]
         self._pos += n
         self.tokens_served += n

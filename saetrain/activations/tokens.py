@@ -361,6 +361,12 @@ class TokenSource:
             )
         return list(batched(iter(contexts), batch_size, self.packer))
 
+    def held_out_stream(self, batch_size: int) -> Iterator[TokenBatch]:
+        """Every held-out context in the order `held_out` takes them, batch by batch (nothing
+        is held but the batch being packed)."""
+        return batched(self.packer.contexts(self._docs(held_out=True, epoch=0)), batch_size,
+                       self.packer)  # fmt: skip
+
     def training(self, batch_size: int, skip_contexts: int = 0) -> Iterator[TokenBatch]:
         """Endless training batches of this rank's contexts, epoch after epoch.
 

@@ -188,6 +188,20 @@ def render_model_card(
                 "the model's own MLP input's).",
                 "",
             ]
+    if meta.get("saetrain_hook_not_transformer_lens"):
+        why = meta["saetrain_hook_not_transformer_lens"]
+        reasons = "; ".join(f"{side}: {text}" for side, text in why.items())
+        lines += [
+            f"Its hook is named `{meta.get('hook_name')}`"
+            + (f" → `{meta['hook_name_out']}`" if "hook_name_out" in meta else "")
+            + ", saetrain's site names, not TransformerLens hooks: the TransformerLens hook "
+            "for that site (`ln2.hook_normalized`) fires before the MLP norm's scale, and this "
+            "dictionary could not be rewritten for that tensor, so its weights are for the "
+            f"model's own tensor (the norm's output) — {reasons}. Attach it to the norm's "
+            "output (saetrain: `read_activations(text, site)`); at `ln2.hook_normalized` it "
+            "would read another tensor.",
+            "",
+        ]
     lines += [
         "With saetrain:",
         "",

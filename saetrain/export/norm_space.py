@@ -11,6 +11,14 @@ z = g(x): W_enc·diag(a), the decoder divided by a, the biases shifted so that e
 pre-activation, code and reconstruction is the same (`to_norm_space`). The affine (a, c) of each
 side is kept beside it in `saetrain_norm_affine.safetensors`, and `load_dictionary` undoes the
 fold (`from_norm_space`), so saetrain itself always works on the model's own tensors.
+
+A zero in a (Gemma's 1 + weight with weight −1) keeps the input-side fold exact: the model's
+channel is the constant c there, the rewritten encoder reads z's channel times zero, and undoing
+it (zero for 1/0) gives a dictionary equal to the trained one on every tensor the model makes.
+Only a target side needs 1/a (a decoder written for z would have to predict a channel the model
+never passes on): that side, and both sides of an SAE (one tensor), stay on the model's tensors,
+and cfg.json names the site by saetrain's name, not by the TransformerLens hook that would be
+another tensor (`NormFold.honest_metadata`).
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +44,11 @@ PRE_AFFINE_KINDS = ("mlp_in",)
 
 
 class NormFoldError(ValueError):
-    """A norm that is not g(x)·a + c, or an affine that cannot be undone (a zero scale)."""
+    """A norm that is not g(x)·a + c, or a fold that needs 1/a where a is zero."""
+
+
+# A scale this small against the largest is a zero: the channel carries nothing past the norm.
+ZERO_SCALE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -45,8 +58,24 @@ class Affine:
     scale: torch.Tensor  # [d]
     shift: torch.Tensor  # [d]
 
+    def zero_channels(self) -> list[int]:
+        """The channels whose scale is zero: h is the constant shift there, whatever z."""
+        size = self.scale.abs().max()
+        return torch.nonzero(self.scale.abs() <= ZERO_SCALE * size).flatten().tolist()
+
     def inverse(self) -> Affine:
-        return Affine(1.0 / self.scale, -self.shift / self.scale)
+        """z from h; at a zero scale's channel (h constant, z lost) 0, so a dictionary rewritten
+        with it reads that channel as the constant the model always has there."""
+        zero = torch.zeros_like(self.scale, dtype=torch.bool)
+        zero[self.zero_channels()] = True
+        safe = torch.where(zero, torch.ones_like(self.scale), self.scale)
+        scale = torch.where(zero, torch.zeros_like(self.scale), 1.0 / safe)
+        return Affine(scale, torch.where(zero, torch.zeros_like(self.shift), -self.shift / safe))
+
+
+def _channels(channels: list[int]) -> str:
+    shown = ", ".join(str(c) for c in channels[:8])
+    return f"channel{'s' if len(channels) > 1 else ''} {shown}{', …' if len(channels) > 8 else ''}"
 
 
 def _probe_direction(d: int) -> torch.Tensor:
@@ -88,8 +117,6 @@ def norm_affine(norm: nn.Module, d: int) -> Affine:
     size = got.abs().max().item()
     for g in candidates.values():
         if (g * scale + shift - got).abs().max().item() <= 1e-4 * max(size, 1.0):
-            if not bool((scale.abs() > 1e-6 * scale.abs().max()).all()):
-                raise NormFoldError(f"{type(norm).__name__} has a zero scale: cannot be undone")
             return Affine(scale.float(), shift.float())
     raise NormFoldError(
         f"{type(norm).__name__} is not a normalisation followed by a per-column affine "
@@ -101,9 +128,15 @@ def norm_affine(norm: nn.Module, d: int) -> Affine:
 def to_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
     """A copy of `dictionary` that, fed z with x = z·a_in + c_in, gives the original's codes of x
     and predicts z_t with y = z_t·a_out + c_out: for TransformerLens's pre-affine tensors at the
-    sides given (None: that side as is)."""
+    sides given (None: that side as is). A zero input scale is fine (that channel is read
+    times zero); a zero target scale is refused: predicting z_t there would divide by it."""
     if getattr(dictionary, "kind", "single") != "single":
         raise NormFoldError(f"a {dictionary.kind} dictionary is not rewritten (single only)")
+    if out is not None and (zero := out.zero_channels()):
+        raise NormFoldError(
+            f"the target norm has a zero scale at {_channels(zero)}: a decoder for the tensor "
+            "before the scale would have to divide by it"
+        )
     d = copy.deepcopy(dictionary)
     like = d.W_enc
     c_in = inp.shift.to(like) if inp is not None else torch.zeros(d.d_in).to(like)
@@ -127,7 +160,9 @@ def to_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None
 
 
 def from_norm_space(dictionary: Dictionary, inp: Affine | None, out: Affine | None) -> Dictionary:
-    """The inverse of `to_norm_space` with the same affines: back to the model's tensors."""
+    """The inverse of `to_norm_space` with the same affines: back to the model's tensors (a
+    zero input scale's channel is then read as the model's constant there: exact on every
+    tensor the model makes)."""
     return to_norm_space(
         dictionary, inp.inverse() if inp is not None else None, out.inverse() if out else None
     )
@@ -166,31 +201,125 @@ def site_affine(module: nn.Module, kind: str, width: int) -> Affine | None:
     return norm_affine(module, width) if kind in PRE_AFFINE_KINDS else None
 
 
+@dataclass(frozen=True)
+class NormFold:
+    """What `save_dictionary` folds for a trained dictionary, and what it cannot.
+
+    `inp` / `out`: the affines folded at the input and target sides (None: that side is saved on
+    the model's tensor); `unfolded`: each side read before a norm's affine in TransformerLens but
+    saved on the model's tensor, with why — its hook name would mean another tensor.
+    """
+
+    inp: Affine | None = None
+    out: Affine | None = None
+    unfolded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def affines(self) -> tuple[Affine | None, Affine | None] | None:
+        return (self.inp, self.out) if self.inp is not None or self.out is not None else None
+
+    def honest_metadata(
+        self, metadata: dict[str, Any], inputs: list[ResolvedSite], targets: list[ResolvedSite]
+    ) -> dict[str, Any]:
+        """cfg.json's metadata with each unfolded side named by its saetrain site (`mlp_in.12`),
+        not by the TransformerLens hook that fires on the tensor before the norm's scale, and the
+        reason in `saetrain_hook_not_transformer_lens` (the model card prints it)."""
+        if not self.unfolded:
+            return metadata
+        metadata = dict(metadata)
+        for side, key, sites in (
+            ("input", "hook_name", inputs),
+            ("target", "hook_name_out", targets),
+        ):
+            if side in self.unfolded and key in metadata:
+                metadata[key] = sites[0].site.name
+        metadata["saetrain_hook_not_transformer_lens"] = dict(self.unfolded)
+        return metadata
+
+
+def _side_affine(
+    site: ResolvedSite, width: int, side: str, unfolded: dict[str, str]
+) -> Affine | None:
+    """The site's affine, or None (recorded in `unfolded`) for a module that is not a norm."""
+    try:
+        return site_affine(site.module, site.site.kind, width)
+    except NormFoldError as e:
+        unfolded[side] = str(e)
+        return None
+
+
+def export_fold(
+    dictionary: Dictionary, inputs: list[ResolvedSite], targets: list[ResolvedSite]
+) -> NormFold:
+    """What `save_dictionary` folds for a trained dictionary (see NormFold); what it cannot
+    fold is reported.
+
+    Only single-site dictionaries, the ones SAELens loads; a crosscoder's or CLT's layout is
+    saetrain's own and keeps the model's tensors. An input side is folded whenever its module is
+    a norm (a zero scale included); a target side only where no scale is zero; an SAE (one tensor
+    in and out) on both sides or neither.
+    """
+    fold = _plan(dictionary, inputs, targets)
+    for side, sites in (("input", inputs), ("target", targets)):
+        if side in fold.unfolded:
+            site = sites[0]
+            log.warning(
+                "%s (%s side) is saved on the model's own tensors and named %s in cfg.json, not "
+                "TransformerLens's %s (another tensor): %s",
+                site.site.name, side, site.site.name, site.tl_hook_name, fold.unfolded[side],
+            )  # fmt: skip
+    return fold
+
+
+def _plan(
+    dictionary: Dictionary, inputs: list[ResolvedSite], targets: list[ResolvedSite]
+) -> NormFold:
+    if dictionary.kind != "single" or len(inputs) != 1 or len(targets) != 1:
+        return NormFold()
+    src, dst = inputs[0], targets[0]
+    unfolded: dict[str, str] = {}
+    inp = _side_affine(src, dictionary.d_in, "input", unfolded)
+    sae = dst.module is src.module and dst.site == src.site
+    if sae:
+        out = inp
+        if "input" in unfolded:
+            unfolded["target"] = unfolded["input"]
+    else:
+        out = _side_affine(dst, dictionary.d_out, "target", unfolded)
+    if out is not None and (zero := out.zero_channels()):
+        reason = (
+            f"{dst.site.name}'s norm has a zero scale at {_channels(zero)}: the tensor before the "
+            "scale carries what the model drops there, which no dictionary trained on the "
+            "model's tensor can predict"
+        )
+        unfolded["target"] = reason
+        out = None
+        if sae:  # one tensor: folding the input alone would make it a transcoder of two tensors
+            unfolded["input"], inp = reason, None
+    return NormFold(inp, out, unfolded)
+
+
 def export_affines(
     dictionary: Dictionary, inputs: list[ResolvedSite], targets: list[ResolvedSite]
 ) -> tuple[Affine | None, Affine | None] | None:
-    """What `save_dictionary` folds for a trained dictionary: (input, target) affines, or None.
-
-    Only single-site dictionaries, the ones SAELens loads; a crosscoder's or CLT's layout is
-    saetrain's own and keeps the model's tensors. A norm that cannot be folded is reported and
-    the dictionary saved as it is.
-    """
-    if dictionary.kind != "single" or len(inputs) != 1 or len(targets) != 1:
-        return None
-    src, dst = inputs[0], targets[0]
-    try:
-        inp = site_affine(src.module, src.site.kind, dictionary.d_in)
-        if dst.module is src.module and dst.site == src.site:  # an SAE: one tensor
-            out = inp
-        else:
-            out = site_affine(dst.module, dst.site.kind, dictionary.d_out)
-    except NormFoldError as e:
+    """The (input, target) affines that rewrite between the model's tensors and
+    TransformerLens's exactly both ways (no zero scale on either side: another tool's
+    dictionary reads the channel the norm drops), or None; a norm that does not allow it is
+    reported."""
+    fold = _plan(dictionary, inputs, targets)
+    why = next(iter(fold.unfolded.values()), None)
+    if why is None and fold.inp is not None and (zero := fold.inp.zero_channels()):
+        why = (
+            f"{inputs[0].site.name}'s norm has a zero scale at {_channels(zero)}: the tensor "
+            "before it cannot be recovered from the model's"
+        )
+    if why is not None:
         log.warning(
-            "%s is saved on the model's own tensors, not for TransformerLens's %s: %s",
-            src.site.name, src.tl_hook_name, e,
+            "%s is read on the model's own tensors, not TransformerLens's %s: %s",
+            inputs[0].site.name, inputs[0].tl_hook_name, why,
         )  # fmt: skip
         return None
-    return (inp, out) if inp is not None or out is not None else None
+    return fold.affines
 
 
 def foreign_to_model_space_(
