@@ -39,14 +39,19 @@ def _perturb(module: torch.nn.Module, seed: int = 1) -> None:
     non-zero, decoder rows of varied norm, so that no field's effect hides behind an init."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.2))
 
 
-def _write_expected(folder: Path, x: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor) -> None:
+def _write_expected(
+    folder: Path, x: torch.Tensor, codes: torch.Tensor, recon: torch.Tensor
+) -> None:
     save_file(
-        {"x": x.contiguous(), "codes": codes.detach().contiguous(),
-         "recon": recon.detach().contiguous()},
+        {
+            "x": x.contiguous(),
+            "codes": codes.detach().contiguous(),
+            "recon": recon.detach().contiguous(),
+        },
         str(folder / "expected.safetensors"),
     )
 
@@ -85,8 +90,9 @@ def sparsify_cases() -> None:
     run = ROOT / "sparsify" / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(ROOT / "sparsify" / "topk", run / "layers.3")
-    (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M",
-                                                 "ctx_len": 64, "sae": {}}))
+    (run / "config.json").write_text(
+        json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "ctx_len": 64, "sae": {}})
+    )
 
 
 # -- SAELens ----------------------------------------------------------------------------------
@@ -142,34 +148,62 @@ def saelens_cases() -> None:
     # decoder rows are not unit norm, saved in the training format.
     training("topk_training_rescale", sl.TopKTrainingSAE, sl.TopKTrainingSAEConfig, k=4)
     inference("topk", sl.TopKSAE, sl.TopKSAEConfig, k=4)
-    inference("topk_inference_rescale", sl.TopKSAE, sl.TopKSAEConfig, k=4,
-              rescale_acts_by_decoder_norm=True)
+    inference(
+        "topk_inference_rescale",
+        sl.TopKSAE,
+        sl.TopKSAEConfig,
+        k=4,
+        rescale_acts_by_decoder_norm=True,
+    )
     inference("standard", sl.StandardSAE, sl.StandardSAEConfig)
     inference("gated", sl.GatedSAE, sl.GatedSAEConfig)
     # Gemma Scope's form: a JumpReLU whose encoder reads x itself.
-    inference("jumprelu_no_b_dec_input", sl.JumpReLUSAE, sl.JumpReLUSAEConfig,
-              apply_b_dec_to_input=False)
+    inference(
+        "jumprelu_no_b_dec_input", sl.JumpReLUSAE, sl.JumpReLUSAEConfig, apply_b_dec_to_input=False
+    )
     inference("jumprelu", sl.JumpReLUSAE, sl.JumpReLUSAEConfig)
     inference("standard_training", sl.StandardTrainingSAE, sl.StandardTrainingSAEConfig)
 
     def set_threshold(sae) -> None:
         sae.topk_threshold = torch.tensor(0.15, dtype=torch.double)
 
-    training("batchtopk_training", sl.BatchTopKTrainingSAE, sl.BatchTopKTrainingSAEConfig,
-             perturb=set_threshold, k=4)
-    training("matryoshka_batchtopk_training", sl.MatryoshkaBatchTopKTrainingSAE,
-             sl.MatryoshkaBatchTopKTrainingSAEConfig, perturb=set_threshold, k=4,
-             matryoshka_widths=[8, 32])
-    inference("transcoder", sl.Transcoder, sl.TranscoderConfig, d_out=12,
-              apply_b_dec_to_input=False)
-    inference("skip_transcoder", sl.SkipTranscoder, sl.SkipTranscoderConfig, d_out=D_IN,
-              apply_b_dec_to_input=False)
-    inference("jumprelu_transcoder", sl.JumpReLUTranscoder, sl.JumpReLUTranscoderConfig,
-              d_out=12, apply_b_dec_to_input=False)
+    training(
+        "batchtopk_training",
+        sl.BatchTopKTrainingSAE,
+        sl.BatchTopKTrainingSAEConfig,
+        perturb=set_threshold,
+        k=4,
+    )
+    training(
+        "matryoshka_batchtopk_training",
+        sl.MatryoshkaBatchTopKTrainingSAE,
+        sl.MatryoshkaBatchTopKTrainingSAEConfig,
+        perturb=set_threshold,
+        k=4,
+        matryoshka_widths=[8, 32],
+    )
+    inference(
+        "transcoder", sl.Transcoder, sl.TranscoderConfig, d_out=12, apply_b_dec_to_input=False
+    )
+    inference(
+        "skip_transcoder",
+        sl.SkipTranscoder,
+        sl.SkipTranscoderConfig,
+        d_out=D_IN,
+        apply_b_dec_to_input=False,
+    )
+    inference(
+        "jumprelu_transcoder",
+        sl.JumpReLUTranscoder,
+        sl.JumpReLUTranscoderConfig,
+        d_out=12,
+        apply_b_dec_to_input=False,
+    )
     # Refused: written by SAELens with these settings (expected numbers from SAELens too).
     for norm in ("layer_norm", "constant_norm_rescale", "expected_average_only_in"):
-        inference(f"normalize_{norm}", sl.StandardSAE, sl.StandardSAEConfig,
-                  normalize_activations=norm)
+        inference(
+            f"normalize_{norm}", sl.StandardSAE, sl.StandardSAEConfig, normalize_activations=norm
+        )
     head = inference("hook_head_index", sl.StandardSAE, sl.StandardSAEConfig)
     cfg = json.loads((head / "cfg.json").read_text())
     cfg["metadata"]["hook_name"] = "blocks.0.attn.hook_z"
@@ -181,9 +215,13 @@ def saelens_cases() -> None:
     meta = cfg.pop("metadata")
     for key in ("architecture", "k", "rescale_acts_by_decoder_norm"):
         cfg.pop(key)
-    cfg.update(activation_fn_str="topk", activation_fn_kwargs={"k": 4},
-               model_name=meta.get("model_name"), hook_name="blocks.0.hook_resid_post",
-               sae_lens_training_version="3.0.0")
+    cfg.update(
+        activation_fn_str="topk",
+        activation_fn_kwargs={"k": 4},
+        model_name=meta.get("model_name"),
+        hook_name="blocks.0.hook_resid_post",
+        sae_lens_training_version="3.0.0",
+    )
     (legacy / "cfg.json").write_text(json.dumps(cfg))
     _saelens_expected(legacy)
 
@@ -205,11 +243,19 @@ def dictionary_learning_cases() -> None:
             ae.threshold.fill_(0.15)
         folder = _fresh("dictionary_learning", name)
         torch.save({k: v.cpu() for k, v in ae.state_dict().items()}, folder / "ae.pt")
-        config = {"trainer": {"trainer_class": trainer_class, "dict_class": type(ae).__name__,
-                              "activation_dim": D_IN, "dict_size": N_LATENTS, "layer": 3,
-                              "lm_name": "HuggingFaceTB/SmolLM2-135M",
-                              "submodule_name": "resid_post_layer_3", **trainer},
-                  "buffer": {"d_submodule": D_IN, "ctx_len": 64}}
+        config = {
+            "trainer": {
+                "trainer_class": trainer_class,
+                "dict_class": type(ae).__name__,
+                "activation_dim": D_IN,
+                "dict_size": N_LATENTS,
+                "layer": 3,
+                "lm_name": "HuggingFaceTB/SmolLM2-135M",
+                "submodule_name": "resid_post_layer_3",
+                **trainer,
+            },
+            "buffer": {"d_submodule": D_IN, "ctx_len": 64},
+        }
         (folder / "config.json").write_text(json.dumps(config, indent=4))
         x = _inputs()
         with torch.no_grad():
@@ -222,8 +268,13 @@ def dictionary_learning_cases() -> None:
     case("gated", GatedAutoEncoder(D_IN, N_LATENTS), "GatedSAETrainer")
     case("topk", AutoEncoderTopK(D_IN, N_LATENTS, 4), "TopKTrainer", k=4)
     case("batchtopk", BatchTopKSAE(D_IN, N_LATENTS, 4), "BatchTopKTrainer", k=4)
-    case("matryoshka_batchtopk", MatryoshkaBatchTopKSAE(D_IN, N_LATENTS, 4, [8, 24]),
-         "MatryoshkaBatchTopKTrainer", k=4, group_fractions=[0.25, 0.75])
+    case(
+        "matryoshka_batchtopk",
+        MatryoshkaBatchTopKSAE(D_IN, N_LATENTS, 4, [8, 24]),
+        "MatryoshkaBatchTopKTrainer",
+        k=4,
+        group_fractions=[0.25, 0.75],
+    )
     case("jumprelu", JumpReluAutoEncoder(D_IN, N_LATENTS), "JumpReluTrainer")
 
 

@@ -202,3 +202,46 @@ def test_a_folder_of_no_format_names_every_layout(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(FolderFormatError, match="sae.safetensors.*ae.pt"):
         load_dictionary(tmp_path)
+
+
+# -- python -m saetrain.evaluate on a foreign folder ------------------------------------------
+
+
+def test_evaluate_reads_where_a_sparsify_run_was_trained() -> None:
+    from saetrain.evaluate import EvaluateConfig, resolve
+
+    r = resolve(EvaluateConfig(path=str(FIXTURES / "sparsify" / "run" / "layers.3")))
+    assert r.model.name == "HuggingFaceTB/SmolLM2-135M"
+    assert (r.input_site, r.target_site) == ("resid_post.3", "resid_post.3")
+    assert r.data.context_size == 64
+
+
+@pytest.mark.parametrize(
+    ("case", "missing", "named"),
+    [
+        ("sparsify/topk", ["model.name", "site.input"], []),
+        ("dictionary_learning/topk", ["site.input"], ["model.name"]),
+    ],
+)
+def test_evaluate_names_the_fields_a_foreign_folder_lacks(
+    capsys: pytest.CaptureFixture[str], case: str, missing: list[str], named: list[str]
+) -> None:
+    from saetrain.evaluate import main
+
+    assert main([f"path={FIXTURES / case}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saetrain.evaluate: error:") and "Traceback" not in err
+    for field in missing:
+        assert f"{field}=" in err
+    for field in named:
+        assert f"{field}=" not in err
+
+
+def test_evaluate_takes_the_fields_from_the_command_line() -> None:
+    from saetrain.evaluate import EvaluateConfig, resolve
+
+    cfg = EvaluateConfig(path=str(FIXTURES / "sparsify" / "topk"))
+    cfg.model.name = "some/model"
+    cfg.site.input = "resid_post.2"
+    r = resolve(cfg, {"model.name", "site.input"})
+    assert r.model.name == "some/model" and r.input_site == "resid_post.2"

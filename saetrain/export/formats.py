@@ -4,7 +4,8 @@ apart.
 - SAELens (and saetrain): cfg.json + sae_weights.safetensors (saetrain/export/saelens.py);
 - sparsify (EleutherAI): cfg.json + sae.safetensors, one folder per hookpoint
   (saetrain/export/read_sparsify.py);
-- dictionary_learning (saprmarks): config.json + ae.pt (saetrain/export/read_dictionary_learning.py).
+- dictionary_learning (saprmarks): config.json + ae.pt
+  (saetrain/export/read_dictionary_learning.py).
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ def folder_format(folder: str | Path) -> FolderFormat:
     for name, files in FORMAT_FILES.items():
         if all((folder / f).is_file() for f in files):
             return name
-    layouts = "; ".join(f"{name}: {' + '.join(files)}" for name, files in FORMAT_FILES.items())
+    layouts = ", ".join(f"{' + '.join(files)} ({name})" for name, files in FORMAT_FILES.items())
     if not folder.is_dir():
         raise FolderFormatError(f"{folder} does not exist; is it a saved dictionary? ({layouts})")
     present = sorted(p.name for p in folder.iterdir())[:12]
     raise FolderFormatError(
-        f"{folder} is no dictionary folder saetrain reads (it holds {present}); the layouts read "
-        f"are {layouts}"
+        f"{folder} holds no {layouts.replace('), ', ') nor ')}; it holds {present}"
     )

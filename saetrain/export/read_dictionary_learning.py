@@ -1,4 +1,5 @@
-"""Read a dictionary_learning (saprmarks, `dictionary-learning` on PyPI) folder: config.json + ae.pt.
+"""Read a dictionary_learning (saprmarks, `dictionary-learning` on PyPI) folder: config.json and
+ae.pt.
 
 config.json's `trainer.dict_class` names the class whose state dict ae.pt holds; each maps onto a
 saetrain architecture, as that class's default `encode` computes (the tensors are renamed into
@@ -77,7 +78,9 @@ def _thresholded(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.T
 
 
 def _jumprelu(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    return "jumprelu", {name: state[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    return "jumprelu", {
+        name: state[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+    }
 
 
 # trainer.dict_class → (tensors in the SAELens layout, the encoder subtracts b_dec).
@@ -105,7 +108,9 @@ def read_dictionary_learning(folder: Path) -> Dictionary:
     try:
         arch, tensors = convert(state)
     except KeyError as e:
-        raise ValueError(f"{folder / WEIGHTS_FILE} lacks the tensor {e} of a {dict_class}") from None
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} lacks the tensor {e} of a {dict_class}"
+        ) from None
     cfg: dict[str, Any] = {"apply_b_dec_to_input": True}
     if arch == "topk":
         cfg["k"] = int(state["k"]) if "k" in state else int(trainer["k"])

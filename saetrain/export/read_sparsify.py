@@ -93,4 +93,3 @@ def sparsify_metadata(folder: Path) -> dict[str, Any]:
         else:
             meta["saetrain_site"] = f"mlp_out.{layer}"
     return meta
-

@@ -35,8 +35,11 @@ from saetrain.export.norm_space import (
     read_affines,
     to_norm_space,
 )
-from saetrain.export.read_dictionary_learning import read_dictionary_learning
-from saetrain.export.read_sparsify import read_sparsify
+from saetrain.export.read_dictionary_learning import (
+    dictionary_learning_metadata,
+    read_dictionary_learning,
+)
+from saetrain.export.read_sparsify import read_sparsify, sparsify_metadata
 from saetrain.export.saelens_fields import honour_saelens_fields
 
 CFG_FILE, WEIGHTS_FILE = FORMAT_FILES["saelens"]
@@ -132,6 +135,21 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
         "dictionary_learning": read_dictionary_learning,
     }
     return readers[folder_format(folder)](folder).to(device).eval()
+
+
+def folder_metadata(folder: str | Path) -> dict[str, Any]:
+    """Where a folder of any format says it was trained, under SAELens's names (`model_name`,
+    `hook_name`, `hook_name_out`, `context_size`, …) and saetrain's (`saetrain_site`, …): a SAELens
+    cfg.json's metadata block over its top-level fields (older versions keep them there); what
+    sparsify's and dictionary_learning's configs say, where they say it."""
+    folder = Path(folder)
+    fmt = folder_format(folder)
+    if fmt == "sparsify":
+        return sparsify_metadata(folder)
+    if fmt == "dictionary_learning":
+        return dictionary_learning_metadata(folder)
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    return {**cfg, **(cfg.get("metadata") or {})}
 
 
 def read_saelens(folder: Path) -> Dictionary:

@@ -167,12 +167,14 @@ def honour_saelens_fields(
 def _is_transcoder(
     cfg: dict[str, Any], metadata: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> bool:
-    """A transcoder by SAELens's architecture name, its output hook, saetrain's target site, a skip
-    connection or a differing output width."""
+    """A transcoder by SAELens's architecture name, a `d_out` field (SAELens's transcoder configs
+    and saetrain's transcoders write one, SAEs never do), its output hook, saetrain's target
+    site, a skip connection or a differing output width."""
     W_enc, W_dec = tensors.get("W_enc"), tensors.get("W_dec")
     widths_differ = W_enc is not None and W_dec is not None and W_enc.shape[0] != W_dec.shape[-1]
     return (
         cfg["architecture"] in _TRANSCODERS
+        or "d_out" in cfg
         or bool(metadata.get("hook_name_out") or metadata.get("saetrain_target_site"))
         or bool(metadata.get("saetrain_target_sites"))
         or "W_skip" in tensors
