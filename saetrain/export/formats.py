@@ -34,9 +34,11 @@ def folder_format(folder: str | Path) -> FolderFormat:
         if all((folder / f).is_file() for f in files):
             return name
     layouts = ", ".join(f"{' + '.join(files)} ({name})" for name, files in FORMAT_FILES.items())
-    if not folder.is_dir():
-        raise FolderFormatError(f"{folder} does not exist; is it a saved dictionary? ({layouts})")
-    present = sorted(p.name for p in folder.iterdir())[:12]
+    if folder.is_dir():
+        found = f"it holds {sorted(p.name for p in folder.iterdir())[:12]}"
+    else:
+        found = "it does not exist"
     raise FolderFormatError(
-        f"{folder} holds no {layouts.replace('), ', ') nor ')}; it holds {present}"
+        f"{folder} holds no {layouts.replace('), ', ') nor ')}; {found}: is {folder} a saved "
+        "dictionary?"
     )

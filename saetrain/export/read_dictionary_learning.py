@@ -37,13 +37,18 @@ def _linear(state: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return state[f"{prefix}.weight"].T.contiguous()
 
 
-def _standard(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    return "standard", {
+def _linear_sae(state: dict[str, torch.Tensor], b_dec: str) -> dict[str, torch.Tensor]:
+    """An encoder and a decoder nn.Linear and the decoder bias `b_dec`, in the SAELens layout."""
+    return {
         "W_enc": _linear(state, "encoder"),
         "b_enc": state["encoder.bias"],
         "W_dec": _linear(state, "decoder"),
-        "b_dec": state["bias"],
+        "b_dec": state[b_dec],
     }
+
+
+def _standard(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    return "standard", _linear_sae(state, "bias")
 
 
 def _gated(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -58,12 +63,7 @@ def _gated(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]
 
 
 def _topk(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    return "topk", {
-        "W_enc": _linear(state, "encoder"),
-        "b_enc": state["encoder.bias"],
-        "W_dec": _linear(state, "decoder"),
-        "b_dec": state["b_dec"],
-    }
+    return "topk", _linear_sae(state, "b_dec")
 
 
 def _thresholded(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -71,7 +71,7 @@ def _thresholded(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.T
     if "W_enc" in state:
         tensors = {name: state[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     else:
-        _, tensors = _topk(state)
+        tensors = _linear_sae(state, "b_dec")
     theta = state["threshold"].float().clamp_min(0.0)  # −1: never estimated, ReLU alone
     tensors["threshold"] = theta.expand(tensors["b_enc"].shape[0]).to(tensors["b_enc"].dtype)
     return "jumprelu", tensors
