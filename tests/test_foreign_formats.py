@@ -245,3 +245,40 @@ def test_evaluate_takes_the_fields_from_the_command_line() -> None:
     cfg.site.input = "resid_post.2"
     r = resolve(cfg, {"model.name", "site.input"})
     assert r.model.name == "some/model" and r.input_site == "resid_post.2"
+
+
+def test_evaluate_a_dictionary_learning_folder_at_mlp_in(
+    tiny_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """End to end on a tiny Llama: the folder's lm_name is the model, the site comes from the
+    command line, and the MLP-input dictionary is not rewritten as if it read TransformerLens's
+    pre-affine hook (dictionary_learning hooks the model's own modules)."""
+    from saetrain.evaluate import evaluate_path
+
+    fixture = FIXTURES / "dictionary_learning" / "topk"
+    shapes = {"encoder.weight": (64, 32), "encoder.bias": (64,), "decoder.weight": (32, 64)}
+    g = torch.Generator().manual_seed(0)
+    state = {
+        name: (torch.randn(shapes.get(name, (32,)), generator=g) * 0.2 if t.is_floating_point()
+               and t.ndim else t)
+        for name, t in torch.load(fixture / "ae.pt", weights_only=True).items()
+    }  # fmt: skip
+    folder = tmp_path / "trainer_0"
+    folder.mkdir()
+    torch.save(state, folder / "ae.pt")
+    cfg = json.loads((fixture / "config.json").read_text())
+    cfg["trainer"] |= {"lm_name": str(tiny_model), "activation_dim": 32, "dict_size": 64}
+    cfg["buffer"]["ctx_len"] = 16
+    (folder / "config.json").write_text(json.dumps(cfg))
+    report = evaluate_path(
+        folder,
+        [
+            "site.input=mlp_in.1", "model.device=cpu", "data.path=text",
+            f"data.data_files=[{corpus}/*.txt]", "data.holdout_percent=10", "eval.n_tokens=128",
+            "eval.batch_contexts=8", "eval.ce_contexts=8",
+        ],
+    )  # fmt: skip
+    r = report.resolved
+    assert r.source == "config.json" and r.model.name == str(tiny_model)
+    assert (r.input_site, r.data.context_size) == ("mlp_in.1", 16)
+    assert 0 < report.metrics["fvu"] < float("inf")
