@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from saetrain.dictionaries import SparseCodes
 from saetrain.export.fields import UnknownFieldWarning, UnsupportedFieldError
@@ -95,9 +95,6 @@ def test_saelens_jumprelu_log_threshold_form(tmp_path: Path) -> None:
     # exp(log θ) only holds positive thresholds: keep those, and the expected outputs with them.
     assert (weights["threshold"] > 0).any()
     weights["threshold"] = weights["threshold"].clamp_min(1e-6)
-    from safetensors.torch import save_file
-
-    expected_dictionary = None
     save_file(weights, str(folder / "sae_weights.safetensors"))
     expected_dictionary = load_dictionary(folder)
     weights["log_threshold"] = weights.pop("threshold").log()
@@ -183,6 +180,21 @@ def test_dictionary_learning_folder_matches_dictionary_learning(case: str) -> No
     folder = FIXTURES / "dictionary_learning" / case
     assert folder_format(folder) == "dictionary_learning"
     _assert_matches(folder)
+
+
+def test_an_unknown_tensor_is_a_warning_naming_it(tmp_path: Path) -> None:
+    folder = tmp_path / "dl"
+    shutil.copytree(FIXTURES / "dictionary_learning" / "topk", folder)
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    torch.save(state | {"scale": torch.ones(32)}, folder / "ae.pt")
+    with pytest.warns(UnknownFieldWarning, match="tensors .* ignored: scale"):
+        load_dictionary(folder)
+    folder = tmp_path / "sparsify"
+    shutil.copytree(FIXTURES / "sparsify" / "topk", folder)
+    tensors = load_file(folder / "sae.safetensors")
+    save_file(tensors | {"scale": torch.ones(32)}, str(folder / "sae.safetensors"))
+    with pytest.warns(UnknownFieldWarning, match="tensors .* ignored: scale"):
+        load_dictionary(folder)
 
 
 def test_dictionary_learning_unknown_class_is_refused_by_name(tmp_path: Path) -> None:

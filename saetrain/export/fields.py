@@ -39,11 +39,15 @@ def check_fields(
         if field in cfg and cfg[field] not in values:
             choices = ", ".join(repr(v) for v in values)
             raise refuse(path, field, cfg[field], f"saetrain reads only {choices}")
-    unknown = sorted(set(cfg) - set(known) - set(allowed))
-    if unknown:
+    warn_unknown(path, "fields", set(cfg) - set(known) - set(allowed))
+
+
+def warn_unknown(path: Path | str, what: str, names: Collection[str]) -> None:
+    """Warn, naming them, about `what` (config fields, tensors) that a reader ignored."""
+    if names:
         warnings.warn(
-            f"{path}: fields saetrain does not know, which might change what the dictionary "
-            f"computes, were ignored: {', '.join(unknown)}",
+            f"{path}: {what} saetrain does not know, which might change what the dictionary "
+            f"computes, were ignored: {', '.join(sorted(names))}",
             UnknownFieldWarning,
             stacklevel=3,
         )

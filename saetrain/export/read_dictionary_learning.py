@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
-from saetrain.export.fields import refuse
+from saetrain.export.fields import refuse, warn_unknown
 from saetrain.export.formats import FORMAT_FILES
 
 CFG_FILE, WEIGHTS_FILE = FORMAT_FILES["dictionary_learning"]
@@ -111,6 +111,10 @@ def read_dictionary_learning(folder: Path) -> Dictionary:
         raise ValueError(
             f"{folder / WEIGHTS_FILE} lacks the tensor {e} of a {dict_class}"
         ) from None
+    # Buffers that the default encode does not use (a TopK's threshold) or that are read above.
+    used = {"k", "threshold", "group_sizes", "encoder.weight", "encoder.bias", "decoder.weight"}
+    used |= {"bias", "b_dec", "decoder_bias", "gate_bias", "mag_bias", "r_mag"} | set(tensors)
+    warn_unknown(folder / WEIGHTS_FILE, "tensors", set(state) - used)
     cfg: dict[str, Any] = {"apply_b_dec_to_input": True}
     if arch == "topk":
         cfg["k"] = int(state["k"]) if "k" in state else int(trainer["k"])

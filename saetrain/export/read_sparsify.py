@@ -23,7 +23,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
-from saetrain.export.fields import check_fields, refuse
+from saetrain.export.fields import check_fields, refuse, warn_unknown
 from saetrain.export.formats import FORMAT_FILES
 
 CFG_FILE, WEIGHTS_FILE = FORMAT_FILES["sparsify"]
@@ -33,6 +33,7 @@ RUN_CONFIG_FILE = "config.json"  # the run folder's TrainConfig, one level up
 _KNOWN = ("d_in", "k", "transcode", "skip_connection", "num_latents", "expansion_factor")
 _INERT = ("normalize_decoder", "multi_topk")
 _ALLOWED = {"activation": ("topk",)}
+_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 # sparsify hookpoints (module paths of a HF model) that name a saetrain site: a decoder layer's
 # output is the residual stream after it, its `mlp` module reads the MLP input and writes the MLP
@@ -46,9 +47,10 @@ def read_sparsify(folder: Path) -> Dictionary:
     cfg: dict[str, Any] = json.loads(cfg_path.read_text())
     check_fields(cfg, cfg_path, (*_KNOWN, *_INERT), _ALLOWED)
     raw = load_file(folder / WEIGHTS_FILE, device="cpu")
-    for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+    for name in _TENSORS:
         if name not in raw:
             raise ValueError(f"{folder / WEIGHTS_FILE} lacks the tensor {name}")
+    warn_unknown(folder / WEIGHTS_FILE, "tensors", set(raw) - {*_TENSORS, "W_skip"})
     n, d_in = raw["encoder.weight"].shape
     if int(cfg.get("d_in", d_in)) != d_in:
         raise refuse(cfg_path, "d_in", cfg["d_in"], f"the encoder reads {d_in} columns")
