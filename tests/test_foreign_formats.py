@@ -62,6 +62,8 @@ SAELENS_READ = [
     "transcoder",
     "skip_transcoder",
     "jumprelu_transcoder",
+    "jumprelu_skip_transcoder",
+    "hook_z",  # reshape_activations: SAELens flattens the heads as saetrain's attn_z does
 ]
 
 
