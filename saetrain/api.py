@@ -195,14 +195,16 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> Dictionary:
-    """A saved dictionary folder (cfg.json + sae_weights.safetensors, SAELens layout) as a module.
+    """A saved dictionary folder as a module: the SAELens layout (cfg.json +
+    sae_weights.safetensors; saetrain's own folders and other tools' SAEs and transcoders),
+    sparsify's (cfg.json + sae.safetensors) or dictionary_learning's (config.json + ae.pt).
 
-    saetrain's own folders and other tools' `standard`, `gated`, `topk`, `jumprelu` SAEs and
-    transcoders load. The weights work on raw activations: `encode(x [N, d_in])` gives the codes
-    (TopK: `SparseCodes(indices, values)`, otherwise dense [N, d_sae]), `decode(codes)` the
-    decoder's output, `forward(x)` / `sae(x)` both (plus a skip transcoder's W_skip·x), for any
-    leading shape. `dtype` (float32,
-    bfloat16, float16, float64 or a torch dtype) casts the weights; encode and decode expect
+    Every config field that changes the math is honoured or refused by name; an unknown one is a
+    warning naming it (docs/formats.md). The weights work on raw activations:
+    `encode(x [N, d_in])` gives the codes (TopK: `SparseCodes(indices, values)`, otherwise dense
+    [N, d_sae]), `decode(codes)` the decoder's output, `forward(x)` / `sae(x)` both (plus a skip
+    transcoder's W_skip·x), for any leading shape. `dtype` (float32, bfloat16, float16, float64
+    or a torch dtype) casts the weights; encode and decode expect
     inputs in that dtype, forward casts them. The module is in eval mode with its parameters
     frozen (`requires_grad_(True)` to fine-tune it). saetrain's `mlp_in` folders come back for
     the model's MLP input (`read_activations(text, "mlp_in.L")`); another tool's folder at

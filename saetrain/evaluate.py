@@ -1,12 +1,14 @@
 """`python -m saetrain.evaluate path=<dictionary folder> [overrides]`: evaluate a saved dictionary.
 
-Works on any folder in the SAELens layout (cfg.json + sae_weights.safetensors): saetrain's own, or
-another tool's standard / gated / topk / jumprelu SAEs and transcoders. What to evaluate on comes
-from the folder unless overridden: a saetrain folder's saetrain_run.json gives the model, data,
-sites, eval settings and seed of its run (so the held-out tokens, and the numbers, are the run's);
-another tool's cfg.json gives the model (`model_name`), the site (TransformerLens `hook_name`, and
-`hook_name_out` for a transcoder) and the context size. Writes `metrics.json`,
-`feature_frequencies.safetensors` and `feature_density.png` to `<path>/eval` (or `output_dir`).
+Works on any folder `saetrain.load` reads (docs/formats.md): the SAELens layout (saetrain's own,
+or another tool's SAEs and transcoders), sparsify's and dictionary_learning's. What to evaluate
+on comes from the folder unless overridden: a saetrain folder's saetrain_run.json gives the model,
+data, sites, eval settings and seed of its run (so the held-out tokens, and the numbers, are the
+run's); another tool's cfg.json gives the model (`model_name`), the site (TransformerLens
+`hook_name`, and `hook_name_out` for a transcoder) and the context size, where it names them; a
+folder that does not is refused, naming the fields to set (model.name, site.input). Writes
+`metrics.json`, `feature_frequencies.safetensors` and `feature_density.png` to `<path>/eval` (or
+`output_dir`).
 
 A saved folder has no training window, so the evaluation measures `never_fired_fraction` (latents
 with no firing on the `never_fired_tokens` held-out tokens), never `dead_fraction`. When the
@@ -46,7 +48,8 @@ from saetrain.config import (
 )
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
-from saetrain.export.saelens import CFG_FILE, RUN_FILE, WEIGHTS_FILE
+from saetrain.export.formats import FORMAT_FILES, FolderFormatError, folder_format
+from saetrain.export.saelens import RUN_FILE, folder_metadata
 from saetrain.folder_cli import compose_schema, folder_main
 
 log = logging.getLogger(__name__)
@@ -177,6 +180,22 @@ class ResolvedEvaluation:
     model_b: ModelConfig | None = None
 
 
+def _require_named(path: str, meta: dict[str, Any], explicit: AbstractSet[str]) -> None:
+    """A folder of another tool that does not say which model and site it reads: the fields to
+    set, before anything loads."""
+    missing = []
+    if not meta.get("model_name") and "model.name" not in explicit and "model" not in explicit:
+        missing.append("model.name=<hub id or folder>")
+    named_site = meta.get("saetrain_site") or meta.get("hook_name")
+    if not named_site and "site.input" not in explicit and "site" not in explicit:
+        missing.append("site.input=<site, e.g. resid_post.6>")
+    if missing:
+        raise ConfigError(
+            f"path={path!r}: the folder does not say which model and site it was trained on; set "
+            f"{' and '.join(missing)} (and site.target for a transcoder)"
+        )
+
+
 def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> ResolvedEvaluation:
     """The folder's settings, with the fields of `cfg` named in `explicit` on top."""
     if not cfg.path:
@@ -184,19 +203,16 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"path={cfg.path!r}: no such folder")
-    for name in (CFG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise ConfigError(
-                f"path={cfg.path!r} holds no {name}; a dictionary folder in the SAELens layout "
-                f"has {CFG_FILE} and {WEIGHTS_FILE}"
-            )
+    try:
+        fmt = folder_format(folder)
+    except FolderFormatError as e:
+        raise ConfigError(f"path={cfg.path!r}: {e}") from None
     if not 0.0 < cfg.dense_threshold <= 1.0:
         raise ConfigError(f"dense_threshold={cfg.dense_threshold} must be in (0, 1]")
     try:
-        sae_cfg = json.loads((folder / CFG_FILE).read_text())
+        meta = folder_metadata(folder)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"path={cfg.path!r}: {CFG_FILE} is not valid JSON: {e}") from None
-    meta = {**sae_cfg, **(sae_cfg.get("metadata") or {})}  # older SAELens: top-level fields
+        raise ConfigError(f"path={cfg.path!r}: its config is not valid JSON: {e}") from None
 
     run_cfg: dict[str, Any] = {}
     if (folder / RUN_FILE).is_file():
@@ -212,13 +228,13 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         saved_b = run_cfg.get("model_b") or {}
         model_b = _from_dict(ModelConfig, saved_b) if saved_b.get("name") else None
     else:
-        source = CFG_FILE
-        if not meta.get("model_name"):
-            raise ConfigError(
-                f"path={cfg.path!r}: {CFG_FILE} names no model_name; set model.name=<hub id or "
-                "folder>"
-            )
-        model = model_from_metadata(meta, cfg.model)
+        source = FORMAT_FILES[fmt][0]
+        _require_named(cfg.path, meta, explicit)
+        model = (
+            model_from_metadata(meta, cfg.model)
+            if meta.get("model_name") or meta.get("saetrain_model")
+            else dataclasses.replace(cfg.model, gguf_package=None)  # model.name given explicitly
+        )
         data = DataConfig()
         dataset = meta.get("dataset_path")
         if dataset and dataset != "local text files" and not Path(dataset).exists():
@@ -230,7 +246,8 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
         )
         try:
             site = SiteConfig(
-                input=meta.get("saetrain_site") or site_from_tl_hook(str(meta.get("hook_name"))),
+                input=meta.get("saetrain_site")
+                or site_from_tl_hook(str(meta.get("hook_name") or cfg.site.input)),
                 target=meta.get("saetrain_target_site")
                 or (
                     site_from_tl_hook(meta["hook_name_out"]) if meta.get("hook_name_out") else None

@@ -35,6 +35,7 @@ from torch import nn
 
 from saetrain.activations.sites import ResolvedSite
 from saetrain.dictionaries import Dictionary
+from saetrain.export.formats import folder_format
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,10 @@ def foreign_to_model_space_(
     norm's affine (`ln2.hook_normalized`: it reads g(x)) for the norm's output that saetrain
     feeds it, with this model's norm. saetrain's own folders are left alone: a folded one carries
     its affine (undone by `load_dictionary`), an older one was saved on the model's tensors.
-    Returns whether it was rewritten."""
+    Returns whether it was rewritten. sparsify's and dictionary_learning's folders hook the model's
+    own modules (the MLP's input is the norm's output): left alone too."""
+    if folder_format(folder) != "saelens":
+        return False
     cfg = json.loads((Path(folder) / "cfg.json").read_text())
     meta = cfg.get("metadata") or {}
     if "saetrain_site" in meta or read_affines(folder) is not None:

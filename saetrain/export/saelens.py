@@ -25,6 +25,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
+from saetrain.export.fields import UnsupportedFieldError
+from saetrain.export.formats import FORMAT_FILES, folder_format
 from saetrain.export.norm_space import (
     NORM_FILE,
     Affine,
@@ -33,9 +35,14 @@ from saetrain.export.norm_space import (
     read_affines,
     to_norm_space,
 )
+from saetrain.export.read_dictionary_learning import (
+    dictionary_learning_metadata,
+    read_dictionary_learning,
+)
+from saetrain.export.read_sparsify import read_sparsify, sparsify_metadata
+from saetrain.export.saelens_fields import honour_saelens_fields
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE, WEIGHTS_FILE = FORMAT_FILES["saelens"]
 RUN_FILE = "saetrain_run.json"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -119,20 +126,45 @@ def save_dictionary(
 
 
 def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Load a dictionary saved in the SAELens layout (by saetrain or another tool)."""
+    """Load a dictionary folder of any format saetrain reads (export/formats.py): SAELens's
+    layout (saetrain's own, or another tool's), sparsify's or dictionary_learning's."""
     folder = Path(folder)
+    readers = {
+        "saelens": read_saelens,
+        "sparsify": read_sparsify,
+        "dictionary_learning": read_dictionary_learning,
+    }
+    return readers[folder_format(folder)](folder).to(device).eval()
+
+
+def folder_metadata(folder: str | Path) -> dict[str, Any]:
+    """Where a folder of any format says it was trained, under SAELens's names (`model_name`,
+    `hook_name`, `hook_name_out`, `context_size`, …) and saetrain's (`saetrain_site`, …): a SAELens
+    cfg.json's metadata block over its top-level fields (older versions keep them there); what
+    sparsify's and dictionary_learning's configs say, where they say it."""
+    folder = Path(folder)
+    fmt = folder_format(folder)
+    if fmt == "sparsify":
+        return sparsify_metadata(folder)
+    if fmt == "dictionary_learning":
+        return dictionary_learning_metadata(folder)
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    return {**cfg, **(cfg.get("metadata") or {})}
+
+
+def read_saelens(folder: Path) -> Dictionary:
+    """A folder in the SAELens layout, every cfg.json field that changes the math honoured or
+    refused by name (export/saelens_fields.py)."""
     cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
-    for path in (cfg_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; is {folder} a saved dictionary?")
     cfg = json.loads(cfg_path.read_text())
+    tensors = load_file(weights_path, device="cpu")
+    cfg, tensors, fold_b_dec = honour_saelens_fields(cfg, tensors, cfg_path)
     arch = cfg.get("architecture", "standard")
     if arch not in SAELENS_LOADERS:
-        raise ValueError(
+        raise UnsupportedFieldError(
             f"{cfg_path}: architecture={arch!r} is not supported; known: "
             f"{', '.join(SAELENS_LOADERS)}"
         )
-    tensors = load_file(weights_path, device="cpu")
     for name in ("W_enc", "W_dec"):  # a CLT's decoders are W_dec.0, W_dec.1, …
         if name not in tensors and f"{name}.0" not in tensors:
             raise ValueError(f"{weights_path} lacks the tensor {name}")
@@ -140,7 +172,9 @@ def load_dictionary(folder: str | Path, device: str | torch.device = "cpu") -> D
         dictionary = SAELENS_LOADERS[arch].from_saelens(cfg, tensors)
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"{folder}: the tensors do not fit architecture={arch!r}: {e}") from None
+    if fold_b_dec:  # an SAE whose encoder reads x, not x − b_dec (apply_b_dec_to_input: false)
+        dictionary.absorb_input_shift(dictionary.b_dec.detach().clone())
     affines = read_affines(folder)
     if affines is not None:  # written for TransformerLens's pre-affine hook: back to the model's
         dictionary = from_norm_space(dictionary, *affines)
-    return dictionary.to(device).eval()
+    return dictionary
