@@ -254,8 +254,33 @@ def test_bad_task_entries_are_refused_by_name(tmp_path):
         check_sparse_probing(SparseProbingConfig(tasks=[{"path": str(tmp_path / "none.csv")}]))
     with pytest.raises(ConfigError, match="test_fraction=1.5"):
         check_sparse_probing(SparseProbingConfig(test_fraction=1.5))
+    # Hub tasks are refused before anything loads when the hub is off (as in every test).
+    with pytest.raises(ConfigError, match=r"tasks\[1\]='fancyzhx/ag_news'.*HF_HUB_OFFLINE"):
+        check_sparse_probing(SparseProbingConfig(tasks=["stdlib_package", "fancyzhx/ag_news"]))
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        check_sparse_probing(SparseProbingConfig(tasks=[{"path": "someone/dataset"}]))
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
         build_task("fancyzhx/ag_news", SIZES)
+
+
+def test_a_python_without_its_test_suite_leaves_the_task_out(
+    tmp_path, word_tokenizer, monkeypatch, one_thread
+):
+    from saetrain.evaluation.usefulness import probing_tasks
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mod.py").write_text("x = 1\n" * 200)
+    monkeypatch.setattr(probing_tasks, "stdlib_dir", lambda: tmp_path / "lib")
+    ctx = suite_context(
+        word_tokenizer, EmbeddingSource(word_tokenizer.get_vocab()), planted_dictionary(), tmp_path
+    )
+    data = write_jsonl(tmp_path / "planted.jsonl", planted_rows(20))
+    cfg = SparseProbingConfig(
+        tasks=["stdlib_test_module", {"path": str(data)}], contexts_per_class=20, context_length=32
+    )
+    result = run_sparse_probing(ctx, cfg)
+    assert any(n.startswith("left out: stdlib_test_module") for n in result.notes)
+    assert result.saebench["eval_config"]["dataset_names"] == ["planted"]
 
 
 def test_hydra_config_takes_a_user_task(tmp_path):

@@ -73,6 +73,10 @@ SAEBENCH_TASKS: dict[str, dict[str, Any]] = {
 SAEBENCH_UNSUPPORTED = ("codeparrot/github-code", "Helsinki-NLP/europarl")
 
 
+class TaskUnavailable(ConfigError):
+    """A built-in task this machine cannot make (e.g. a Python without its test suite)."""
+
+
 @dataclass
 class ProbingDataset:
     """One task's texts per class, train and test drawn from disjoint sources."""
@@ -138,12 +142,26 @@ def check_task_entry(entry: Any, where: str) -> None:
                 f"{', '.join(BUILTIN_TASKS)}), SAEBench datasets ({', '.join(SAEBENCH_TASKS)}) "
                 "or a user task {path, text_column, label_column, ...}"
             )
+        if entry in SAEBENCH_TASKS:
+            _check_hub(f"{where}={entry!r}", SAEBENCH_TASKS[entry]["path"])
         return
     spec = _spec(entry, where)
     if not spec.path:
         raise ConfigError(f"{where}.path is empty; give a local file or a hub dataset name")
-    if _is_local(spec.path) and not Path(spec.path).expanduser().is_file():
-        raise ConfigError(f"{where}.path={spec.path!r}: no such file")
+    if _is_local(spec.path):
+        if not Path(spec.path).expanduser().is_file():
+            raise ConfigError(f"{where}.path={spec.path!r}: no such file")
+    else:
+        _check_hub(f"{where}.path={spec.path!r}", spec.path)
+
+
+def _check_hub(where: str, dataset: str) -> None:
+    """A hub dataset cannot be read with HF_HUB_OFFLINE set: say so before anything loads."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
+        raise ConfigError(
+            f"{where} reads the hub dataset {dataset!r}, but HF_HUB_OFFLINE is set; use the "
+            "built-in tasks or a local file"
+        )
 
 
 def build_task(entry: Any, sizes: TaskSizes) -> ProbingDataset:
@@ -294,7 +312,7 @@ def stdlib_test_module_task(sizes: TaskSizes, root: Path | None = None) -> Probi
         tr, te = _fill(units(), [label], sizes.n_train, sizes.n_test)
         train[label], test[label] = tr[label], te[label]
     if min(len(v) for v in test.values()) == 0 or min(len(v) for v in train.values()) == 0:
-        raise ConfigError(
+        raise TaskUnavailable(
             f"stdlib_test_module: the standard library at {root} has too few test_*.py files "
             f"({len(sources['test'])}); this Python was installed without its test suite"
         )
@@ -403,11 +421,7 @@ def _open_rows(spec: ProbingTaskSpec, split: str, name: str):
                     f"task {name!r}: {spec.path!r} is not a .csv, .json, .jsonl or .parquet file"
                 )
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            raise ConfigError(
-                f"task {name!r} reads the hub dataset {spec.path!r}, but HF_HUB_OFFLINE is set; "
-                "use the built-in tasks or a local file"
-            )
+        _check_hub(f"task {name!r}", spec.path)
         return datasets.load_dataset(spec.path, spec.config_name, split=split)
     except ConfigError:
         raise
