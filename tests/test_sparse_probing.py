@@ -159,11 +159,38 @@ def test_pooling_is_the_mean_of_each_contexts_codes():
     context_of_row = torch.tensor([0, 0, 1])
     expected = torch.tensor([[2.0, 1.0, 0.0, 1.0], [0.0, 0.0, 3.0, 0.0]])
     values, indices = dense.topk(2, dim=1)
+    tokens = torch.tensor([2, 1])
     for codes in (dense, SparseCodes(indices, values)):
-        rows, cols, vals = pool_codes(codes, context_of_row, 2, 4)
+        rows, cols, vals = pool_codes(codes, context_of_row, tokens, 4)
         got = torch.zeros(2, 4)
         got[rows, cols] = vals
         assert torch.equal(got, expected)
+        # Rows encoded in two steps: the partial means add up to the same.
+        got = torch.zeros(2, 4)
+        for part in (slice(0, 1), slice(1, 3)):
+            piece = (
+                codes[part]
+                if isinstance(codes, torch.Tensor)
+                else SparseCodes(codes.indices[part], codes.values[part])
+            )
+            rows, cols, vals = pool_codes(piece, context_of_row[part], tokens, 4)
+            got.index_put_((rows, cols), vals, accumulate=True)
+        assert torch.equal(got, expected)
+
+
+def test_wide_dictionary_encodes_in_steps(word_tokenizer, tmp_path, monkeypatch, one_thread):
+    from saetrain.evaluation.usefulness import sparse_probing
+
+    ctx = suite_context(
+        word_tokenizer, EmbeddingSource(word_tokenizer.get_vocab()), planted_dictionary(), tmp_path
+    )
+    data = write_jsonl(tmp_path / "planted.jsonl", planted_rows(30))
+    cfg = SparseProbingConfig(tasks=[{"path": str(data)}], contexts_per_class=30, context_length=32)
+    whole = sparse_probing.pooled_features(ctx, ["w1 w2 w1 w3", "w4 w1"], "mean", cfg, "x")
+    monkeypatch.setattr(sparse_probing, "_ENCODE_FLOATS", 3 * 64)  # 3 rows per encode
+    steps = sparse_probing.pooled_features(ctx, ["w1 w2 w1 w3", "w4 w1"], "mean", cfg, "x")
+    assert np.allclose(whole.codes.toarray(), steps.codes.toarray(), atol=1e-6)
+    assert whole.codes[0, 0] == pytest.approx(2 * 4.0 / 4)  # latent 0: w1 twice in 4 tokens
 
 
 SIZES = TaskSizes(contexts_per_class=40, test_fraction=0.25, context_length=64, seed=0)

@@ -113,10 +113,15 @@ def _batch(
 
 
 def pool_codes(
-    codes: SparseCodes | torch.Tensor, context_of_row: torch.Tensor, n_contexts: int, n_latents: int
+    codes: SparseCodes | torch.Tensor,
+    context_of_row: torch.Tensor,
+    tokens_per_context: torch.Tensor,
+    n_latents: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean of each context's codes, sparse: (context, latent, value) of every nonzero mean.
-    Rows of `codes` belong to contexts `context_of_row`; no [contexts, n_latents] is formed."""
+    """Each context's codes summed and divided by its token count, sparse: (context, latent,
+    value) of every nonzero entry. Rows of `codes` belong to contexts `context_of_row`; a
+    context's rows may come in several calls (their entries add up). No [contexts, n_latents]
+    is formed."""
     if isinstance(codes, SparseCodes):
         rows = context_of_row[:, None].expand_as(codes.indices).reshape(-1)
         cols, vals = codes.indices.reshape(-1), codes.values.reshape(-1)
@@ -128,9 +133,13 @@ def pool_codes(
     keys, inverse = torch.unique(rows * n_latents + cols, return_inverse=True)
     sums = torch.zeros(keys.shape[0], dtype=torch.float32, device=vals.device)
     sums.index_add_(0, inverse, vals)
-    counts = torch.bincount(context_of_row, minlength=n_contexts).clamp_min(1).float()
     ctx_rows = keys // n_latents
-    return ctx_rows, keys % n_latents, sums / counts[ctx_rows]
+    return ctx_rows, keys % n_latents, sums / tokens_per_context[ctx_rows].float()
+
+
+# Rows encoded at once: an encoder's dense pre-activations are rows × n_latents floats, kept
+# under 2^25 (128 MiB in float32) however wide the dictionary.
+_ENCODE_FLOATS = 2**25
 
 
 @torch.no_grad()
@@ -169,14 +178,18 @@ def pooled_features(
                 context_of_row = mask.nonzero(as_tuple=True)[0]
                 weights = mask.float() / mask.sum(dim=1, keepdim=True)
                 lm = torch.einsum("bt,btd->bd", weights, x)
-            codes = dictionary.encode(rows.to(device=dictionary.W_enc.device, dtype=dtype))
-            r, c, v = pool_codes(
-                codes, context_of_row.to(dictionary.W_enc.device), len(chunk), n_latents
-            )
-            coo.append(((r + start).cpu().numpy(), c.cpu().numpy(), v.cpu().numpy()))
+            where = dictionary.W_enc.device
+            tokens = torch.bincount(context_of_row, minlength=len(chunk)).to(where)
+            context_of_row = context_of_row.to(where)
+            step = max(1, _ENCODE_FLOATS // n_latents)
+            for i in range(0, rows.shape[0], step):
+                codes = dictionary.encode(rows[i : i + step].to(device=where, dtype=dtype))
+                r, c, v = pool_codes(codes, context_of_row[i : i + step], tokens, n_latents)
+                coo.append(((r + start).cpu().numpy(), c.cpu().numpy(), v.cpu().numpy()))
             lm_parts.append(lm.cpu().numpy().astype(np.float32))
             progress.update(len(chunk))
     r, c, v = (np.concatenate(parts) for parts in zip(*coo, strict=True))
+    # Entries of one (context, latent) from several encode steps add up in the conversion.
     codes_csr = csr_matrix((v, (r, c)), shape=(len(ids), n_latents), dtype=np.float32)
     return PooledFeatures(lm=np.concatenate(lm_parts), codes=codes_csr)
 
