@@ -163,7 +163,7 @@ def pooled_features(
             acts = ctx.source(input_ids)
             x = torch.cat([acts[s] for s in ctx.input_sites], dim=-1).float()
             if not mask.any(dim=1).all():
-                raise ValueError(
+                raise ConfigError(
                     f"sparse probing {label}: the tokenizer turns a text into special tokens only "
                     "(e.g. its unknown token): no position of it can be pooled"
                 )
