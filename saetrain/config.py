@@ -302,6 +302,64 @@ class EvalConfig:
     compute_ce: bool = True
     # Contexts used for the CE measurement (each is a full LM forward three times).
     ce_contexts: int = 32
+    # The sparse-probing suite's settings (docs/sparse_probing.md).
+    sparse_probing: SparseProbingConfig = field(default_factory=lambda: SparseProbingConfig())
+
+
+@dataclass
+class SparseProbingConfig:
+    """Sparse probing: binary tasks from labelled text; per task, logistic probes on the k
+    latents whose context-pooled codes differ most between the classes, beside a dense probe on
+    the LM's activations and one on its k most different neurons (docs/sparse_probing.md)."""
+
+    # Tasks, each a name or a user task. Built in, offline (this Python's standard library):
+    # stdlib_package, stdlib_test_module, python_string_or_comment. SAEBench's datasets by
+    # their SAEBench name (hub): LabHC/bias_in_bios_class_set1 (…set2, …set3), fancyzhx/ag_news,
+    # canrager/amazon_reviews_mcauley_1and5 (and …_sentiment). A user task is a mapping with
+    # the fields of ProbingTaskSpec ({path, text_column, label_column, ...}); a label with more
+    # than two classes becomes one one-vs-rest task per class.
+    tasks: list[Any] = field(
+        default_factory=lambda: ["stdlib_package", "stdlib_test_module", "python_string_or_comment"]
+    )
+    # Numbers of latents (and of LM neurons, for the baseline) the sparse probes get (SAEBench:
+    # 1, 2, 5, 10, 20, 50).
+    k_values: list[int] = field(default_factory=lambda: [1, 2, 5])
+    # Contexts per class, train and test together (SAEBench: 4000 + 1000 per binary task). A
+    # class that has fewer makes every class of its task that small (a note says so).
+    contexts_per_class: int = 250
+    # Share of each class's contexts held out to test the probes; train and test contexts come
+    # from different sources (files, rows).
+    test_fraction: float = 0.2
+    # Tokens per context, BOS included (SAEBench: 128); longer texts are cut.
+    context_length: int = 128
+    # Contexts per LM forward (and per dictionary encode). 16 x 128 tokens suit a 2-core CPU and
+    # a GPU alike; the pooled codes of a batch are [batch_contexts, n_latents] at most.
+    batch_contexts: int = 16
+    # Seed of the task sampling, the train / test split and the negatives; null: the run's seed.
+    seed: int | None = None
+    # Also fit a probe on all latents (SAEBench's sae_test_accuracy). Off: on a wide dictionary
+    # that fit costs more than the rest of the suite.
+    probe_all_latents: bool = False
+
+
+@dataclass
+class ProbingTaskSpec:
+    """A sparse-probing task from labelled rows: a local file or a hub dataset."""
+
+    # The name results are filed under; null: the file's stem or the hub name.
+    name: str | None = None
+    # A local .csv, .json / .jsonl or .parquet file, or a hub dataset name.
+    path: str = ""
+    # The hub dataset's config name (null: its default).
+    config_name: str | None = None
+    # The split rows are read from (a local file has one: train).
+    split: str = "train"
+    # A split of its own for testing (e.g. test); null: test_fraction of `split` is held out.
+    test_split: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    # Labels to keep, as strings (a label 1.0 is "1.0"); null: every label in the rows.
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -465,6 +523,7 @@ def validate(cfg: Config) -> None:
     _positive("inspect.n_tokens", cfg.inspect.n_tokens)
     _positive("inspect.top_k", cfg.inspect.top_k)
     _choice("inspect.features", cfg.inspect.features, ("auto", "always", "never"))
+    check_sparse_probing(cfg.eval.sparse_probing)
     if cfg.dictionaries:
         names: dict[str, int] = {}
         for i, (name, sub) in enumerate(dictionary_configs(cfg)):
@@ -478,6 +537,33 @@ def validate(cfg: Config) -> None:
                     f"{name!r}; give one of them a `name`"
                 )
             names[name] = i
+
+
+def check_sparse_probing(sp: SparseProbingConfig) -> None:
+    """Ranges and task entries of eval.sparse_probing, before any model or data is read."""
+    from saetrain.evaluation.usefulness.probing_tasks import check_task_entry
+
+    where = "eval.sparse_probing"
+    for name in ("contexts_per_class", "context_length", "batch_contexts"):
+        _positive(f"{where}.{name}", getattr(sp, name))
+    if sp.context_length < 2:
+        raise ConfigError(f"{where}.context_length={sp.context_length} must be at least 2")
+    if not 0.0 < sp.test_fraction < 1.0:
+        raise ConfigError(f"{where}.test_fraction={sp.test_fraction} must be in (0, 1)")
+    if (
+        round(sp.contexts_per_class * sp.test_fraction) < 1
+        or round(sp.contexts_per_class * (1 - sp.test_fraction)) < 2
+    ):
+        raise ConfigError(
+            f"{where}.contexts_per_class={sp.contexts_per_class} with test_fraction="
+            f"{sp.test_fraction} leaves no test context or fewer than 2 train contexts per class"
+        )
+    if not sp.k_values or any(k < 1 for k in sp.k_values):
+        raise ConfigError(f"{where}.k_values={list(sp.k_values)} must be positive integers")
+    if not sp.tasks:
+        raise ConfigError(f"{where}.tasks is empty; name at least one task")
+    for i, entry in enumerate(sp.tasks):
+        check_task_entry(entry, f"{where}.tasks[{i}]")
 
 
 def site_folder(site: SiteConfig) -> str:

@@ -12,18 +12,27 @@ import torch
 WORDS = [f"w{i}" for i in range(120)]
 
 
-def build_tiny_llama(folder: Path) -> Path:
-    """Save a 3-layer, d_model 32 Llama and its tokenizer into `folder`."""
+def build_word_tokenizer():
+    """The tiny model's tokenizer: one token per word of WORDS, BOS <s>, EOS </s>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(folder)
+    )
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """Save a 3-layer, d_model 32 Llama and its tokenizer into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer()
+    tokenizer.save_pretrained(folder)
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(vocab),

@@ -36,6 +36,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def word_tokenizer():
+    """The tiny model's word-level tokenizer alone (no model is built)."""
+    from _tiny_llama import build_word_tokenizer
+
+    return build_word_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     from _tiny_llama import build_corpus
 
