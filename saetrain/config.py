@@ -298,6 +298,7 @@ class EvalConfig:
     # metrics then have no CE), while a transcoder set's whole-set splice still runs: for runs of
     # many dictionaries, where the per-dictionary splices cost more than the rest of the
     # evaluation (FVU/L0 of every dictionary come from one pass over the held-out contexts).
+    # `python -m saetrain.evaluate` honours it too (no CE for its dictionary when false).
     splice_each: bool = True
 
 
