@@ -302,6 +302,13 @@ class EvalConfig:
     compute_ce: bool = True
     # Contexts used for the CE measurement (each is a full LM forward three times).
     ce_contexts: int = 32
+    # With compute_ce: splice each dictionary of the run into the LM on its own for its CE/KL
+    # (3 forwards of ce_contexts per dictionary). False skips that per-dictionary splice (their
+    # metrics then have no CE), while a transcoder set's whole-set splice still runs: for runs of
+    # many dictionaries, where the per-dictionary splices cost more than the rest of the
+    # evaluation (FVU/L0 of every dictionary come from one pass over the held-out contexts).
+    # `python -m saetrain.evaluate` honours it too (no CE for its dictionary when false).
+    splice_each: bool = True
     # The sparse-probing suite's settings (docs/sparse_probing.md).
     sparse_probing: SparseProbingConfig = field(default_factory=lambda: SparseProbingConfig())
 

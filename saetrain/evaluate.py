@@ -388,7 +388,7 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         held_out,
         r.inputs,
         r.targets,
-        r.eval.compute_ce,
+        r.eval.compute_ce and r.eval.splice_each,  # a dictionary's own splice, as in a run
         r.eval.ce_contexts,
     )
     # Densities in a pass of their own (the LM stops at the input site): codes of the same tokens.

@@ -42,7 +42,12 @@ from saetrain.distributed.latent_shard import ShardedTrainer, check_shardable, l
 from saetrain.distributed.sharding import dictionary_cost
 from saetrain.distributed.shared_eval import my_contexts, reduce_ce, reduce_stats
 from saetrain.evaluation.density import density_summary
-from saetrain.evaluation.evaluate import evaluate_dictionary, first_contexts, splice_member
+from saetrain.evaluation.evaluate import (
+    Evaluated,
+    evaluate_dictionaries,
+    first_contexts,
+    splice_member,
+)
 from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import replacement_lm_metrics
 from saetrain.export.extras import kind_metrics, write_extras
@@ -522,7 +527,8 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
     cfg, jobs, dp = setup.cfg, setup.jobs, setup.dp
     results: list[tuple[int, DictionaryResult]] = []
     publish_errors: list[str] = []
-    for i, (job, logger) in enumerate(zip(jobs, setup.loggers, strict=True)):
+    mine: list[tuple[int, Any]] = []  # (job index, its folded dictionary) that this rank saves
+    for i, job in enumerate(jobs):
         if job.trainer is None:
             continue  # another rank's
         fitted = fold(job.trainer)
@@ -530,10 +536,12 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             if (whole := job.trainer.gathered(fitted)) is None:
                 continue
             fitted = whole
+        mine.append((i, fitted))
+    evaluated = _evaluate(setup, [(jobs[i], fitted.exported) for i, fitted in mine])
+    for (i, fitted), (metrics, frequencies) in zip(mine, evaluated, strict=True):
+        job, logger = jobs[i], setup.loggers[i]
         exported, trainer, state = fitted.exported, fitted.trainer, fitted.state
-        frequencies: list[torch.Tensor] = []
-        metrics = _evaluate(setup, job, exported, frequencies)
-        metrics |= density_summary(frequencies[0])
+        metrics |= density_summary(frequencies)
         # The training window's dead latents beside the held-out never-fired ones (both named).
         metrics |= training_dead_metrics(
             fitted.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
@@ -579,7 +587,7 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             write_extras(
                 exported, folder, job.inputs, job.targets, num_layers(model), model_family(model)
             )
-        logger.log_density(frequencies[0], state.step)
+        logger.log_density(frequencies, state.step)
         logger.finish(metrics)
         print_summary(metrics, folder, job.name if len(jobs) > 1 else None)
         results.append((i, DictionaryResult(job.name, folder, metrics)))
@@ -638,46 +646,47 @@ def _transcoder_sets(setup: _Setup, results: list[DictionaryResult]) -> None:
 
 
 def _evaluate(
-    setup: _Setup, job: _Job, exported: Dictionary, frequencies: list[torch.Tensor]
-) -> dict[str, float]:
-    """evaluate_dictionary's metrics, with progress lines: the reconstruction pass and the CE
-    splicing each report the held-out contexts done (minutes on a big model). Under data
-    parallel (every rank holds this dictionary) each rank evaluates its share of the contexts
-    and the sums are reduced (distributed/shared_eval.py); otherwise this rank does it all."""
-    cfg, source, tag = setup.cfg, setup.source, _tag(job, setup.jobs)
-    dp = setup.dp
-    together = dp.owners is None and not isinstance(job.trainer, ShardedTrainer)
+    setup: _Setup, fitted: list[tuple[_Job, Dictionary]]
+) -> list[tuple[dict[str, float], torch.Tensor]]:
+    """The held-out metrics and latent firing frequencies of every dictionary this rank saves,
+    from one pass of the LM over the held-out contexts (evaluate_dictionaries), then, with
+    `eval.splice_each`, each spliced into the LM on its own for CE/KL; with progress lines (minutes
+    on a big model). Under data parallel (every rank holds every dictionary) each rank evaluates
+    its share of the contexts and the sums are reduced (distributed/shared_eval.py); otherwise
+    this rank does it all."""
+    if not fitted:
+        return []
+    cfg, source, dp = setup.cfg, setup.source, setup.dp
+    together = dp.owners is None and not isinstance(fitted[0][0].trainer, ShardedTrainer)
     world = dp.world if together else World()
     held_out = my_contexts(world, setup.held_out)
     if world.distributed:
         log.info(
-            "%sheld-out evaluation shared by %d ranks: rank 0 evaluates %d of %d contexts",
-            tag,
+            "held-out evaluation shared by %d ranks: rank 0 evaluates %d of %d contexts",
             world.world_size,
             sum(len(b) for b in held_out),
             sum(len(b) for b in setup.held_out),
         )
-    metrics = evaluate_dictionary(
+    tag = _tag(fitted[0][0], setup.jobs) if len(fitted) == 1 else f"[{len(fitted)} dictionaries] "
+    evaluated = evaluate_dictionaries(
         source,
-        exported,
+        [Evaluated(exported, job.inputs, job.targets) for job, exported in fitted],
         ReportedList(held_out, f"{tag}evaluation", "contexts", len),
-        job.inputs,
-        job.targets,
-        compute_ce=False,
-        frequencies_out=frequencies,
         reduce=lambda stats: reduce_stats(world, stats),
     )
-    if cfg.eval.compute_ce:
+    if cfg.eval.compute_ce and cfg.eval.splice_each:
         ce_batches = my_contexts(world, first_contexts(setup.held_out, cfg.eval.ce_contexts))
-        mine = None
-        if ce_batches:
-            mine = replacement_lm_metrics(
-                source.models,
-                [splice_member(source, exported, job.inputs, job.targets)],
-                ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
-            )
-        metrics |= reduce_ce(world, mine)
-    return metrics
+        for (job, exported), (metrics, _) in zip(fitted, evaluated, strict=True):
+            mine = None
+            if ce_batches:
+                tag = _tag(job, setup.jobs)
+                mine = replacement_lm_metrics(
+                    source.models,
+                    [splice_member(source, exported, job.inputs, job.targets)],
+                    ReportedList(ce_batches, f"{tag}CE splicing", "contexts", len),
+                )
+            metrics |= reduce_ce(world, mine)
+    return evaluated
 
 
 def _inspect(setup: _Setup, result: RunResult) -> None:

@@ -9,8 +9,9 @@ written to `<run>/transcoder_set.<input kind>-<target kind>/`:
 - `replacement_metrics.json`: CE clean / replaced / every target zero-ablated, CE recovered, KL,
   and each layer's FVU and L0 (from its own held-out evaluation);
 - circuit-tracer's transcoder-set files (config.yaml, layer_{i}.safetensors) when circuit-tracer
-  can hold the set (layers 0..m−1, ReLU / JumpReLU / BatchTopK / Matryoshka as JumpReLU, TopK
-  for circuit-tracer's main branch); otherwise the reason is logged.
+  can hold the set (ReLU / JumpReLU / BatchTopK / Matryoshka as JumpReLU, TopK for
+  circuit-tracer's main branch), padded to the model's layer count with latents that never fire
+  where the set covers fewer layers; otherwise the reason is logged.
 """
 
 from __future__ import annotations

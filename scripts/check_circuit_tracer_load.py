@@ -188,7 +188,7 @@ def check_dictionaries(folder, load, rows):
     return out
 
 
-def _random_clt(g: torch.Generator, threshold: bool):
+def _random_clt(g: torch.Generator, threshold: bool, L: int = L):
     from saetrain.export.circuit_tracer import CLTTensors
 
     n = 32
@@ -315,9 +315,12 @@ def _tiny_tokenizer(folder: Path):
 
 def check_replacement_model(folder, load):
     """circuit-tracer's TransformerLens replacement model on a tiny random 3-layer model: the hook
-    names are accepted and attribute() runs, per hook pair and for a CLT; a set covering 2 of the
-    3 layers gets error nodes for 2 layers only; and `mlp.hook_in` is the MLP's input (the norm
-    with its weight) while `ln2.hook_normalized` is before the weight."""
+    names are accepted and attribute() runs, per hook pair and for a CLT, with error nodes for
+    every layer; a set or CLT covering part of the layers, exported with `n_model_layers` (padded
+    to every layer), runs too, with error nodes for every layer and no active feature in a padded
+    layer, while the same exported unpadded (as saetrain did before) crashes attribute() (a CLT)
+    or has error nodes for its own layers only (a set); and `mlp.hook_in` is the MLP's input
+    (the norm with its weight) while `ln2.hook_normalized` is before the weight."""
     from circuit_tracer import attribute
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
@@ -333,44 +336,83 @@ def check_replacement_model(folder, load):
     g = _gen(11)
     tokens = torch.tensor([0, 5, 7, 9, 11, 3])
     tokenizer = _tiny_tokenizer(Path(folder) / "tokenizer")
+    # (name, input hook, output hook, CLT?, layers covered, padded to the model's layers?,
+    #  expected: "full" (error nodes for every layer) | "partial" (own layers only) | "crash")
     cases = [
-        ("set mlp.hook_in → hook_mlp_out", "mlp.hook_in", "hook_mlp_out", L, False),
-        ("set hook_resid_mid → mlp.hook_out", "hook_resid_mid", "mlp.hook_out", L, False),
-        ("set covering layers 0-1 of 3", "mlp.hook_in", "hook_mlp_out", L - 1, False),
-        ("clt hook_resid_mid → hook_mlp_out", "hook_resid_mid", "hook_mlp_out", L, True),
-    ]
+        ("set mlp.hook_in → hook_mlp_out", "mlp.hook_in", "hook_mlp_out", False, [0, 1, 2], True,
+         "full"),
+        ("set hook_resid_mid → mlp.hook_out", "hook_resid_mid", "mlp.hook_out", False, [0, 1, 2],
+         True, "full"),
+        ("set covering layers 0-1 of 3, unpadded (before)", "mlp.hook_in", "hook_mlp_out", False,
+         [0, 1], False, "partial"),
+        ("set covering layers 0-1 of 3, padded", "mlp.hook_in", "hook_mlp_out", False, [0, 1],
+         True, "full"),
+        ("set covering layers 1 of 3, padded", "mlp.hook_in", "hook_mlp_out", False, [1], True,
+         "full"),
+        ("clt hook_resid_mid → hook_mlp_out", "hook_resid_mid", "hook_mlp_out", True, [0, 1, 2],
+         True, "full"),
+        ("clt covering layers 0-1 of 3, unpadded (before)", "hook_resid_mid", "hook_mlp_out", True,
+         [0, 1], False, "crash"),
+        ("clt covering layers 0-1 of 3, padded", "hook_resid_mid", "hook_mlp_out", True, [0, 1],
+         True, "full"),
+        ("clt covering layers 0, 2 of 3, padded", "hook_resid_mid", "hook_mlp_out", True, [0, 2],
+         True, "full"),
+    ]  # fmt: skip
     out = []
-    for name, hook_in, hook_out, m, is_clt in cases:
-        sub = Path(folder) / name.split()[0] / hook_in / str(m)
+    for i, (name, hook_in, hook_out, is_clt, covered, padded, expected) in enumerate(cases):
+        sub = Path(folder) / f"case{i}"
+        n_model_layers = L if padded else None
         if is_clt:
-            write_clt(sub, _random_clt(g, False), feature_input_hook=hook_in,
-                      feature_output_hook=hook_out, n_model_layers=L)  # fmt: skip
+            write_clt(sub, _random_clt(g, True, len(covered)), feature_input_hook=hook_in,
+                      feature_output_hook=hook_out, layers=covered,
+                      n_model_layers=n_model_layers)  # fmt: skip
         else:
-            layers = [_random_layer(g, threshold=False, skip=False) for _ in range(m)]
+            layers = {i: _random_layer(g, threshold=False, skip=False) for i in covered}
             write_transcoder_set(sub, layers, feature_input_hook=hook_in,
                                  feature_output_hook=hook_out, activation="relu",
-                                 n_model_layers=L)  # fmt: skip
+                                 n_model_layers=n_model_layers)  # fmt: skip
         ct, _ = load(str(sub.resolve()))
         model = TransformerLensReplacementModel.from_config(cfg, ct)
         model.set_tokenizer(tokenizer)
         with torch.no_grad():
             for block in model.blocks:  # norm weights ≠ 1, so the two hooks differ
                 block.ln2.w.copy_(1 + 0.5 * torch.randn(D, generator=g))
-        graph = attribute(tokens, model, max_n_logits=3, batch_size=16, verbose=False)
-        n_feat = graph.active_features.shape[0]
-        n_nodes = graph.adjacency_matrix.shape[0]
-        n_logits = len(graph.logit_tokens)
-        error_nodes = n_nodes - n_feat - len(tokens) - n_logits
         row = {
             "check": f"replacement model: {name}",
-            "class": f"attribute() ok, {error_nodes // len(tokens)} error layers",
             "encode": float("nan"),
             "decode": float("nan"),
             "fired_mismatch": 0,
-            "expect_equal": True,
-            "error_node_layers": error_nodes // len(tokens),
             "model_layers": L,
+            "covered_layers": covered,
+            "padded": padded,
+            "expected": expected,
         }
+        try:
+            graph = attribute(tokens, model, max_n_logits=3, batch_size=16, verbose=False)
+        except Exception as e:  # noqa: BLE001 - the failure is what this case records
+            row |= {"class": f"attribute() failed: {type(e).__name__}", "error": str(e)[:300],
+                    "outcome": "crash"}  # fmt: skip
+        else:
+            n_feat = graph.active_features.shape[0]
+            n_nodes = graph.adjacency_matrix.shape[0]
+            n_logits = len(graph.logit_tokens)
+            error_layers = (n_nodes - n_feat - len(tokens) - n_logits) // len(tokens)
+            feature_layers = sorted({int(x) for x in graph.active_features[:, 0].tolist()})
+            active_in_padded = sum(
+                int((graph.active_features[:, 0] == layer).sum())
+                for layer in range(L) if layer not in covered
+            )  # fmt: skip
+            row |= {
+                "class": f"attribute() ok, {error_layers} error layers",
+                "error_node_layers": error_layers,
+                "feature_layers": feature_layers,
+                "active_features_in_padded_layers": active_in_padded,
+                "outcome": "full" if error_layers == L else "partial",
+            }
+            if active_in_padded:
+                row["outcome"] = "padded latents active"
+        row["expect_equal"] = True
+        row["agrees"] = row["outcome"] == expected
         out.append(row)
         if name.startswith("set mlp.hook_in"):
             _, cache = model.run_with_cache(tokens)
@@ -469,9 +511,8 @@ def main() -> int:
         enc, dec = r["encode"], r["decode"]
         agrees = (enc != enc or enc <= tol) and (dec != dec or dec <= tol)
         agrees = agrees and r["fired_mismatch"] == 0
-        if "error_node_layers" in r:  # the partial set is expected to lose its missing layer
-            agrees = r["error_node_layers"] == r["model_layers"]
-            r["expect_equal"] = "covering" not in r["check"]
+        if "outcome" in r:  # a replacement-model case: its outcome is what was expected
+            agrees = r["agrees"]
         r["agrees"] = agrees
         if agrees != r["expect_equal"]:
             failed.append(r["check"])

@@ -21,6 +21,7 @@ from saetrain.dictionaries import (
     TopKSAE,
 )
 from saetrain.export.circuit_tracer import (
+    THRESHOLD_KEY,
     TOPK_COMPATIBILITY,
     CircuitTracerExportError,
     CLTTensors,
@@ -390,3 +391,116 @@ def test_layer_from_dictionary_moves_an_saes_centring_into_b_enc():
 def test_gated_has_no_circuit_tracer_form():
     with pytest.raises(CircuitTracerExportError, match="Gated"):
         layer_from_dictionary(GatedSAE(D, N, D, transcoder=True))
+
+
+# -- partial layer coverage: padded to the model's layers ---------------------------------------
+
+
+def _ct_codes(tensors: dict, x: torch.Tensor, activation: str, k: int = 3) -> torch.Tensor:
+    """A layer's codes from its file as circuit-tracer computes them (W_enc [n, d]; JumpReLU
+    pre·1[pre > θ]; its TopK keeps the k largest pre-activations, negative or not)."""
+    pre = x @ tensors["W_enc"].T + tensors["b_enc"]
+    if activation == "jumprelu":
+        return pre * (pre > tensors[THRESHOLD_KEY])
+    if activation == "topk":
+        values, indices = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+    return pre.relu()
+
+
+def _inputs(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Random rows at every scale (1e-3 … 1e6), signs mixed, plus a zero row."""
+    x = torch.randn(*shape, generator=g) * 10.0 ** torch.randint(-3, 7, shape[:-1] + (1,))
+    x[..., 0, :] = 0
+    return x
+
+
+@pytest.mark.parametrize(
+    ("activation", "skip"), [("jumprelu", True), ("relu", False), ("topk", False)]
+)
+def test_a_set_covering_some_layers_is_padded_with_latents_that_never_fire(
+    tmp_path, caplog, activation, skip
+):
+    g = torch.Generator().manual_seed(20)
+    layers = {
+        1: _layer(g, activation == "jumprelu", skip),
+        3: _layer(g, activation == "jumprelu", skip),
+    }
+    k = 3 if activation == "topk" else None
+    with caplog.at_level(logging.WARNING, logger="saetrain.export.circuit_tracer"):
+        result = write_transcoder_set(
+            tmp_path, layers, **HOOKS, activation=activation, k=k, n_model_layers=5
+        )
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml"] + [
+        f"layer_{i}.safetensors" for i in range(5)
+    ]
+    files = {i: load_file(tmp_path / f"layer_{i}.safetensors") for i in range(5)}
+    shapes = {name: tuple(t.shape) for name, t in files[1].items()}
+    for i in range(5):  # every layer alike, as circuit-tracer's TranscoderSet needs
+        assert {name: tuple(t.shape) for name, t in files[i].items()} == shapes
+    for i, layer in layers.items():  # the trained layers exactly as without padding
+        assert torch.equal(files[i]["W_enc"], layer.W_enc.T)
+        assert torch.equal(files[i]["W_dec"], layer.W_dec)
+        assert torch.equal(files[i]["b_enc"], layer.b_enc)
+        assert torch.equal(files[i]["b_dec"], layer.b_dec)
+        if skip:
+            assert torch.equal(files[i]["W_skip"], layer.W_skip)
+            assert torch.equal(files[i][THRESHOLD_KEY], layer.threshold)
+    x = _inputs(g, 256, D)
+    for i in (0, 2, 4):
+        codes = _ct_codes(files[i], x, activation)
+        assert not codes.any()  # never active, on any input
+        out = codes @ files[i]["W_dec"] + files[i]["b_dec"]
+        if skip:
+            out = out + x @ files[i]["W_skip"].T
+        assert not out.any()  # writes nothing: the MLP's output is all error
+    assert (_ct_codes(files[1], x, activation) != 0).any()
+    block = _config(tmp_path)["saetrain"]
+    assert block["padded_layers"] == [0, 2, 4] and block["layers"] == 5
+    (message,) = [w for w in result.warnings if "covers" in w]
+    assert message.startswith("covers layers 1, 3 of a 5-layer model (missing 0, 2, 4): written "
+                              "padded to all 5 layers")  # fmt: skip
+    assert "wholly error nodes" in message and "attributes with it" not in message
+    assert "the padding adds" in message
+    assert block["warnings"] == result.warnings
+    assert any(message in r.getMessage() for r in caplog.records)
+
+
+def test_a_clt_covering_some_layers_is_padded_and_computes_what_it_did(tmp_path):
+    """A 2-layer CLT at model layers 1 and 3 of 5: written as 5 layers; its own codes and outputs
+    at layers 1 and 3 are unchanged, the padded layers' latents never fire and layers 0, 2, 4
+    get no output."""
+    g = torch.Generator().manual_seed(21)
+    clt = _clt(g, L=2)
+    result = write_clt(tmp_path, clt, **HOOKS, layers=[1, 3], n_model_layers=5)
+    for m in range(5):
+        enc = load_file(tmp_path / f"W_enc_{m}.safetensors")
+        assert {k: tuple(v.shape) for k, v in enc.items()} == {
+            f"W_enc_{m}": (N, D), f"b_enc_{m}": (N,), f"b_dec_{m}": (D,), f"threshold_{m}": (N,),
+        }  # fmt: skip
+        dec = load_file(tmp_path / f"W_dec_{m}.safetensors")[f"W_dec_{m}"]
+        assert tuple(dec.shape) == (N, 5 - m, D)
+    dec1 = load_file(tmp_path / "W_dec_1.safetensors")["W_dec_1"]
+    assert torch.equal(dec1[:, 0], clt.W_dec[0][:, 0]) and torch.equal(
+        dec1[:, 2], clt.W_dec[0][:, 1]
+    )
+    assert not dec1[:, 1].any() and not dec1[:, 3].any()
+    enc3 = load_file(tmp_path / "W_enc_3.safetensors")
+    assert torch.equal(enc3["W_enc_3"], clt.W_enc[1].T)
+    assert torch.equal(enc3["threshold_3"], clt.threshold[1])
+    x = _inputs(g, 5, 64, D)
+    codes, out = _clt_forward_from_files(tmp_path, x)
+    own_codes, own_out = _clt_forward_from_inputs(clt, x[[1, 3]])
+    assert torch.equal(codes[[1, 3]], own_codes)
+    torch.testing.assert_close(out[[1, 3]], own_out, rtol=1e-5, atol=1e-5)
+    assert not codes[[0, 2, 4]].any() and not out[[0, 2, 4]].any()
+    assert _config(tmp_path)["saetrain"]["padded_layers"] == [0, 2, 4]
+    (message,) = result.warnings
+    assert "covers layers 1, 3 of a 5-layer model (missing 0, 2, 4)" in message
+    # without the model's layer count, layers 0..L−1 as before; other layers are refused
+    with pytest.raises(CircuitTracerExportError, match="needs layers 0..m−1"):
+        write_clt(tmp_path / "x", clt, **HOOKS, layers=[1, 3])
+    with pytest.raises(CircuitTracerExportError, match="increasing"):
+        write_clt(tmp_path / "x", clt, **HOOKS, layers=[3, 1], n_model_layers=5)
+    with pytest.raises(CircuitTracerExportError, match="model with 3 layers"):
+        write_clt(tmp_path / "x", clt, **HOOKS, layers=[1, 3], n_model_layers=3)

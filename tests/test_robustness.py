@@ -209,7 +209,7 @@ def test_loggers_are_closed_when_evaluation_fails(tiny_model, corpus, tmp_path, 
         raise RuntimeError("evaluation failed")
 
     monkeypatch.setattr(run_module, "open_logger", open_logger)
-    monkeypatch.setattr(run_module, "evaluate_dictionary", failing_eval)
+    monkeypatch.setattr(run_module, "evaluate_dictionaries", failing_eval)
     cfg = _config(tiny_model, corpus, "topk", None)
     cfg = replace(cfg, trainer=replace(cfg.trainer, total_tokens=512))
     with pytest.raises(RuntimeError, match="evaluation failed"):

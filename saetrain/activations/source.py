@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -63,7 +63,19 @@ class ActivationSource:
     ) -> Iterator[torch.Tensor]:
         """Activations at the unmasked positions of each batch, in order: [n, Σ width] with the
         sites side by side (a transcoder's input and target travel as one row)."""
+        for (row,) in self.row_groups(batches, [(sites, dtype)]):
+            yield row
+
+    def row_groups(
+        self, batches: Iterator[TokenBatch], groups: Sequence[tuple[Sequence[str], torch.dtype]]
+    ) -> Iterator[list[torch.Tensor]]:
+        """`rows` for several readers at once from one forward per batch: per batch, one
+        [n, Σ width] block per (sites, dtype) group, so that several dictionaries are evaluated
+        on the same activations without running the LM once each."""
         for batch in batches:
             acts = self(batch.input_ids)
             mask = batch.mask.to(self.device)
-            yield torch.cat([acts[s][mask].to(dtype) for s in sites], dim=-1)
+            yield [
+                torch.cat([acts[s][mask].to(dtype) for s in sites], dim=-1)
+                for sites, dtype in groups
+            ]

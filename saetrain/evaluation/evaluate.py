@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +12,29 @@ from saetrain.activations.tokens import TokenBatch
 from saetrain.dictionaries.base import Dictionary
 from saetrain.evaluation.metrics import ReconstructionStats
 from saetrain.evaluation.splice import Member, replacement_lm_metrics
+
+
+@dataclass
+class Evaluated:
+    """One dictionary of a held-out evaluation: it reads `inputs` and predicts `targets` (the
+    inputs again for an SAE or a crosscoder)."""
+
+    dictionary: Dictionary
+    inputs: list[str]
+    targets: list[str]
+
+    @property
+    def transcoder(self) -> bool:
+        return self.targets != self.inputs
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites of its rows, side by side: the inputs, then a transcoder's targets."""
+        return self.inputs + (self.targets if self.transcoder else [])
+
+
+def _as_list(sites: str | Sequence[str] | None) -> list[str] | None:
+    return None if sites is None else [sites] if isinstance(sites, str) else list(sites)
 
 
 @torch.no_grad()
@@ -39,49 +63,86 @@ def evaluate_dictionary(
     this process's statistics with other ranks' when each evaluated a share of the contexts
     (distributed/shared_eval.py).
     """
-    inputs = [input_site] if isinstance(input_site, str) else list(input_site)
-    if target_site is None:
-        targets = list(inputs)
-    else:
-        targets = [target_site] if isinstance(target_site, str) else list(target_site)
-    transcoder = targets != inputs
-    sites = inputs + (targets if transcoder else [])
-    widths = [source.width(site) for site in targets]
-    stats = ReconstructionStats(dictionary.n_latents, dictionary.d_out, dictionary.W_enc.device)
-    per_target = [ReconstructionStats(0, w, dictionary.W_enc.device) for w in widths]
-    for row in source.rows(iter(batches), sites, dictionary.W_enc.dtype):
-        row = row.to(dictionary.W_enc.device)
-        x = row[:, : dictionary.d_in]
-        y = row[:, dictionary.d_in :] if transcoder else x
-        codes = dictionary.encode(x)
-        y_hat = dictionary.reconstruct(x, codes)
-        stats.update(y, y_hat, codes)
-        if len(targets) > 1:
-            none = y.new_zeros(y.shape[0], 0)
-            start = 0
-            for block, width in zip(per_target, widths, strict=True):
-                block.update(y[:, start : start + width], y_hat[:, start : start + width], none)
-                start += width
-    if reduce is not None:
-        stats = reduce(stats)
-        per_target = [reduce(block) for block in per_target]
-    metrics = stats.compute()
-    if len(targets) > 1:
-        for site, block in zip(targets, per_target, strict=True):
-            metrics[f"fvu.{site}"] = block.compute()["fvu"]
-    n_layers = getattr(dictionary, "n_layers", None)
-    if n_layers is not None:  # a CLT: active latents of each layer per token
-        per_layer = stats.fire_counts.reshape(n_layers, -1).sum(1).double() / max(stats.rows, 1)
-        for site, l0 in zip(inputs, per_layer.tolist(), strict=True):
-            metrics[f"l0.{site}"] = l0
+    inputs = _as_list(input_site)
+    assert inputs is not None
+    member = Evaluated(dictionary, inputs, _as_list(target_site) or list(inputs))
+    [(metrics, frequencies)] = evaluate_dictionaries(source, [member], batches, reduce)
     if frequencies_out is not None:  # per-latent firing frequency, for density plots
-        frequencies_out.append(stats.fire_counts.double().cpu() / max(stats.rows, 1))
+        frequencies_out.append(frequencies)
     if compute_ce:
         ce_batches = first_contexts(batches, ce_contexts)
         metrics |= replacement_lm_metrics(
-            source.models, [splice_member(source, dictionary, inputs, targets)], ce_batches
+            source.models,
+            [splice_member(source, dictionary, member.inputs, member.targets)],
+            ce_batches,
         )
     return metrics
+
+
+@torch.no_grad()
+def evaluate_dictionaries(
+    source: ActivationSource,
+    members: Sequence[Evaluated],
+    batches: Iterable[TokenBatch],
+    reduce: Callable[[ReconstructionStats], ReconstructionStats] | None = None,
+) -> list[tuple[dict[str, float], torch.Tensor]]:
+    """`evaluate_dictionary`'s reconstruction metrics (no CE) for every member from one pass of
+    the LM over `batches`: each batch's activations are read once, at every member's sites, and
+    each member is scored on its own rows of them (in its own dtype, as a pass of its own would
+    read them: the numbers are the same). Returns per member (metrics, firing frequency of each
+    latent on the held-out tokens)."""
+    scores = [_Scores(source, member) for member in members]
+    groups = [(member.sites, member.dictionary.W_enc.dtype) for member in members]
+    for rows in source.row_groups(iter(batches), groups):
+        for score, row in zip(scores, rows, strict=True):
+            score.update(row)
+    return [score.finish(reduce) for score in scores]
+
+
+class _Scores:
+    """One member's running statistics: the whole dictionary, and each target of several."""
+
+    def __init__(self, source: ActivationSource, member: Evaluated):
+        self.member = member
+        dictionary = member.dictionary
+        device = dictionary.W_enc.device
+        self.widths = [source.width(site) for site in member.targets]
+        self.stats = ReconstructionStats(dictionary.n_latents, dictionary.d_out, device)
+        self.per_target = [ReconstructionStats(0, w, device) for w in self.widths]
+
+    def update(self, row: torch.Tensor) -> None:
+        dictionary = self.member.dictionary
+        row = row.to(dictionary.W_enc.device)
+        x = row[:, : dictionary.d_in]
+        y = row[:, dictionary.d_in :] if self.member.transcoder else x
+        codes = dictionary.encode(x)
+        y_hat = dictionary.reconstruct(x, codes)
+        self.stats.update(y, y_hat, codes)
+        if len(self.widths) > 1:
+            none = y.new_zeros(y.shape[0], 0)
+            start = 0
+            for block, width in zip(self.per_target, self.widths, strict=True):
+                block.update(y[:, start : start + width], y_hat[:, start : start + width], none)
+                start += width
+
+    def finish(
+        self, reduce: Callable[[ReconstructionStats], ReconstructionStats] | None
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        stats, per_target = self.stats, self.per_target
+        if reduce is not None:
+            stats = reduce(stats)
+            per_target = [reduce(block) for block in per_target]
+        metrics = stats.compute()
+        if len(per_target) > 1:
+            for site, block in zip(self.member.targets, per_target, strict=True):
+                metrics[f"fvu.{site}"] = block.compute()["fvu"]
+        n_layers = getattr(self.member.dictionary, "n_layers", None)
+        if n_layers is not None:  # a CLT: active latents of each layer per token
+            per_layer = stats.fire_counts.reshape(n_layers, -1).sum(1).double()
+            per_layer = per_layer / max(stats.rows, 1)
+            for site, l0 in zip(self.member.inputs, per_layer.tolist(), strict=True):
+                metrics[f"l0.{site}"] = l0
+        return metrics, stats.fire_counts.double().cpu() / max(stats.rows, 1)
 
 
 def splice_member(

@@ -230,25 +230,38 @@ def hooks_for_layers(sites: Mapping[int, tuple[str, str]], **kwargs: Any) -> tup
 # -- layer coverage ------------------------------------------------------------------------------
 
 
-def coverage_warning(layers: Iterable[int], n_model_layers: int | None) -> str | None:
-    """The warning for a set or CLT that covers fewer than the model's layers (None if it covers
-    them all, or when the model's layer count is not known)."""
+def coverage_warning(
+    layers: Iterable[int], n_model_layers: int | None, padded_bytes: int = 0
+) -> str | None:
+    """The warning for a set or CLT that covers fewer than the model's layers, which the writers
+    pad to the model's layer count (None if it covers them all, or when the model's layer count
+    is not known). `padded_bytes`: what the padding adds to the files."""
     covered = sorted(set(layers))
     if n_model_layers is None or covered == list(range(n_model_layers)):
         return None
-    if covered and covered[-1] >= n_model_layers:
-        return (
-            f"covers layers {_ranges(covered)}, but the model has {n_model_layers} layers "
-            f"(0..{n_model_layers - 1}): circuit-tracer's replacement model will not match it"
-        )
     missing = sorted(set(range(n_model_layers)) - set(covered))
     return (
         f"covers layers {_ranges(covered)} of a {n_model_layers}-layer model (missing "
-        f"{_ranges(missing)}): circuit-tracer loads it and attributes with it, but its graph then "
-        "has features and error nodes for the covered layers only, so the missing layers' MLPs "
-        "drop out of the graph (circuit-tracer 0.5.0; its graph scores assume one error node per "
-        "model layer); export every layer for attribution graphs"
+        f"{_ranges(missing)}): written padded to all {n_model_layers} layers, the missing ones as "
+        "latents that never fire (zero encoder rows and bias, zero decoders and output bias), "
+        "because circuit-tracer's replacement model replaces every layer's MLP (0.5.0's "
+        "attribute() fails on a CLT with fewer layers than the model, and a set with fewer "
+        "loses the missing layers from its graph). In its graphs the missing layers' MLP outputs "
+        "are wholly error nodes, and the padded latents are never active"
+        + (
+            f"; the padding adds {_size(padded_bytes)} of zeros to the files"
+            if padded_bytes
+            else ""
+        )
     )
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024  # type: ignore[assignment]
+    raise AssertionError
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -276,6 +289,40 @@ def _check_contiguous(layers: Iterable[int], what: str) -> list[int]:
             f"(missing {_ranges(sorted(set(range(max(covered, default=-1) + 1)) - set(covered)))})"
         )
     return covered
+
+
+def _covered(layers: Iterable[int], n_model_layers: int | None, what: str) -> list[int]:
+    """The trained layers, sorted: any layers of the model when its layer count is known (the
+    writers pad the rest), else 0..m−1."""
+    if n_model_layers is None:
+        return _check_contiguous(layers, what)
+    covered = sorted(set(layers))
+    if not covered:
+        raise CircuitTracerExportError(f"a circuit-tracer {what} needs at least one layer")
+    if covered[0] < 0 or covered[-1] >= n_model_layers:
+        raise CircuitTracerExportError(
+            f"layers {_ranges(covered)} exported for a model with {n_model_layers} layers "
+            f"(0..{n_model_layers - 1})"
+        )
+    return covered
+
+
+def silent_layer(like: TranscoderLayer, activation: str) -> TranscoderLayer:
+    """A transcoder shaped as `like` whose latents never fire and that writes nothing: zero
+    encoder and bias (every pre-activation is 0), a threshold of 1 for JumpReLU (0 > 1 never
+    holds), zero decoder, output bias and skip. The padding of a model layer that a set does not
+    cover: circuit-tracer's replacement model then leaves that layer's whole MLP output to the
+    layer's error node. (ReLU(0) = 0; circuit-tracer's TopK keeps k zeros, which are inactive.)"""
+    return TranscoderLayer(
+        W_enc=torch.zeros_like(like.W_enc),
+        b_enc=torch.zeros_like(like.b_enc),
+        W_dec=torch.zeros_like(like.W_dec),
+        b_dec=torch.zeros_like(like.b_dec),
+        threshold=(
+            torch.ones(like.b_enc.shape, dtype=torch.float32) if activation == "jumprelu" else None
+        ),
+        W_skip=None if like.W_skip is None else torch.zeros_like(like.W_skip),
+    )
 
 
 # -- dtypes --------------------------------------------------------------------------------------
@@ -330,7 +377,9 @@ def write_transcoder_set(
     orientation; `W_enc` is transposed here. Hooks: see `circuit_tracer_hooks` /
     `hooks_for_layers`. `activation`: "relu", "jumprelu" (every layer has a threshold; BatchTopK
     and Matryoshka are this) or "topk" (with `k`; see TOPK_COMPATIBILITY). `n_model_layers`: the
-    model's layer count, to warn when the set covers fewer. `dtype`: the files' dtype (default:
+    model's layer count; a set that covers fewer (any of its layers, gaps allowed) is padded to
+    it with `silent_layer`s and a warning (`coverage_warning`). Without it the layers must be
+    0..m−1 and are written as they are. `dtype`: the files' dtype (default:
     the tensors'); a threshold is rounded down into it (`threshold_in_dtype`). `scan`: circuit-
     tracer's feature-visualisation id. `transcoder_uri_prefix` (e.g. "hf://user/repo/sub"):
     writes `transcoders: [prefix/layer_i.safetensors, ...]` for a hub upload; without it no list
@@ -341,17 +390,26 @@ def write_transcoder_set(
     _check_hooks(feature_input_hook, feature_output_hook)
     _check_activation(activation, k)
     by_layer = dict(enumerate(layers)) if isinstance(layers, Sequence) else dict(layers)
-    indices = _check_contiguous(by_layer, "transcoder set")
-    first = by_layer[0]
+    trained = _covered(by_layer, n_model_layers, "transcoder set")
+    first = by_layer[trained[0]]
     d, n = first.W_enc.shape
     skip = first.W_skip is not None
-    for i in indices:
+    for i in trained:
         _check_layer(i, by_layer[i], d, n, activation, skip)
-    warnings = _warnings(indices, n_model_layers, activation)
+    indices = list(range(n_model_layers)) if n_model_layers is not None else trained
+    padded = [i for i in indices if i not in by_layer]
+    silent = silent_layer(first, activation)
+    file_dtype = dtype or first.W_enc.dtype
+    padded_bytes = (
+        len(padded)
+        * sum(t.numel() for t in vars(silent).values() if t is not None)
+        * file_dtype.itemsize
+    )
+    warnings = _warnings(trained, n_model_layers, activation, padded_bytes)
     folder = _start(folder)
     files = []
     for i in indices:
-        layer = by_layer[i]
+        layer = by_layer.get(i, silent)
         w_dtype = dtype or layer.W_enc.dtype
         tensors = {
             "W_enc": _tensor(layer.W_enc.T, dtype),
@@ -380,7 +438,7 @@ def write_transcoder_set(
         prefix = transcoder_uri_prefix.rstrip("/")
         config["transcoders"] = [f"{prefix}/{name}" for name in files]
     config["saetrain"] = _saetrain_block(
-        activation, k, len(indices), n_model_layers, d, n, skip, warnings, metadata
+        activation, k, len(indices), n_model_layers, d, n, skip, warnings, metadata, padded
     )
     return _finish(folder, files, config, warnings)
 
@@ -391,6 +449,7 @@ def write_clt(
     *,
     feature_input_hook: str,
     feature_output_hook: str,
+    layers: Sequence[int] | None = None,
     n_model_layers: int | None = None,
     dtype: torch.dtype | None = None,
     scan: str | None = None,
@@ -398,7 +457,10 @@ def write_clt(
 ) -> ExportResult:
     """Write a cross-layer transcoder for circuit-tracer (ReLU, or JumpReLU when `clt.threshold`
     is given). Arguments as `write_transcoder_set`; a CLT has no TopK and no skip connection in
-    circuit-tracer's files."""
+    circuit-tracer's files. `layers`: the model layer of each of the CLT's layers, increasing
+    (default 0..L−1). With `n_model_layers`, a CLT covering fewer of the model's layers is padded
+    to all of them: a missing layer's latents never fire (zero W_enc and b_enc, θ = 1) and every
+    decoder slot to or from it is zero, as is its output bias (`coverage_warning`)."""
     _check_hooks(feature_input_hook, feature_output_hook)
     L = clt.n_layers
     if L == 0:
@@ -417,23 +479,44 @@ def write_clt(
         _shape(f"b_dec[{i}]", clt.b_dec[i], (d,))
         if clt.threshold is not None:
             _shape(f"threshold[{i}]", clt.threshold[i], (n,))
+    model_layers = list(range(L)) if layers is None else [int(i) for i in layers]
+    if len(model_layers) != L or model_layers != sorted(set(model_layers)):
+        raise CircuitTracerExportError(
+            f"layers={model_layers}: a CLT of {L} layers needs {L} increasing model layers"
+        )
+    _covered(model_layers, n_model_layers, "CLT")
+    M = n_model_layers if n_model_layers is not None else L
+    at = {layer: a for a, layer in enumerate(model_layers)}  # model layer → CLT layer
     activation: Activation = "jumprelu" if clt.threshold is not None else "relu"
-    warnings = _warnings(range(L), n_model_layers, activation)
+    file_dtype = dtype or clt.W_enc[0].dtype
+    written = sum((M - m) * n * d for m in range(M)) + M * (n * d + 2 * n + d)
+    own = sum((L - a) * n * d for a in range(L)) + L * (n * d + 2 * n + d)
+    warnings = _warnings(model_layers, n_model_layers, activation,
+                         (written - own) * file_dtype.itemsize)  # fmt: skip
     folder = _start(folder)
     files = []
-    for i in range(L):
-        w_dtype = dtype or clt.W_enc[i].dtype
+    for m in range(M):
+        a = at.get(m)
+        if a is None:  # a layer the CLT does not cover: latents that never fire
+            W_enc, b_enc = clt.W_enc[0].new_zeros(d, n), clt.b_enc[0].new_zeros(n)
+            b_dec = clt.b_dec[0].new_zeros(d)
+            theta = None if clt.threshold is None else torch.ones(n)
+        else:
+            W_enc, b_enc, b_dec = clt.W_enc[a], clt.b_enc[a], clt.b_dec[a]
+            theta = None if clt.threshold is None else clt.threshold[a].detach().cpu()
+        W_dec = _padded_decoder(clt, m, a, model_layers, M) if M != L else clt.W_dec[m]
+        w_dtype = dtype or W_enc.dtype
         enc = {
-            f"W_enc_{i}": _tensor(clt.W_enc[i].T, dtype),
-            f"b_enc_{i}": _tensor(clt.b_enc[i], dtype),
-            f"b_dec_{i}": _tensor(clt.b_dec[i], dtype),
+            f"W_enc_{m}": _tensor(W_enc.T, dtype),
+            f"b_enc_{m}": _tensor(b_enc, dtype),
+            f"b_dec_{m}": _tensor(b_dec, dtype),
         }
-        if clt.threshold is not None:
-            enc[f"threshold_{i}"] = threshold_in_dtype(clt.threshold[i].detach().cpu(), w_dtype)
-        atomic_write_bytes(folder / f"W_enc_{i}.safetensors", safetensors_bytes(enc))
-        dec = {f"W_dec_{i}": _tensor(clt.W_dec[i], dtype)}
-        atomic_write_bytes(folder / f"W_dec_{i}.safetensors", safetensors_bytes(dec))
-        files += [f"W_enc_{i}.safetensors", f"W_dec_{i}.safetensors"]
+        if theta is not None:
+            enc[f"threshold_{m}"] = threshold_in_dtype(theta, w_dtype)
+        atomic_write_bytes(folder / f"W_enc_{m}.safetensors", safetensors_bytes(enc))
+        dec = {f"W_dec_{m}": _tensor(W_dec, dtype)}
+        atomic_write_bytes(folder / f"W_dec_{m}.safetensors", safetensors_bytes(dec))
+        files += [f"W_enc_{m}.safetensors", f"W_dec_{m}.safetensors"]
     config: dict[str, Any] = {
         "model_kind": CLT,
         "feature_input_hook": feature_input_hook,
@@ -441,10 +524,25 @@ def write_clt(
     }
     if scan is not None:
         config["scan"] = scan
+    padded = [m for m in range(M) if m not in at]
     config["saetrain"] = _saetrain_block(
-        activation, None, L, n_model_layers, d, n, False, warnings, metadata
+        activation, None, M, n_model_layers, d, n, False, warnings, metadata, padded
     )
     return _finish(folder, files, config, warnings)
+
+
+def _padded_decoder(
+    clt: CLTTensors, m: int, a: int | None, model_layers: list[int], M: int
+) -> Tensor:
+    """Model layer m's decoder [n, M − m, d] in a CLT padded to M layers (slot j writes layer
+    m + j): the CLT's layer a, when it sits at m, writes to its layer b ≥ a at slot
+    model_layers[b] − m; every other slot is zero (all of them where m is not covered)."""
+    n, _, d = clt.W_dec[0].shape
+    out = clt.W_dec[0].new_zeros(n, M - m, d)
+    if a is not None:
+        for j in range(clt.n_layers - a):
+            out[:, model_layers[a + j] - m] = clt.W_dec[a][:, j]
+    return out
 
 
 # The hook names circuit-tracer 0.5.0 knows (its nnsight mappings, utils/tl_nnsight_mapping.py;
@@ -511,14 +609,11 @@ def _shape(name: str, t: Tensor, expected: tuple[int, ...]) -> None:
         )
 
 
-def _warnings(layers: Iterable[int], n_model_layers: int | None, activation: str) -> list[str]:
-    layers = list(layers)
-    if n_model_layers is not None and max(layers) >= n_model_layers:
-        raise CircuitTracerExportError(
-            f"{len(layers)} layers exported for a model with {n_model_layers} layers"
-        )
+def _warnings(
+    layers: Iterable[int], n_model_layers: int | None, activation: str, padded_bytes: int = 0
+) -> list[str]:
     warnings = []
-    coverage = coverage_warning(layers, n_model_layers)
+    coverage = coverage_warning(layers, n_model_layers, padded_bytes)
     if coverage:
         warnings.append(coverage)
     if activation == "topk":
@@ -536,11 +631,14 @@ def _saetrain_block(
     skip: bool,
     warnings: list[str],
     metadata: Mapping[str, Any] | None,
+    padded: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """What saetrain records for readers (circuit-tracer ignores this key)."""
+    """What saetrain records for readers (circuit-tracer ignores this key). `padded_layers`: the
+    layers written as latents that never fire (the model's layers the export did not cover)."""
     block: dict[str, Any] = {
         "activation": activation,
         "layers": n_layers,
+        "padded_layers": [int(i) for i in padded],
         "model_layers": n_model_layers,
         "d_model": int(d),
         "d_transcoder": int(n),
@@ -747,6 +845,7 @@ __all__ = [
     "layer_from_dictionary",
     "read_clt",
     "read_transcoder_set",
+    "silent_layer",
     "threshold_in_dtype",
     "write_clt",
     "write_transcoder_set",

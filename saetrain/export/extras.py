@@ -1,7 +1,8 @@
 """A dictionary kind's own outputs beside its SAELens-layout folder (formats at the edge).
 
 - a CLT: its circuit-tracer folder, `<dictionary folder>/circuit_tracer/` (saetrain/export/
-  circuit_tracer.py), when circuit-tracer can hold it (ReLU or JumpReLU, layers from 0);
+  circuit_tracer.py), when circuit-tracer can hold it (ReLU, JumpReLU or BatchTopK; padded to
+  the model's layer count when it covers fewer layers);
 - a crosscoder: the histogram of its latents' decoder-norm shares per source
   (`decoder_norm_shares.png`, the model-diffing plot) and their summary in the metrics.
 Other kinds have none. What cannot be written is logged with the reason, never fatal: the
@@ -76,17 +77,13 @@ def write_clt_for_circuit_tracer(
 
     layers = [Site.parse(site).layer for site in inputs]
     try:
-        if layers != list(range(len(layers))):
-            raise CircuitTracerExportError(
-                f"the CLT covers layers {layers}; circuit-tracer numbers a CLT's layers from 0, "
-                "so only a CLT over layers 0..L−1 is written for it"
-            )
         in_hook, out_hook = circuit_tracer_hooks(inputs[0], targets[0], family=family)
         result = write_clt(
             folder,
             clt_from_dictionary(dictionary),
             feature_input_hook=in_hook,
             feature_output_hook=out_hook,
+            layers=layers,
             n_model_layers=n_model_layers,
         )
     except CircuitTracerExportError as e:
