@@ -109,11 +109,18 @@ T = TypeVar("T")
 
 def _from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """A config dataclass from a saved dict; keys this version does not know are dropped."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         log.warning("ignoring saved %s fields this version lacks: %s", cls.__name__, unknown)
-    return cls(**{k: v for k, v in values.items() if k in names})
+    kept = {k: v for k, v in values.items() if k in fields}
+    for name, value in kept.items():  # a nested group (eval.absorption) saved as a dict
+        make = fields[name].default_factory
+        if isinstance(value, dict) and make is not dataclasses.MISSING:
+            default = make()
+            if dataclasses.is_dataclass(default):
+                kept[name] = _from_dict(type(default), value)
+    return cls(**kept)
 
 
 def _with_overrides(base: T, given: T, explicit: AbstractSet[str], group: str) -> T:
@@ -371,6 +378,15 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     metrics |= carried
 
     r.output_dir.mkdir(parents=True, exist_ok=True)
+    notes: dict[str, list[str]] = {}
+    if r.eval.suite:  # usefulness suites (eval.suite): metrics, and SAEBench files beside ours
+        from saetrain.evaluation.usefulness import SuiteContext
+        from saetrain.evaluation.usefulness.suites import evaluate_usefulness
+
+        ctx = SuiteContext(model, tokenizer, dictionary, source, r.inputs, r.model.name,
+                           r.folder.name, device, r.seed, r.output_dir)  # fmt: skip
+        found, notes = evaluate_usefulness(ctx, r.eval)
+        metrics |= found
     report = {
         "path": str(r.folder),
         "architecture": dictionary.architecture,
@@ -388,6 +404,8 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         # Keys of `metrics` copied from the training run's final metrics, not measured here.
         "carried_from_run": sorted(carried),
     }
+    if notes:
+        report["suite_notes"] = notes
     metrics_path = r.output_dir / METRICS_FILE
     atomic_write_json(metrics_path, report)
     atomic_write_bytes(
