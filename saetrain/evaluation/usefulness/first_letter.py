@@ -97,6 +97,16 @@ class PromptBuilder:
         return ids + self.before + [word.token_id] + self.after
 
 
+def right_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, longest] ids padded with 0 after each prompt, [n] lengths): a causal LM's
+    activations at a prompt's own positions do not see the padding after it."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    return ids, lengths
+
+
 def read_activations(
     source: ActivationSource,
     sites: list[str],
@@ -110,10 +120,7 @@ def read_activations(
     rows = []
     for start in range(0, len(prompts), batch_prompts):
         batch = prompts[start : start + batch_prompts]
-        lengths = torch.tensor([len(p) for p in batch])
-        ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
-        for i, p in enumerate(batch):
-            ids[i, : len(p)] = torch.tensor(p)
+        ids, lengths = right_padded(batch)
         acts = source(ids)
         at = (lengths + position).to(source.device)
         picked = [acts[s][torch.arange(len(batch), device=at.device), at] for s in sites]
@@ -122,10 +129,19 @@ def read_activations(
     return torch.cat(rows)
 
 
-def first_letter_data(
-    source: ActivationSource, sites: list[str], tokenizer, cfg: AbsorptionConfig, seed: int
-) -> FirstLetterData:
-    """The task's train and test activations at `sites` (LM forwards, with progress lines)."""
+@dataclass
+class Prompts:
+    """The task's words and their prompts' token ids, and where the activations are read."""
+
+    train: list[Word]
+    test: list[Word]
+    train_prompts: list[list[int]]
+    test_prompts: list[list[int]]
+    position: int
+
+
+def build_prompts(tokenizer, cfg: AbsorptionConfig, seed: int) -> Prompts:
+    """The seeded words, their split and their prompts."""
     words = alphabetic_words(tokenizer)
     if len(words) < 10:
         raise ValueError(
@@ -134,19 +150,30 @@ def first_letter_data(
     train, test = split_words(words, cfg, seed)
     builder = PromptBuilder(tokenizer, cfg)
     rng = random.Random(seed + 1)
-    train_prompts = [builder.prompt(w, train, rng) for w in train]
-    test_prompts = [builder.prompt(w, test, rng) for w in test]
-    position = builder.word_position if cfg.position is None else cfg.position
-    total = len(train_prompts) + len(test_prompts)
+    return Prompts(
+        train,
+        test,
+        [builder.prompt(w, train, rng) for w in train],
+        [builder.prompt(w, test, rng) for w in test],
+        builder.word_position if cfg.position is None else cfg.position,
+    )
+
+
+def first_letter_data(
+    source: ActivationSource, sites: list[str], tokenizer, cfg: AbsorptionConfig, seed: int
+) -> FirstLetterData:
+    """The task's train and test activations at `sites` (LM forwards, with progress lines)."""
+    p = build_prompts(tokenizer, cfg, seed)
+    total = len(p.train_prompts) + len(p.test_prompts)
     batch = max(1, min(cfg.batch_prompts, math.ceil(total / 2)))
     with Progress("absorption: LM forwards on first-letter prompts", total, "prompts") as progress:
-        train_x = read_activations(source, sites, train_prompts, position, batch, progress)
-        test_x = read_activations(source, sites, test_prompts, position, batch, progress)
+        train_x = read_activations(source, sites, p.train_prompts, p.position, batch, progress)
+        test_x = read_activations(source, sites, p.test_prompts, p.position, batch, progress)
     return FirstLetterData(
         train_x=train_x,
-        train_y=torch.tensor([w.letter for w in train]),
+        train_y=torch.tensor([w.letter for w in p.train]),
         test_x=test_x,
-        test_y=torch.tensor([w.letter for w in test]),
-        test_words=[w.text for w in test],
-        position=position,
+        test_y=torch.tensor([w.letter for w in p.test]),
+        test_words=[w.text for w in p.test],
+        position=p.position,
     )
