@@ -16,7 +16,8 @@ folder's saetrain_run.json holds its run's training-window `dead_fraction` and
 
 Overrides are Hydra's, typed by `EvaluateConfig` (ConfigStore name `saetrain_evaluate`):
 `model.device=cpu`, `eval.n_tokens=65536`, `data.data_files=[/data/*.txt]`, `site.input=mlp_in.3`.
-Only the fields named on the command line replace the folder's.
+Only the fields named on the command line replace the folder's. `eval.suite=[absorption]` also
+runs the usefulness suites (saetrain/evaluation/usefulness, docs/usefulness.md).
 """
 
 from __future__ import annotations
@@ -462,7 +463,8 @@ USAGE = """usage: python -m saetrain.evaluate path=<dictionary folder> [key=valu
 Evaluates a saved dictionary (SAELens layout): FVU, MSE, L0, never-fired / dense latents, CE with
 the dictionary spliced in, KL (a saetrain folder's training-window dead_fraction is carried over);
 writes metrics.json, feature_frequencies.safetensors and
-feature_density.png to <path>/eval.
+feature_density.png to <path>/eval. eval.suite=[absorption,sparse_probing] adds the usefulness
+suites (docs/usefulness.md; pip install saetrain[eval]) and their <suite>_saebench.json files.
 Keys: path, output_dir, seed, dense_threshold, model.*, data.*, site.*, eval.* (see
 saetrain/evaluate.py's EvaluateConfig and saetrain/config.py).
 """

@@ -140,3 +140,24 @@ def test_split_features_grow_while_f1_jumps_by_the_threshold():
     assert split_features(latents, [0.5, 0.6, 0.62, 0.9], 0.03) == [5, 7]
     assert split_features(latents, [0.5, 0.52, 0.9, 0.9], 0.03) == [5]
     assert split_features(latents, [0.1, 0.2, 0.3, 0.4], 0.03) == [5, 7, 9, 11]
+
+
+def test_latent_directions_are_what_the_latent_reads_for_a_transcoder():
+    sae = ReLUSAE(6, 4)
+    assert torch.equal(sae.input_directions(), sae.W_dec)
+    transcoder = ReLUSAE(6, 4, d_out=5)
+    assert transcoder.input_directions().shape == (4, 6)
+    assert torch.equal(transcoder.input_directions(), transcoder.W_enc.T)
+
+
+def test_a_clts_latent_directions_give_its_pre_activations():
+    from saetrain.dictionaries.clt import CLT_CLASSES
+
+    clt = CLT_CLASSES["relu"](6, 8, 6, n_layers=2)
+    with torch.no_grad():
+        clt.b_enc.normal_()
+    x = torch.randn(5, clt.d_in)
+    directions = clt.input_directions()
+    assert directions.shape == (clt.n_latents, clt.d_in)
+    with torch.no_grad():
+        assert torch.allclose(clt.pre_activations(x), x @ directions.T + clt.b_enc, atol=1e-6)
