@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -481,6 +482,11 @@ def _validate_suites(cfg: EvalConfig) -> None:
     """eval.suite names and the absorption suite's ranges (before the LM loads)."""
     for name in cfg.suite:
         _choice("eval.suite", name, SUITE_NAMES)
+    if cfg.suite and importlib.util.find_spec("sklearn") is None:
+        raise ConfigError(
+            f"eval.suite={list(cfg.suite)} fits probes with scikit-learn, which is not installed: "
+            "pip install saetrain[eval]"
+        )
     a = cfg.absorption
     if a.max_words is not None and a.max_words < 10:
         raise ConfigError(f"eval.absorption.max_words={a.max_words} must be at least 10 (or null)")

@@ -186,3 +186,25 @@ def test_hydra_composes_eval_suite_for_a_training_run():
     with initialize_config_dir(config_dir=saetrain.config_dir(), version_base=None):
         default = to_config(compose(config_name="config"))
     assert default.eval.suite == []  # the default job runs no suite
+
+
+def test_missing_scikit_learn_says_what_to_install(monkeypatch):
+    import sys
+
+    from saetrain.evaluation.usefulness.deps import MissingDependency, sklearn_modules
+
+    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
+    with pytest.raises(MissingDependency, match=r"pip install saetrain\[eval\]"):
+        sklearn_modules()
+
+
+def test_a_suite_without_scikit_learn_fails_validation(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"eval\.suite=\['absorption'\].*saetrain\[eval\]"):
+        validate(Config(eval=EvalConfig(suite=["absorption"])))
+    validate(Config())  # no suite: scikit-learn is not needed

@@ -43,7 +43,11 @@ from saetrain.evaluation.usefulness.deps import (
     one_blas_thread,
     sklearn_modules,
 )
-from saetrain.evaluation.usefulness.first_letter import LETTERS, FirstLetterData
+from saetrain.evaluation.usefulness.first_letter import (
+    LETTERS,
+    FirstLetterData,
+    first_letter_data,
+)
 from saetrain.progress import phase
 
 log = logging.getLogger(__name__)
@@ -354,18 +358,14 @@ def saebench_output(
 
 def run_absorption(ctx: SuiteContext, cfg: AbsorptionConfig) -> SuiteResult:
     """The suite: the first-letter prompts through the LM, then `absorption`."""
-    from saetrain.evaluation.usefulness.first_letter import first_letter_data
-
     sklearn_modules()  # fail before the LM forwards when scikit-learn is missing
     data = first_letter_data(ctx.source, ctx.input_sites, ctx.tokenizer, cfg, ctx.seed)
     outcome = absorption(data, ctx.dictionary, cfg)
     f1 = [r.probe_f1 for r in outcome.letters]
     metrics = {
         "absorption/probe_mean_f1": float(np.mean(f1)),
-        "absorption/probe_letters_above_min_f1": float(len(outcome.counted)
-                                                       if not outcome.refused else
-                                                       sum(v > cfg.min_probe_f1 for v in f1)),
-    }  # fmt: skip
+        "absorption/probe_letters_above_min_f1": float(sum(v > cfg.min_probe_f1 for v in f1)),
+    }
     notes = []
     if ctx.dictionary.transcoder:
         notes.append(
