@@ -140,9 +140,14 @@ def test_sparse_probing_is_looked_up_lazily():
     assert set(SUITES) == {"absorption", "sparse_probing"}
     try:
         import saetrain.evaluation.usefulness.sparse_probing  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(ConfigError, match="sparse_probing"):
-            SUITES["sparse_probing"](None, None)  # type: ignore[arg-type]
+    except ModuleNotFoundError:  # this branch: a clear error through run_suites
+        from types import SimpleNamespace
+
+        from saetrain.evaluation.usefulness.suites import run_suites
+
+        ctx = SimpleNamespace(sae_name="resid_post.1")
+        with pytest.raises(ConfigError, match="names 'sparse_probing', but .* not part of"):
+            run_suites(ctx, EvalConfig(suite=["sparse_probing"]))  # type: ignore[arg-type]
 
 
 def test_sweep_summary_shows_suite_metrics_per_architecture(tmp_path):
