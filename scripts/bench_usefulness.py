@@ -29,6 +29,7 @@ from saetrain.evaluation.usefulness.first_letter import (
     first_letter_data,
     right_padded,
 )
+from saetrain.progress import Progress
 
 
 def _dictionary(args: argparse.Namespace, d_in: int, device: torch.device):
@@ -78,10 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     sync()
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), Progress("LM forward alone", len(every), "prompts") as progress:
         for i in range(0, len(every), cfg.batch_prompts):
             ids, _ = right_padded(every[i : i + cfg.batch_prompts])
             model(input_ids=ids.to(device), use_cache=False)
+            progress.update(len(ids))
     sync()
     lm_full = time.perf_counter() - start
 

@@ -98,6 +98,9 @@ def test_run_puts_suite_metrics_and_saebench_files_in_every_dictionary(trained):
                                "num_full_absorption", "num_probe_true_positives",
                                "num_split_features"}  # fmt: skip
         assert out["eval_id"] and out["datetime_epoch_millis"] > 0
+        # What SAEBench's graphing_utils.get_eval_results reads besides the metrics.
+        assert out["sae_cfg_dict"]["architecture"] == "topk"
+        assert out["sae_cfg_dict"]["d_sae"] == 64
         card = render_model_card(result.dictionary_dir, metrics)
         assert "absorption/mean_absorption_fraction_score" in card
         assert "SAEBench 0.6.0" in card
