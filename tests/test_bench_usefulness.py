@@ -26,6 +26,7 @@ def test_bench_prints_and_writes_the_phases(letters_model, tmp_path, capsys):
     for key in ("lm_forward_full_s", "suite_lm_s", "suite_probes_s"):
         assert saved[key] > 0
     assert saved["suite_total_s"] == pytest.approx(saved["suite_lm_s"] + saved["suite_probes_s"])
-    assert saved["refused"] and "too weak" in saved["refused"]  # a random LM cannot spell
+    assert saved["refused"] is None  # thresholds off: every phase ran
+    assert 0.0 <= saved["probe_mean_f1"] < 0.6  # a random LM cannot spell
     printed = capsys.readouterr().out
     assert "LM forward alone" in printed and "suite / LM forward" in printed
