@@ -161,3 +161,23 @@ def test_a_clts_latent_directions_give_its_pre_activations():
     assert directions.shape == (clt.n_latents, clt.d_in)
     with torch.no_grad():
         assert torch.allclose(clt.pre_activations(x), x @ directions.T + clt.b_enc, atol=1e-6)
+
+
+def test_decoder_norms_are_folded_into_the_codes_as_saebench_does():
+    """The absorbing latents' codes ÷ 4 with their decoder rows × 4 is the same dictionary (same
+    reconstruction): the same absorption, as SAEBench gets after fold_W_dec_norm (unfolded, their
+    projections would fall under the 40 % threshold and the absorption would vanish)."""
+    data, sae = _data(), _sae(absorbing=True)
+    rescaled = _sae(absorbing=True)
+    with torch.no_grad():
+        rescaled.W_enc[:, 26:] /= 4
+        rescaled.b_enc[26:] /= 4
+        rescaled.W_dec[26:] *= 4
+    x = data.test_x[:5]
+    assert torch.allclose(sae(x), rescaled(x), atol=1e-5)
+    a, b = absorption(data, sae, CFG), absorption(data, rescaled, CFG)
+    assert np.mean([r.mean_absorption_fraction for r in b.counted]) == pytest.approx(2 / 3)
+    for ra, rb in zip(a.counted, b.counted, strict=True):
+        assert ra.split_features == rb.split_features
+        assert ra.mean_absorption_fraction == pytest.approx(rb.mean_absorption_fraction)
+        assert ra.full_absorption_rate == pytest.approx(rb.full_absorption_rate)

@@ -8,7 +8,10 @@
    weight first); k-sparse probes on the top k codes for k = 1..max_k; the main latents are the top
    k while each k raises test F1 by more than f1_jump_threshold over the best so far.
 3. On every test word of the letter the ground-truth probe gets right: a latent's probe projection
-   is its activation × the cosine of its direction (decoder row) with the probe direction.
+   is its activation × the cosine of its direction (decoder row) with the probe direction, the
+   activation in units of the direction's length (SAEBench folds decoder norms into the codes;
+   saetrain's exports keep the normalisation scale in W_dec, so the codes are multiplied by the
+   decoder-row norms throughout, the k-sparse probes included).
    - absorption fraction (0.6.0, SAEBench PR #62): 0 when the main latents' projection reaches the
      activation's own projection x·p̂, or when the top 3 other latents aligned with the probe
      (cosine ≥ 0.1, positive projection) carry less than 40 % of it; 1 when the main latents'
@@ -90,10 +93,14 @@ class AbsorptionOutcome:
     refused: str | None = None
 
 
-def encode_sparse(dictionary: Dictionary, x: torch.Tensor, batch_rows: int) -> Any:
-    """The codes of rows x as a scipy CSR matrix (only the active latents are ever kept)."""
+def encode_sparse(
+    dictionary: Dictionary, x: torch.Tensor, batch_rows: int, scale: torch.Tensor | None = None
+) -> Any:
+    """The codes of rows x, each latent's multiplied by `scale` (its direction's norm: SAEBench
+    folds decoder norms into the codes), as a scipy CSR matrix (only active latents are kept)."""
     _, sparse = sklearn_modules()
     param = dictionary.W_enc
+    scale = torch.ones(dictionary.n_latents) if scale is None else scale.detach().float().cpu()
     parts = []
     with torch.no_grad():
         for start in range(0, len(x), batch_rows):
@@ -102,6 +109,7 @@ def encode_sparse(dictionary: Dictionary, x: torch.Tensor, batch_rows: int) -> A
             if isinstance(codes, SparseCodes):
                 idx, val = codes.indices.cpu(), codes.values.float().cpu()
                 keep = val != 0
+                val = val * scale[idx]
                 row_of = torch.arange(len(rows)).unsqueeze(1).expand_as(idx)[keep]
                 parts.append(
                     sparse.csr_matrix(
@@ -110,7 +118,7 @@ def encode_sparse(dictionary: Dictionary, x: torch.Tensor, batch_rows: int) -> A
                     )
                 )
             else:
-                parts.append(sparse.csr_matrix(codes.float().cpu().numpy()))
+                parts.append(sparse.csr_matrix((codes.float().cpu() * scale).numpy()))
     return sparse.vstack(parts).tocsr()
 
 
@@ -244,9 +252,15 @@ def _absorption(
         )
         return AbsorptionOutcome(letters, [], reason)
     rows = max(cfg.batch_prompts, 1)
+    with torch.no_grad():
+        latent_dirs = dictionary.input_directions().detach().double().cpu()
+        norms = latent_dirs.norm(dim=1, keepdim=True)
+        latent_dirs = latent_dirs / norms.clamp_min(1e-12)
     with phase("absorption: encode the prompts' activations"):
-        train_codes = encode_sparse(dictionary, data.train_x, rows)
-        test_codes = encode_sparse(dictionary, data.test_x, rows)
+        # Codes in units of their directions' length, as SAEBench's fold_W_dec_norm makes them:
+        # a latent's projection on the probe is then code × cosine.
+        train_codes = encode_sparse(dictionary, data.train_x, rows, norms[:, 0])
+        test_codes = encode_sparse(dictionary, data.test_x, rows, norms[:, 0])
     y, yt = data.train_y.numpy(), data.test_y.numpy()
     n = min(cfg.max_k, dictionary.n_latents)
     with phase(f"absorption: L1 latent ranking and k-sparse probes (k = 1..{n})"):
@@ -258,9 +272,6 @@ def _absorption(
                 result.split_features = split_features(
                     ranking[i], result.k_sparse_f1, cfg.f1_jump_threshold
                 )
-    with torch.no_grad():
-        latent_dirs = dictionary.input_directions().detach().double().cpu()
-        latent_dirs = latent_dirs / latent_dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     unit = torch.from_numpy(directions)
     unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos_all = (unit @ latent_dirs.T).numpy()  # [26, n_latents]
