@@ -181,3 +181,13 @@ def test_decoder_norms_are_folded_into_the_codes_as_saebench_does():
         assert ra.split_features == rb.split_features
         assert ra.mean_absorption_fraction == pytest.approx(rb.mean_absorption_fraction)
         assert ra.full_absorption_rate == pytest.approx(rb.full_absorption_rate)
+
+
+def test_a_letter_without_training_words_gets_f1_0_not_an_error():
+    data = _data()
+    keep = data.train_y != 0  # no training word starts with a
+    data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    outcome = absorption(data, _sae(absorbing=False), AbsorptionConfig(max_k=2, min_probe_f1=-1))
+    assert outcome.letters[0].probe_f1 == 0.0
+    assert outcome.letters[0].k_sparse_f1 == [0.0, 0.0]
+    assert outcome.letters[1].k_sparse_f1[0] == 1.0

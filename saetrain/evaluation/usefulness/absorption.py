@@ -177,6 +177,8 @@ def k_sparse_f1(
 ) -> list[float]:
     """Test F1 of a logistic probe on the codes of latents[:k], for k = 1..len(latents)."""
     linear_model, _ = sklearn_modules()
+    if not y.any() or y.all():
+        return [0.0] * len(latents)  # one class only in training: no probe, F1 0 (as the dense)
     out = []
     for k in range(1, len(latents) + 1):
         columns = latents[:k]
