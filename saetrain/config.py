@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -291,6 +292,44 @@ class DistributedConfig:
 
 
 @dataclass
+class AbsorptionConfig:
+    """Feature absorption on the first-letter task, as SAEBench computes it (eval.suite).
+
+    Words are the LM's own alphabetic vocabulary tokens, split by token into train and test; each
+    prompt is `icl_examples` in-context lines `<word> has the first letter: <LETTER>` and then the
+    word's line without its answer. The activations are read at the word's token (or `position`).
+    """
+
+    # Vocabulary tokens used as words, both splits together (a seeded random choice); null: all
+    # alphabetic tokens (SAEBench's choice; ~30k prompts on SmolLM2, slow on a CPU).
+    max_words: int | None = 6000
+    # Share of the words used to train the probes; the rest is the test split.
+    train_fraction: float = 0.8
+    # In-context examples per prompt (SAEBench: 10).
+    icl_examples: int = 10
+    # The line each word is asked in ({word} is the token).
+    prompt_template: str = "{word} has the first letter:"
+    # Token read, counted from the end of the prompt (-1: the final ':'); null: the word's own
+    # token (SAEBench's -6 for its template on Gemma).
+    position: int | None = None
+    # k-sparse probes on the codes for k = 1..max_k; the letter's main latents grow while F1
+    # rises by at least f1_jump_threshold.
+    max_k: int = 10
+    f1_jump_threshold: float = 0.03
+    # A letter counts only when the ground-truth probe's test F1 exceeds min_probe_f1; fewer than
+    # min_letters such letters: no absorption number (the probe is too weak to mean anything).
+    min_probe_f1: float = 0.6
+    min_letters: int = 20
+    # Prompts per LM forward (and rows per dictionary encode).
+    batch_prompts: int = 64
+    # Inverse regularization of the L1 probe that ranks latents for the k-sparse probes.
+    l1_C: float = 0.1
+
+
+SUITE_NAMES = ("absorption", "sparse_probing")
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation after training."""
 
@@ -309,6 +348,11 @@ class EvalConfig:
     # evaluation (FVU/L0 of every dictionary come from one pass over the held-out contexts).
     # `python -m saetrain.evaluate` honours it too (no CE for its dictionary when false).
     splice_each: bool = True
+    # Usefulness suites run after the metrics above (saetrain/evaluation/usefulness): any of
+    # absorption, sparse_probing. Empty: none (the default output is unchanged).
+    suite: list[str] = field(default_factory=list)
+    # Settings of the absorption suite.
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
     # The sparse-probing suite's settings (docs/sparse_probing.md).
     sparse_probing: SparseProbingConfig = field(default_factory=lambda: SparseProbingConfig())
 
@@ -515,6 +559,40 @@ def _positive(field_name: str, value: float, allow_zero: bool = False) -> None:
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{field_name}={value!r} is not valid; it must be {bound}")
+
+
+def _validate_suites(cfg: EvalConfig) -> None:
+    """eval.suite names and the absorption suite's ranges (before the LM loads)."""
+    for name in cfg.suite:
+        _choice("eval.suite", name, SUITE_NAMES)
+    if cfg.suite and importlib.util.find_spec("sklearn") is None:
+        raise ConfigError(
+            f"eval.suite={list(cfg.suite)} fits probes with scikit-learn, which is not installed: "
+            "pip install saetrain[eval]"
+        )
+    a = cfg.absorption
+    if a.max_words is not None and a.max_words < 10:
+        raise ConfigError(f"eval.absorption.max_words={a.max_words} must be at least 10 (or null)")
+    if not 0.0 < a.train_fraction < 1.0:
+        raise ConfigError(f"eval.absorption.train_fraction={a.train_fraction} must be in (0, 1)")
+    if "{word}" not in a.prompt_template:
+        raise ConfigError(
+            f"eval.absorption.prompt_template={a.prompt_template!r} must contain {{word}}"
+        )
+    if a.position is not None and a.position >= 0:
+        raise ConfigError(
+            f"eval.absorption.position={a.position} must be negative (counted from the prompt's "
+            "end, -1 is its last token) or null (the word's token)"
+        )
+    for name, value in [("icl_examples", a.icl_examples), ("max_k", a.max_k),
+                        ("min_letters", a.min_letters), ("batch_prompts", a.batch_prompts),
+                        ("l1_C", a.l1_C)]:  # fmt: skip
+        _positive(f"eval.absorption.{name}", value, allow_zero=name == "icl_examples")
+    if not 0.0 <= a.min_probe_f1 < 1.0:
+        raise ConfigError(f"eval.absorption.min_probe_f1={a.min_probe_f1} must be in [0, 1)")
+    if a.min_letters > 26:
+        raise ConfigError(f"eval.absorption.min_letters={a.min_letters} must be at most 26")
+    _positive("eval.absorption.f1_jump_threshold", a.f1_jump_threshold, allow_zero=True)
 
 
 def _forward_position(site: Any) -> tuple[int, int]:
@@ -725,6 +803,7 @@ def _validate_one(cfg: Config) -> None:
         ("logger.log_every", cfg.logger.log_every),
     ]:
         _positive(name, value)
+    _validate_suites(cfg.eval)
     if not 0.0 < cfg.data.holdout_percent < 100.0:
         raise ConfigError(f"data.holdout_percent={cfg.data.holdout_percent} must be in (0, 100)")
     if cfg.data.context_size < 2:

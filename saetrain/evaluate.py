@@ -18,7 +18,8 @@ folder's saetrain_run.json holds its run's training-window `dead_fraction` and
 
 Overrides are Hydra's, typed by `EvaluateConfig` (ConfigStore name `saetrain_evaluate`):
 `model.device=cpu`, `eval.n_tokens=65536`, `data.data_files=[/data/*.txt]`, `site.input=mlp_in.3`.
-Only the fields named on the command line replace the folder's.
+Only the fields named on the command line replace the folder's. `eval.suite=[absorption]` also
+runs the usefulness suites (saetrain/evaluation/usefulness, docs/usefulness.md).
 """
 
 from __future__ import annotations
@@ -113,11 +114,18 @@ T = TypeVar("T")
 
 def _from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """A config dataclass from a saved dict; keys this version does not know are dropped."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         log.warning("ignoring saved %s fields this version lacks: %s", cls.__name__, unknown)
-    return cls(**{k: v for k, v in values.items() if k in names})
+    kept = {k: v for k, v in values.items() if k in fields}
+    for name, value in kept.items():  # a nested group (eval.absorption) saved as a dict
+        make = fields[name].default_factory
+        if isinstance(value, dict) and make is not dataclasses.MISSING:
+            default = make()
+            if dataclasses.is_dataclass(default):
+                kept[name] = _from_dict(type(default), value)
+    return cls(**kept)
 
 
 def model_from_metadata(meta: dict[str, Any], base: ModelConfig) -> ModelConfig:
@@ -408,6 +416,15 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     metrics |= carried
 
     r.output_dir.mkdir(parents=True, exist_ok=True)
+    notes: dict[str, list[str]] = {}
+    if r.eval.suite:  # usefulness suites (eval.suite): metrics, and SAEBench files beside ours
+        from saetrain.evaluation.usefulness import SuiteContext
+        from saetrain.evaluation.usefulness.suites import evaluate_usefulness
+
+        ctx = SuiteContext(model, tokenizer, dictionary, source, r.inputs, r.model.name,
+                           r.folder.name, device, r.seed, r.output_dir)  # fmt: skip
+        found, notes = evaluate_usefulness(ctx, r.eval)
+        metrics |= found
     report = {
         "path": str(r.folder),
         "architecture": dictionary.architecture,
@@ -425,6 +442,8 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         # Keys of `metrics` copied from the training run's final metrics, not measured here.
         "carried_from_run": sorted(carried),
     }
+    if notes:
+        report["suite_notes"] = notes
     metrics_path = r.output_dir / METRICS_FILE
     atomic_write_json(metrics_path, report)
     atomic_write_bytes(
@@ -481,7 +500,8 @@ USAGE = """usage: python -m saetrain.evaluate path=<dictionary folder> [key=valu
 Evaluates a saved dictionary (SAELens layout): FVU, MSE, L0, never-fired / dense latents, CE with
 the dictionary spliced in, KL (a saetrain folder's training-window dead_fraction is carried over);
 writes metrics.json, feature_frequencies.safetensors and
-feature_density.png to <path>/eval.
+feature_density.png to <path>/eval. eval.suite=[absorption,sparse_probing] adds the usefulness
+suites (docs/usefulness.md; pip install saetrain[eval]) and their <suite>_saebench.json files.
 Keys: path, output_dir, seed, dense_threshold, model.*, data.*, site.*, eval.* (see
 saetrain/evaluate.py's EvaluateConfig and saetrain/config.py).
 """

@@ -547,6 +547,8 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
             fitted.tokens_since_fired, trainer.cfg.dead_after_tokens, state.tokens
         )
         metrics |= kind_metrics(exported, job.inputs)  # a crosscoder's decoder-norm shares
+        if cfg.eval.suite:  # usefulness suites; SAEBench files into the dictionary's folder
+            metrics |= _usefulness(setup, job, exported, dp.writes(i))
         run_info = {
             "config": dataclasses.asdict(job.cfg),
             "run_config": dataclasses.asdict(cfg) if len(jobs) > 1 else None,
@@ -687,6 +689,18 @@ def _evaluate(
                 )
             metrics |= reduce_ce(world, mine)
     return evaluated
+
+
+def _usefulness(setup: _Setup, job: _Job, exported: Dictionary, write: bool) -> dict[str, float]:
+    """eval.suite on one trained dictionary, with the run's LM (evaluation/usefulness)."""
+    from saetrain.evaluation.usefulness import SuiteContext
+    from saetrain.evaluation.usefulness.suites import evaluate_usefulness
+
+    source = setup.source
+    ctx = SuiteContext(source.model, setup.tokens.packer.tokenizer, exported, source, job.inputs,
+                       setup.cfg.model.name, job.name, setup.device, job.cfg.seed,
+                       setup.output_dir / job.name)  # fmt: skip
+    return evaluate_usefulness(ctx, setup.cfg.eval, write)[0]
 
 
 def _inspect(setup: _Setup, result: RunResult) -> None:

@@ -53,6 +53,21 @@ PERCENT_METRICS = [
 ]
 
 
+# Usefulness suites' metrics (eval.suite): a column and a plot panel each, only when some job has
+# them, so a sweep without eval.suite summarises as before. (key, title).
+USEFULNESS_METRICS = [
+    ("absorption/mean_absorption_fraction_score", "absorption"),
+    ("absorption/mean_full_absorption_score", "full absorption"),
+    ("sparse_probing/sae_top_1_test_accuracy", "top-1 probe acc"),
+]
+
+
+def _present(jobs: list[JobResult], metrics: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (key, title) pairs some finished job has a number for."""
+    done = [j for j in jobs if j.error is None]
+    return [(k, t) for k, t in metrics if any(_number(j.metrics.get(k)) is not None for j in done)]
+
+
 @dataclass
 class JobResult:
     """One dictionary of one job (a job that trained several gives several)."""
@@ -182,7 +197,9 @@ def render_markdown(jobs: list[JobResult], folder: Path) -> str:
     swept = swept_keys([j for j in jobs if j.error is None] or jobs)
     several = len({(j.job, j.dictionary) for j in jobs}) > len({j.job for j in jobs})
     head = ["job", *(["dictionary"] if several else []), *swept]
+    useful = _present(jobs, USEFULNESS_METRICS)
     head += [title for _, title in MAIN_METRICS] + [title for _, _, title in PERCENT_METRICS]
+    head += [title for _, title in useful]
     lines = [
         f"# Sweep summary: {folder}",
         "",
@@ -201,6 +218,7 @@ def render_markdown(jobs: list[JobResult], folder: Path) -> str:
         for key, _, _ in PERCENT_METRICS:
             share = _number(job.metrics.get(key))
             cells.append("" if share is None else f"{100 * share:.1f}")
+        cells += [_fmt(job.metrics.get(k)) for k, _ in useful]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [j for j in jobs if j.error is not None]
     if failed:
@@ -226,15 +244,24 @@ def plot_sweep(jobs: list[JobResult], path: Path, swept: list[str]) -> Path | No
     done = [j for j in jobs if j.error is None and _number(j.metrics.get("l0")) is not None]
     panels = [(k, t) for k, t in (("fvu", "FVU"), ("delta_ce", "ΔCE")) if any(
         _number(j.metrics.get(k)) is not None for j in done)]  # fmt: skip
-    if not done or not panels:
+    useful = _present(done, USEFULNESS_METRICS)
+    if not done or not panels + useful:
         log.warning("no finished job has L0 and FVU or ΔCE: %s not written", path)
         return None
+    panels += useful
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=120, squeeze=False)
     for ax, (key, title) in zip(axes[0], panels, strict=True):
         points = [(j, _number(j.metrics.get(key))) for j in done]
         points = [(j, y) for j, y in points if y is not None]
         xs = [float(j.metrics["l0"]) for j, _ in points]
-        ax.scatter(xs, [y for _, y in points], color="tab:blue")
+        if (key, title) in useful:  # one line per architecture, in L0 order
+            for arch in sorted({j.architecture or "?" for j, _ in points}):
+                line = sorted((x, y) for (j, y), x in zip(points, xs, strict=True)
+                              if (j.architecture or "?") == arch)  # fmt: skip
+                ax.plot([x for x, _ in line], [y for _, y in line], marker="o", label=arch)
+            ax.legend(fontsize=7)
+        else:
+            ax.scatter(xs, [y for _, y in points], color="tab:blue")
         for (job, y), x in zip(points, xs, strict=True):
             label = ", ".join(job.overrides.get(k, "") for k in swept) or job.job
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

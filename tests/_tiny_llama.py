@@ -10,14 +10,19 @@ from pathlib import Path
 import torch
 
 WORDS = [f"w{i}" for i in range(120)]
+# Alphabetic words for the first-letter task (evaluation/usefulness): 6 per letter, the capital
+# letters (its answers) and the template's words.
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+LETTER_WORDS = [c + end for c in ALPHABET for end in ("a", "el", "on", "ust", "ix", "or")]
+LETTER_WORDS += [c.upper() for c in ALPHABET] + ["has", "the", "first", "letter", ":"]
 
 
-def build_word_tokenizer():
-    """The tiny model's tokenizer: one token per word of WORDS, BOS <s>, EOS </s>."""
+def build_word_tokenizer(words: list[str] = WORDS):
+    """The tiny model's tokenizer: one token per word of `words`, BOS <s>, EOS </s>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
@@ -25,12 +30,12 @@ def build_word_tokenizer():
     )
 
 
-def build_tiny_llama(folder: Path) -> Path:
-    """Save a 3-layer, d_model 32 Llama and its tokenizer into `folder`."""
+def build_tiny_llama(folder: Path, words: list[str] = WORDS) -> Path:
+    """Save a 3-layer, d_model 32 Llama and its tokenizer (over `words`) into `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_word_tokenizer(words)
     tokenizer.save_pretrained(folder)
     vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
@@ -48,11 +53,13 @@ def build_tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def build_corpus(folder: Path, n_docs: int = 120, words_per_doc: int = 60) -> Path:
+def build_corpus(
+    folder: Path, n_docs: int = 120, words_per_doc: int = 60, words: list[str] = WORDS
+) -> Path:
     """`n_docs` text files of random words from the tiny vocabulary."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     for i in range(n_docs):
-        ids = torch.randint(0, len(WORDS), (words_per_doc,), generator=g).tolist()
-        (folder / f"doc{i}.txt").write_text(" ".join(WORDS[j] for j in ids))
+        ids = torch.randint(0, len(words), (words_per_doc,), generator=g).tolist()
+        (folder / f"doc{i}.txt").write_text(" ".join(words[j] for j in ids))
     return folder

@@ -48,3 +48,13 @@ def corpus(tmp_path_factory) -> Path:
     from _tiny_llama import build_corpus
 
     return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# The same tiny Llama over alphabetic words, with its corpus: the first-letter task has words.
+@pytest.fixture(scope="module")
+def letters_model(tmp_path_factory) -> tuple[Path, Path]:
+    from _tiny_llama import LETTER_WORDS, build_corpus, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("letters_llama")
+    model = build_tiny_llama(root / "model", LETTER_WORDS)
+    return model, build_corpus(root / "corpus", words=LETTER_WORDS)

@@ -323,6 +323,12 @@ class Dictionary(nn.Module):
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
 
+    def input_directions(self) -> torch.Tensor:
+        """[n_latents, d_in]: each latent's direction in the space it reads. An SAE's decoder row
+        (what the latent writes where it reads); a transcoder writes to another site, so its
+        encoder column (what the latent reads). Usefulness suites compare probes with these."""
+        return self.W_enc.T if self.transcoder else self.W_dec
+
     @torch.no_grad()
     def set_decoder_unit_norm(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -140,6 +140,14 @@ class CLTStructure(Dictionary):
         n, d = self.layer_latents, self.layer_d_out
         return self.W_dec[layer].detach().reshape(n, self.n_layers - layer, d).sum(1)
 
+    def input_directions(self) -> torch.Tensor:
+        """[L·n, L·d_in]: each latent's encoder column, in its own layer's slot of the input."""
+        n, d = self.layer_latents, self.layer_d_in
+        out = self.W_enc.new_zeros(self.n_layers * n, self.n_layers * d)
+        for layer in range(self.n_layers):
+            out[layer * n : (layer + 1) * n, layer * d : (layer + 1) * d] = self.W_enc[layer].T
+        return out
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[N, L·n]: each layer's encoder on its own input (a batched product, no dense
         [L·d, L·n] matrix)."""

@@ -34,6 +34,15 @@ METRIC_DOCS: dict[str, str] = {
     "ce_recovered": "(zero − spliced) / (zero − clean)",
     "kl_div": "KL(clean ‖ spliced) per token",
     "tokens": "held-out tokens the reconstruction metrics were measured over",
+    "absorption/mean_absorption_fraction_score": "feature absorption, first-letter task "
+    "(SAEBench 0.6.0's fraction score; older SAEBench tables used a ~10× smaller definition)",
+    "absorption/mean_full_absorption_score": "share of the probe's true positives where one "
+    "non-main latent carries the letter and the main latents are silent (SAEBench)",
+    "absorption/mean_num_split_features": "main latents per letter (k-sparse probing, F1 jumps "
+    "≥ 0.03)",
+    "absorption/probe_mean_f1": "ground-truth first-letter probe's test F1 on the LM's "
+    "activations, mean over letters (absorption needs > 0.6 on 20 letters)",
+    "absorption/probe_letters_above_min_f1": "letters whose ground-truth probe F1 exceeds 0.6",
 }
 
 
