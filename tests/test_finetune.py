@@ -205,3 +205,46 @@ def test_kinds_a_run_cannot_start_from_are_refused(change, message):
     cfg = dataclasses.replace(Config(dictionary=DictionaryConfig(init_from="x")), **change)
     with pytest.raises(ConfigError, match=r"dictionary.init_from='x'.*" + message):
         validate(cfg)
+
+
+def _sparsify_folder(folder: Path, d_in: int = 32, n: int = 48) -> Path:
+    """A folder in sparsify's layout (cfg.json + sae.safetensors, encoder.weight [n, d_in]),
+    written by hand with unit decoder rows as sparsify keeps them."""
+    g = torch.Generator().manual_seed(5)
+    W_dec = torch.randn(n, d_in, generator=g)
+    tensors = {"encoder.weight": 0.3 * torch.randn(n, d_in, generator=g),
+               "encoder.bias": 0.1 * torch.randn(n, generator=g),
+               "W_dec": W_dec / W_dec.norm(dim=1, keepdim=True), "b_dec": torch.randn(d_in)}  # fmt: skip
+    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
+           "num_latents": n, "k": 6, "multi_topk": False, "skip_connection": False,
+           "transcode": False, "d_in": d_in}  # fmt: skip
+    folder.mkdir()
+    save_file(tensors, folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_a_sparsify_folder_starts_as_the_dictionary_it_holds(tmp_path):
+    """Read through the same loader as every format: TopK with sparsify's k and width, and the
+    start folded back gives the folder's codes and outputs on raw rows."""
+    folder = _sparsify_folder(tmp_path / "layers.1")
+    start = read_start(str(folder), "resid_post.1", "resid_post.1")
+    cfg = starting_config(
+        Config(site=SiteConfig("resid_post.1"), dictionary=DictionaryConfig(init_from=str(folder))),
+        start,
+        32,
+    )
+    assert (cfg.dictionary.architecture, cfg.dictionary.k, cfg.dictionary.n_latents) == (
+        "topk",
+        6,
+        48,
+    )
+    g = torch.Generator().manual_seed(0)
+    samples = 5.0 * torch.randn(512, 32, generator=g) - 1.0
+    trainer = prepare_trainer(cfg.dictionary, TrainerConfig(), samples, 32, 32, False,
+                              torch.device("cpu"), g, start=start)  # fmt: skip
+    loaded, exported = load_dictionary(folder), fold(trainer).exported
+    with torch.no_grad():
+        assert torch.allclose(exported(samples), loaded(samples), rtol=1e-4, atol=1e-4)
+        a, b = exported.encode(samples), loaded.encode(samples)
+        assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
