@@ -212,9 +212,12 @@ def _sparsify_folder(folder: Path, d_in: int = 32, n: int = 48) -> Path:
     written by hand with unit decoder rows as sparsify keeps them."""
     g = torch.Generator().manual_seed(5)
     W_dec = torch.randn(n, d_in, generator=g)
-    tensors = {"encoder.weight": 0.3 * torch.randn(n, d_in, generator=g),
-               "encoder.bias": 0.1 * torch.randn(n, generator=g),
-               "W_dec": W_dec / W_dec.norm(dim=1, keepdim=True), "b_dec": torch.randn(d_in)}  # fmt: skip
+    tensors = {
+        "encoder.weight": 0.3 * torch.randn(n, d_in, generator=g),
+        "encoder.bias": 0.1 * torch.randn(n, generator=g),
+        "W_dec": W_dec / W_dec.norm(dim=1, keepdim=True),
+        "b_dec": torch.randn(d_in),
+    }
     cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
            "num_latents": n, "k": 6, "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": d_in}  # fmt: skip
