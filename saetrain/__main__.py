@@ -15,13 +15,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saetrain import config_dir
-from saetrain.activations.cache import CacheError
-from saetrain.activations.sites import SiteError
-from saetrain.config import ConfigError, register_configs, to_config
-from saetrain.distributed import DistributedError
-from saetrain.export.hub import PublishError
-from saetrain.training.checkpoint import TrainingDiverged, TrainingInterrupted
-from saetrain.training.run_folder import RunStopped
+from saetrain.config import register_configs, to_config
+from saetrain.errors import (
+    EXIT_BAD_INPUT,
+    RunStopped,
+    TrainingInterrupted,
+    train_exit_code,
+)
 
 register_configs()
 
@@ -42,28 +42,31 @@ def _main(node: DictConfig) -> dict[str, float]:
         # folders are outputs/<date>/<time>).
         outputs_root = hydra_dir.parents[1] if len(hydra_dir.parents) > 1 else None
         return run(cfg, output_dir, outputs_root).metrics
-    except (ConfigError, SiteError, CacheError, FileNotFoundError) as e:
-        print(f"saetrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingInterrupted as e:
-        print(f"saetrain: {e.reason}", file=sys.stderr)
-        if e.run_dir is not None:
-            print(f"saetrain: resume with: {resume_command(e.run_dir)}", file=sys.stderr)
-        sys.exit(3)
-    except (TrainingDiverged, PublishError) as e:
-        print(f"saetrain: {e}", file=sys.stderr)
-        sys.exit(3)
-    except RunStopped as e:  # a signal outside training: 143 for SIGTERM, 130 for SIGINT
-        print(f"saetrain: {e.reason}", file=sys.stderr)
-        if e.resumable:
-            print(f"saetrain: resume with: {resume_command(e.run_dir)}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except DistributedError as e:  # under torchrun: a rank died or stopped answering
-        print(f"saetrain: {e}", file=sys.stderr)
-        sys.exit(4)
-    except KeyboardInterrupt:
-        print("saetrain: interrupted (a second Ctrl-C: no checkpoint written)", file=sys.stderr)
-        sys.exit(130)
+    except BaseException as e:  # the exit-code table (saetrain/errors.py) says which end here
+        code = train_exit_code(e)
+        if code is None:
+            raise
+        report(e, code)
+        sys.exit(code)
+
+
+def report(error: BaseException, code: int) -> None:
+    """What the CLI prints for an error that ends it with `code`: the message, and the command
+    line that continues the run when a checkpoint is there to resume from."""
+    resume_dir: Path | None = None
+    if code == EXIT_BAD_INPUT:
+        message = f"error: {error}"
+    elif isinstance(error, KeyboardInterrupt):
+        message = "interrupted (a second Ctrl-C: no checkpoint written)"
+    elif isinstance(error, TrainingInterrupted):
+        message, resume_dir = error.reason, error.run_dir
+    elif isinstance(error, RunStopped):  # a signal outside training (exit 143 SIGTERM, 130 SIGINT)
+        message, resume_dir = error.reason, error.run_dir if error.resumable else None
+    else:  # TrainingDiverged, PublishError; DistributedError (a rank died or stopped answering)
+        message = str(error)
+    print(f"saetrain: {message}", file=sys.stderr)
+    if resume_dir is not None:
+        print(f"saetrain: resume with: {resume_command(resume_dir)}", file=sys.stderr)
 
 
 def multirun_prefix(mode: RunMode | None, override_dirname: str) -> str | None:

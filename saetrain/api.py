@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saetrain.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -49,7 +51,7 @@ def config_from_overrides(overrides: Sequence[str] = ()) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     from saetrain import config_dir
-    from saetrain.config import ConfigError, register_configs, to_config
+    from saetrain.config import register_configs, to_config
 
     register_configs()
     try:
@@ -81,7 +83,7 @@ def check(cfg: Config) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from saetrain.config import Config, ConfigError, to_config
+    from saetrain.config import Config, to_config
 
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a saetrain Config, got {type(cfg).__name__}")

@@ -21,9 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field, the value and the choices."""
+from saetrain.errors import ConfigError, SiteError
 
 
 def _stdlib_dir() -> str:
@@ -834,7 +832,7 @@ def _validate_one(cfg: Config) -> None:
             f"buffer.size_tokens={cfg.buffer.size_tokens} must be at least twice "
             f"trainer.batch_tokens={cfg.trainer.batch_tokens} (the buffer refills at half)"
         )
-    from saetrain.activations.sites import Site, SiteError
+    from saetrain.activations.sites import Site
     from saetrain.site_patterns import at_layer, check_kind
 
     check_kind(cfg.dictionary.kind, cfg.site, second_model(cfg) is not None)
@@ -1021,7 +1019,7 @@ def canonical_sites(cfg: Config) -> Config:
 
 
 def _canonical_site(site: SiteConfig) -> SiteConfig:
-    from saetrain.activations.sites import Site, SiteError
+    from saetrain.activations.sites import Site
     from saetrain.site_patterns import LAYER, at_layer
 
     out = {}

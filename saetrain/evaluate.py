@@ -38,18 +38,12 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from saetrain.activations.sites import _TL_HOOK_NAMES, SiteError, canonical_site_name
-from saetrain.config import (
-    ConfigError,
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    SiteConfig,
-    resolved,
-)
+from saetrain.activations.sites import _TL_HOOK_NAMES, canonical_site_name
+from saetrain.config import DataConfig, EvalConfig, ModelConfig, SiteConfig, resolved
+from saetrain.errors import ConfigError, FolderFormatError, SiteError
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
-from saetrain.export.formats import FORMAT_FILES, FolderFormatError, folder_format
+from saetrain.export.formats import FORMAT_FILES, folder_format
 from saetrain.export.saelens import RUN_FILE, folder_metadata
 from saetrain.folder_cli import compose_schema, folder_main
 

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from saetrain.errors import BAD_INPUT, EXIT_BAD_INPUT, EXIT_OK
+
 T = TypeVar("T")
 
 
@@ -46,18 +48,14 @@ def folder_main(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from saetrain.activations.sites import SiteError
-    from saetrain.config import ConfigError
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(usage)
-        return 0
+        return EXIT_OK
     try:
         cfg, explicit = compose(argv)
         act(cfg, explicit)
-    except (HydraException, OmegaConfBaseException, ConfigError, SiteError,
-            FileNotFoundError) as e:  # fmt: skip
+    except (HydraException, OmegaConfBaseException, *BAD_INPUT) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return EXIT_OK

@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
-from saetrain.config import ConfigError, LoggerConfig
+from saetrain.config import LoggerConfig
+from saetrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saetrain.activations.model import load_model_config
-from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, SiteError, check_site_exists
+from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, check_site_exists
 from saetrain.activations.tokens import check_dataset
-from saetrain.config import Config, ConfigError, dictionary_configs, second_model, validate
+from saetrain.config import Config, dictionary_configs, second_model, validate
+from saetrain.errors import ConfigError, SiteError
 from saetrain.training.finetune import Start, check_start_fits, read_start, starting_config
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenBatch, TokenSource
 from saetrain.config import (
     Config,
-    ConfigError,
     DictionarySpec,
     ModelConfig,
     canonical_sites,
@@ -41,6 +40,7 @@ from saetrain.distributed.data_parallel import DataParallel, only_main_reports
 from saetrain.distributed.latent_shard import ShardedTrainer, check_shardable, latent_shard
 from saetrain.distributed.sharding import dictionary_cost
 from saetrain.distributed.shared_eval import my_contexts, reduce_ce, reduce_stats
+from saetrain.errors import ConfigError, PublishError
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import (
     Evaluated,
@@ -51,7 +51,7 @@ from saetrain.evaluation.evaluate import (
 from saetrain.evaluation.metrics import training_dead_metrics
 from saetrain.evaluation.splice import replacement_lm_metrics
 from saetrain.export.extras import kind_metrics, write_extras
-from saetrain.export.hub import PublishError, check_publish, publish_folder
+from saetrain.export.hub import check_publish, publish_folder
 from saetrain.export.norm_space import export_fold
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
@@ -299,6 +299,7 @@ def _run(
             sites,
             started,
             dp,
+            guard,
         )
         result = _evaluate_and_save(setup, _train(setup))
         if cfg.inspect.enabled and dp.world.is_main:
@@ -327,6 +328,7 @@ class _Setup:
     sites: list[str]
     started: float
     dp: DataParallel
+    guard: RunGuard  # the run's signal handler: the training loop's signals go to a StopRequest
 
 
 def _train(setup: _Setup) -> dict[str, Any]:
@@ -462,7 +464,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
         every = cfg.checkpoint.every_tokens
         resumed_tokens = trainers[0].state.tokens  # 0 unless resumed
         train_start = time.time()
-        with stop.installed(), dp.diverging_together():
+        with setup.guard.deferring_to(stop), dp.diverging_together():
             train_together(
                 trainers,
                 [jobs[i].view for i in mine],

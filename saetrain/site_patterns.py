@@ -12,7 +12,8 @@ or transcoder on one site is the case of one input and one target.
 
 from __future__ import annotations
 
-from saetrain.config import ConfigError, SiteConfig
+from saetrain.config import SiteConfig
+from saetrain.errors import ConfigError
 
 LAYER = "*"
 KINDS = ("single", "crosscoder", "clt")

@@ -31,6 +31,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from saetrain.errors import EXIT_BAD_INPUT, EXIT_OK
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "saetrain_run.json"  # saetrain.export.saelens.RUN_FILE, without importing torch
@@ -323,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         csv_path = summarize_sweep(args.folder)
     except FileNotFoundError as e:
         print(f"saetrain.sweep: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print((csv_path.parent / SUMMARY_MD).read_text())
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from saetrain.activations.tokens import LOCAL_BUILDERS, expand_data_files
 from saetrain.config import Config, second_model
+from saetrain.errors import CacheError
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
-
-
-class CacheError(RuntimeError):
-    """A cache that cannot be trusted (corrupted shard, manifest of another key)."""
 
 
 def _file_fingerprint(path: str) -> list[Any]:

@@ -18,7 +18,7 @@ from saetrain.activations.cache import ActivationCache
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenSource
-from saetrain.config import ConfigError
+from saetrain.errors import ConfigError
 from saetrain.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from saetrain.config import ConfigError, ModelConfig
+from saetrain.config import ModelConfig
+from saetrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import torch
 
 from saetrain.activations.sites import ResolvedSite
 from saetrain.activations.source import ActivationSource
+from saetrain.errors import ConfigError
 
 SECOND = "@b"
 
@@ -63,7 +64,6 @@ class PairedSource(ActivationSource):
 
 def check_same_tokenizer(a: Any, b: Any, name_a: str, name_b: str) -> None:
     """Refuse two models whose tokenizers differ: the same token ids must mean the same text."""
-    from saetrain.config import ConfigError
 
     if a.get_vocab() != b.get_vocab():
         raise ConfigError(

@@ -23,6 +23,8 @@ from typing import Any, Literal, Protocol
 
 from torch import Tensor, nn
 
+from saetrain.errors import SiteError
+
 # In the order a block computes them (see forward_position).
 SITE_KINDS: tuple[str, ...] = (
     "resid_pre",
@@ -59,10 +61,6 @@ _TL_HOOKS: dict[str, str] = {
 }
 _TL_HOOK_NAMES: dict[str, str] = {kind: f"blocks.{{L}}.{hook}" for kind, hook in _TL_HOOKS.items()}
 _KIND_OF_TL_HOOK: dict[str, str] = {hook: kind for kind, hook in _TL_HOOKS.items()}
-
-
-class SiteError(ValueError):
-    """A site name, layer or model family that cannot be resolved (message names valid choices)."""
 
 
 def _site_format_help() -> str:

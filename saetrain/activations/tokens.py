@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from saetrain.config import ConfigError, DataConfig
+from saetrain.config import DataConfig
 from saetrain.distributed.sharding import rank_items
+from saetrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

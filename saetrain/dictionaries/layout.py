@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saetrain.config import ConfigError, DictionaryConfig
+from saetrain.config import DictionaryConfig
+from saetrain.errors import ConfigError
 
 # Architectures each multi-site kind trains (single: every architecture).
 CROSSCODER_ARCHITECTURES = ("relu", "gated", "topk", "batchtopk", "jumprelu", "matryoshka")

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from saetrain.config import ConfigError, DictionaryConfig
+from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import Codes, SparseCodes
 from saetrain.dictionaries.batchtopk import BatchTopKSAE
+from saetrain.errors import ConfigError
 from saetrain.kernels.ops import sparse_decode
 
 MATRYOSHKA_REDUCTIONS = ("mean", "sum")

@@ -5,7 +5,7 @@ and "reduce this" (collectives), and never calls torch.distributed itself. World
 same code with no process group.
 """
 
-from saetrain.distributed.collectives import DistributedError
 from saetrain.distributed.world import World, close_world, init_world, world_session
+from saetrain.errors import DistributedError
 
 __all__ = ["DistributedError", "World", "close_world", "init_world", "world_session"]

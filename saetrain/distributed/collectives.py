@@ -26,14 +26,10 @@ from typing import Any
 import torch
 
 from saetrain.distributed.world import World, mark_broken
+from saetrain.errors import DistributedError
 
 _OPS = ("sum", "max", "min")
 _SHAPE_SLOTS = 8  # all_to_all sends each shape as 8 int64 slots: ndim, then up to 7 sizes
-
-
-class DistributedError(RuntimeError):
-    """A collective failed or timed out (a peer died or stopped answering). Terminal: the group
-    cannot be used again, so no checkpoint or export may follow it."""
 
 
 @contextmanager

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from saetrain.config import ConfigError
 from saetrain.distributed.collectives import (
     all_gather_objects,
     all_gather_rows,
@@ -46,7 +45,7 @@ from saetrain.distributed.collectives import (
 )
 from saetrain.distributed.sharding import assign_dictionaries, local_batch, row_share
 from saetrain.distributed.world import World
-from saetrain.training.checkpoint import TrainingDiverged
+from saetrain.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from saetrain.activations.sites import Site
-from saetrain.config import Config, ConfigError, DictionaryConfig, TrainerConfig, dictionary_configs
+from saetrain.config import Config, DictionaryConfig, TrainerConfig, dictionary_configs
 from saetrain.dictionaries.base import (
     Dictionary,
     SparseCodes,
@@ -64,6 +64,7 @@ from saetrain.dictionaries.topk import AuxSelection, gather_codes
 from saetrain.distributed.collectives import all_gather_equal, all_reduce_, gather_equal
 from saetrain.distributed.sharding import latent_slice
 from saetrain.distributed.world import World
+from saetrain.errors import ConfigError
 from saetrain.kernels.ops import sparse_decode
 from saetrain.training.schedules import default_lr
 from saetrain.training.trainer import Trainer

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
-from saetrain.config import ConfigError
+from saetrain.errors import ConfigError
 
 T = TypeVar("T")
 ASSIGNMENTS = ("balanced", "round_robin")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from saetrain.config import ConfigError
+from saetrain.errors import ConfigError
 
 # What torchrun sets for every worker (torch.distributed.elastic's local agent).
 RANK_VARS = ("RANK", "WORLD_SIZE")

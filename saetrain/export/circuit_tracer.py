@@ -43,7 +43,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from saetrain.activations.sites import Site, SiteError
+from saetrain.activations.sites import Site
+from saetrain.errors import CircuitTracerExportError, SiteError
 from saetrain.export.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,6 @@ TOPK_COMPATIBILITY = (
 _INPUT_KINDS = ("resid_mid", "mlp_in")
 _OUTPUT_KINDS = ("mlp_out",)
 _GEMMA_FAMILIES = ("gemma2", "gemma3_text")
-
-
-class CircuitTracerExportError(ValueError):
-    """Tensors, layers or sites that circuit-tracer's loaders cannot take (the message says why)."""
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from saetrain.dictionaries import Dictionary
+from saetrain.errors import CircuitTracerExportError
 from saetrain.evaluation.crosscoder import (
     decoder_norm_shares,
     plot_decoder_norm_shares,
     share_summary,
 )
-from saetrain.export.circuit_tracer import (
-    CircuitTracerExportError,
-    circuit_tracer_hooks,
-    clt_from_dictionary,
-    write_clt,
-)
+from saetrain.export.circuit_tracer import circuit_tracer_hooks, clt_from_dictionary, write_clt
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-
-class UnsupportedFieldError(ValueError):
-    """A config field whose value saetrain cannot reproduce: refused by name."""
-
-
-class UnknownFieldWarning(UserWarning):
-    """A config field the reader does not know: it might change the dictionary's math."""
+from saetrain.errors import UnknownFieldWarning, UnsupportedFieldError
 
 
 def refuse(path: Path | str, field: str, value: Any, why: str) -> UnsupportedFieldError:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from saetrain.errors import FolderFormatError
+
 FolderFormat = Literal["saelens", "sparsify", "dictionary_learning"]
 
 # The files that make a folder of each format, config first.
@@ -21,10 +23,6 @@ FORMAT_FILES: dict[FolderFormat, tuple[str, str]] = {
     "sparsify": ("cfg.json", "sae.safetensors"),
     "dictionary_learning": ("config.json", "ae.pt"),
 }
-
-
-class FolderFormatError(FileNotFoundError):
-    """A folder that is no dictionary of any format saetrain reads."""
 
 
 def folder_format(folder: str | Path) -> FolderFormat:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from saetrain.config import PublishConfig
+from saetrain.errors import PublishError
 from saetrain.export.model_card import write_model_card
 from saetrain.export.saelens import CFG_FILE
 
@@ -21,10 +22,6 @@ log = logging.getLogger(__name__)
 
 # Leftovers of interrupted atomic writes (saetrain.export.atomic) are never uploaded.
 IGNORE_PATTERNS = [".*.tmp", "**/.*.tmp"]
-
-
-class PublishError(RuntimeError):
-    """An upload that could not happen; the message says why and what to do. Files are kept."""
 
 
 def resolve_token(cfg: PublishConfig) -> str:

@@ -35,6 +35,7 @@ from torch import nn
 
 from saetrain.activations.sites import ResolvedSite
 from saetrain.dictionaries import Dictionary
+from saetrain.errors import NormFoldError
 from saetrain.export.formats import folder_format
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ log = logging.getLogger(__name__)
 NORM_FILE = "saetrain_norm_affine.safetensors"
 # The site kinds whose TransformerLens hook sits before a norm's affine.
 PRE_AFFINE_KINDS = ("mlp_in",)
-
-
-class NormFoldError(ValueError):
-    """A norm that is not g(x)·a + c, or a fold that needs 1/a where a is zero."""
 
 
 # A scale this small against the largest is a zero: the channel carries nothing past the norm.

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
+from saetrain.errors import UnsupportedFieldError
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
-from saetrain.export.fields import UnsupportedFieldError
 from saetrain.export.formats import FORMAT_FILES, folder_format
 from saetrain.export.norm_space import (
     NORM_FILE,

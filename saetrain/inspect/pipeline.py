@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saetrain.config import ConfigError, DataConfig, ModelConfig
+from saetrain.config import DataConfig, ModelConfig
+from saetrain.errors import ConfigError
 from saetrain.export.saelens import CFG_FILE, RUN_FILE, WEIGHTS_FILE
 from saetrain.inspect.collect import CollectSettings
 

@@ -10,22 +10,22 @@ training, and lists the differences.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saetrain.config import ConfigError
 from saetrain.distributed.collectives import barrier
 from saetrain.distributed.world import World
+from saetrain.errors import ConfigError
+from saetrain.errors import TrainingDiverged as TrainingDiverged  # re-exported (the old home)
+from saetrain.errors import TrainingInterrupted as TrainingInterrupted  # re-exported
 from saetrain.export.atomic import _fsync_dir
 
 log = logging.getLogger(__name__)
@@ -50,31 +50,6 @@ MAY_DIFFER = (
 )
 # Not in MAY_DIFFER: cache.dir. The stream position counts cached chunks and contexts of that
 # cache; resumed against another (or none) it would repeat and skip tokens.
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT stopped the run after a checkpoint was written.
-
-    `reason` says where it stopped; the message adds how to continue (the CLI prints its own
-    command line instead, built from the run's overrides).
-    """
-
-    def __init__(self, reason: str, checkpoint: Path | None = None):
-        self.reason = reason
-        self.checkpoint = checkpoint
-        # save_checkpoint writes <run folder>/checkpoints/step-N.pt
-        self.run_dir = checkpoint.parent.parent if checkpoint is not None else None
-        hint = ""
-        if self.run_dir is not None:
-            hint = (
-                f"; continue it with resume={self.run_dir} (from Python: "
-                f"run(dataclasses.replace(cfg, resume={str(self.run_dir)!r}), output_dir))"
-            )
-        super().__init__(reason + hint)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -246,8 +221,10 @@ def find_resume_dir(resume: str, output_dir: Path | None, outputs_root: Path | N
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag that the training loop reads after each step (it then writes a
-    checkpoint and stops); a second SIGINT stops at once."""
+    """SIGTERM/SIGINT during the training loop set a flag that the loop reads after each step (it
+    then writes a checkpoint and stops); a second SIGINT stops at once. The run's one signal
+    handler (`RunGuard`, saetrain/training/run_folder.py) passes signals here while the loop
+    runs."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -255,7 +232,8 @@ class StopRequest:
     def is_set(self) -> bool:
         return self._event.is_set()
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def request(self, signum: int) -> None:
+        """A signal arrived: stop after this step (raise KeyboardInterrupt on a second SIGINT)."""
         if self._event.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning(
@@ -263,20 +241,6 @@ class StopRequest:
             signal.Signals(signum).name,
         )
         self._event.set()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals reach the main thread only
-            return
-        previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def rng_state() -> dict[str, Any]:

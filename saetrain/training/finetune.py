@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from saetrain.config import Config, ConfigError, DictionaryConfig
+from saetrain.config import Config, DictionaryConfig
 from saetrain.dictionaries import Dictionary
 from saetrain.dictionaries.base import fvu_loss
+from saetrain.errors import ConfigError
 from saetrain.export.saelens import RUN_FILE, load_dictionary
 
 log = logging.getLogger(__name__)

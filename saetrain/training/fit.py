@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
+from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.dictionaries import Dictionary, Layout, build_dictionary
 from saetrain.dictionaries.base import Scale
+from saetrain.errors import ConfigError, TrainingInterrupted
 from saetrain.progress import phase
-from saetrain.training.checkpoint import TrainingInterrupted
 from saetrain.training.finetune import Start, start_fvu, start_weights_
 from saetrain.training.initialization import block_normalization_scales, initial_b_dec
 from saetrain.training.trainer import Trainer, TrainState

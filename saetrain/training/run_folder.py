@@ -10,13 +10,15 @@ A run that finished writes `finished.json` after its last dictionary is saved. R
 finished run would train again from the last checkpoint and overwrite the results, so resume
 answers "already finished" and touches nothing.
 
-`RunGuard` holds both for one run() and catches SIGTERM / SIGINT from its start: outside the
-training loop (which has its own handler, `StopRequest`, that writes a checkpoint) a signal stops
-the run at once with a `RunStopped` that says which phase it interrupted and what the folder holds.
+`RunGuard` holds both for one run() and is its one SIGTERM / SIGINT handler, from its start: in
+the training loop it passes the signal to the loop's `StopRequest` (which writes a checkpoint,
+then stops); elsewhere the signal stops the run at once with a `RunStopped` that says which phase
+it interrupted and what the folder holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -25,23 +27,20 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from saetrain.config import ConfigError
+from saetrain.errors import ConfigError, RunFolderLocked, RunStopped
 from saetrain.export.atomic import atomic_write_json
 from saetrain.progress import current_phase
-from saetrain.training.checkpoint import list_checkpoints
+from saetrain.training.checkpoint import StopRequest, list_checkpoints
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 FINISHED_FILE = "finished.json"
-
-
-class RunFolderLocked(ConfigError):
-    """Another live process writes this run folder (exit code 2, like other bad input)."""
 
 
 class RunLock:
@@ -152,21 +151,6 @@ RUN_INFO = "saetrain_run.json"
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class RunStopped(BaseException):
-    """A signal stopped the run outside the training loop. A BaseException, as KeyboardInterrupt
-    is, so that no `except Exception` on the way swallows it."""
-
-    def __init__(self, signum: int, phase: str, run_dir: Path, written: str, resumable: bool):
-        self.signum = signum
-        self.phase = phase
-        self.run_dir = run_dir
-        self.resumable = resumable
-        self.exit_code = 128 + signum  # what the shell reports for a process the signal killed
-        self.reason = f"{signal.Signals(signum).name} during {phase}: stopped; {written}"
-        hint = f"; continue it with resume={run_dir}" if resumable else ""
-        super().__init__(self.reason + hint)
-
-
 def written_since(folder: Path, since: float, resuming: bool) -> tuple[str, bool]:
     """What `folder` holds of this run's work since `since` (time.time()): a sentence, and
     whether a checkpoint is there to resume from."""
@@ -200,6 +184,7 @@ class RunGuard:
         self._lock: RunLock | None = None
         self._started = time.time()
         self._previous: dict[int, Any] = {}
+        self._deferred: StopRequest | None = None
 
     def hold(self, folder: str | Path, resuming: bool) -> None:
         """Lock `folder` (the run's, once a resume has found it) before anything is written to
@@ -211,7 +196,20 @@ class RunGuard:
         if not resuming:
             replace_finished_run(self.folder)
 
+    @contextlib.contextmanager
+    def deferring_to(self, stop: StopRequest) -> Iterator[None]:
+        """Within: a signal goes to `stop` (the training loop checkpoints, then stops) instead of
+        stopping the run at once."""
+        self._deferred = stop
+        try:
+            yield
+        finally:
+            self._deferred = None
+
     def _handle(self, signum: int, frame: object) -> None:
+        if self._deferred is not None:
+            self._deferred.request(signum)
+            return
         written, resumable = written_since(self.folder, self._started, self.resuming)
         raise RunStopped(signum, current_phase() or "start-up", self.folder, written, resumable)
 

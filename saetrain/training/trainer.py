@@ -18,9 +18,9 @@ from saetrain.dictionaries.base import (
     active_count,
     fired_latents,
 )
+from saetrain.errors import TrainingDiverged
 from saetrain.evaluation.metrics import reconstruction_metrics
 from saetrain.progress import duration, human
-from saetrain.training.checkpoint import TrainingDiverged
 from saetrain.training.l0_controller import L0Controller, too_short
 from saetrain.training.schedules import default_lr, lr_multiplier
 

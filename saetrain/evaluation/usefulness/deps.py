@@ -7,12 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from saetrain.config import ConfigError
-
-
-class MissingDependency(ConfigError):
-    """A suite was asked for but scikit-learn (or scipy) is not installed (the CLIs report it as
-    bad input: exit 2, a message, no traceback)."""
+from saetrain.errors import MissingDependency
 
 
 def sklearn_modules() -> tuple[ModuleType, ModuleType]:

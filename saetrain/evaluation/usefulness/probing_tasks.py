@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saetrain.config import ConfigError, ProbingTaskSpec
+from saetrain.config import ProbingTaskSpec
+from saetrain.errors import ConfigError, TaskUnavailable
 
 # Pooling of a context's codes: the mean over its ordinary tokens, or its last token's.
 POOLINGS = ("mean", "last")
@@ -71,10 +72,6 @@ SAEBENCH_TASKS: dict[str, dict[str, Any]] = {
 # SAEBench datasets that need their own readers (a code column with its licence header cut, a
 # translation dict per language pair): not provided; a user task over the same data works.
 SAEBENCH_UNSUPPORTED = ("codeparrot/github-code", "Helsinki-NLP/europarl")
-
-
-class TaskUnavailable(ConfigError):
-    """A built-in task this machine cannot make (e.g. a Python without its test suite)."""
 
 
 @dataclass

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from saetrain.config import ConfigError, SparseProbingConfig
+from saetrain.config import SparseProbingConfig
 from saetrain.dictionaries.base import SparseCodes
+from saetrain.errors import ConfigError, TaskUnavailable
 from saetrain.evaluation.usefulness import SuiteContext, SuiteResult
 from saetrain.evaluation.usefulness.probing_tasks import (
     ProbingDataset,
     TaskSizes,
-    TaskUnavailable,
     build_task,
     task_name,
 )
