@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from saetrain.distributed.process_tree import kill_tree
+from tests.helpers.cli_process import tiny_overrides
 
 
 def free_port() -> int:
@@ -190,31 +191,12 @@ def run_torchrun(
 
 
 def _overrides(tiny_model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    """`tiny_overrides` plus checkpoints and a rank timeout, then `extra`."""
     return [
-        f"model.name={tiny_model}",
-        "model.gguf_package=null",
-        "model.device=cpu",
-        f"data.data_files=[{corpus}/*.txt]",
-        "data.context_size=16",
-        "data.holdout_percent=10",
-        "site.input=resid_post.1",
-        "buffer.size_tokens=1024",
-        "buffer.lm_batch_contexts=8",
-        "dictionary.n_latents=64",
-        "dictionary.k=4",
-        "trainer.total_tokens=2048",
-        "trainer.batch_tokens=256",
-        "trainer.lr=1e-3",
-        "trainer.warmup_steps=2",
-        "trainer.init_batches=2",
-        "eval.n_tokens=256",
-        "eval.batch_contexts=8",
-        "eval.ce_contexts=8",
-        "logger.log_every=4",
+        *tiny_overrides(tiny_model, corpus, out),
         "checkpoint.every_tokens=512",
         "checkpoint.keep_last=10",
         "distributed.timeout_s=60",
-        f"output_dir={out}",
         *extra,
     ]
 
