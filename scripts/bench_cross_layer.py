@@ -81,7 +81,7 @@ def real_overrides(args, arch: str) -> list[str]:
     ]
     if args.data:
         over.append(f"data.data_files=[{args.data}]")
-    if args.smoke:  # toy sizes for a tiny model (tests/_tiny_llama.py); --set may change them
+    if args.smoke:  # toy sizes for a tiny model (saetrain/tiny_llama.py); --set may change them
         over += ["model.gguf_package=null", "model.device=cpu", "data.context_size=16",
                  "data.holdout_percent=10", "buffer.size_tokens=1024", "buffer.lm_batch_contexts=8",
                  "trainer.init_batches=2", "eval.batch_contexts=8"]  # fmt: skip
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("mode", nargs="?", choices=("real", "synthetic", "all", "render"), default="all")
     p.add_argument("--smoke", action="store_true", help="toy sizes (seconds); the real part runs "
-                   "only with --set model.name=<a tiny model folder> (tests/_tiny_llama.py) and "
+                   "only with --set model.name=<a tiny model folder> (saetrain/tiny_llama.py) and "
                    "--set data.data_files=[...]")  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="<out>.json / .md / .png")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_cross_layer"),

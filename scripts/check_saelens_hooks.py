@@ -138,9 +138,6 @@ def build_case(root: Path) -> tuple[Path, list[Path]]:
     """A tiny Llama with random norm weights and three dictionaries trained on its mlp_in.1."""
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from _tiny_llama import build_corpus, build_tiny_llama
-
     from saetrain.config import (
         BufferConfig,
         Config,
@@ -153,6 +150,7 @@ def build_case(root: Path) -> tuple[Path, list[Path]]:
         TrainerConfig,
     )  # fmt: skip
     from saetrain.run import run
+    from saetrain.tiny_llama import build_corpus, build_tiny_llama
 
     base = build_tiny_llama(root / "base")
     hf = AutoModelForCausalLM.from_pretrained(base)

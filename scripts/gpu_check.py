@@ -7,7 +7,7 @@ Parts, in this order, each in its own process with its own time limit, so that o
 exception, a CUDA fault, a hang) does not stop the rest; the whole run stays under --budget-s:
 
   env            GPU name, memory, driver; torch / triton / transformers / ... versions
-  kernel_tests   tests/test_kernels.py, test_kernels_fused.py on the compiled kernels (on CUDA)
+  kernel_tests   tests/kernels/test_kernels.py, test_kernels_fused.py, compiled (on CUDA)
   kernel_sizes   the kernels at N 4096, d 2304, n 65536, k 32 / 128 in fp32 / fp16 / bf16 against
                  float64, repeated and all-equal indices; a TopK step Triton vs reference
   bench_kernels  scripts/bench_kernels.py at the issue-5 shapes (trimmed) + copy bandwidth
@@ -112,7 +112,7 @@ def run_part(args: argparse.Namespace) -> int:
 
 def _injected_fault(part: str) -> None:
     """SAETRAIN_GPU_CHECK_FAULT=part:raise,part:hang makes parts fail on purpose, so that a test
-    can show that the others still run (tests/test_gpu_check.py)."""
+    can show that the others still run (tests/scripts/test_gpu_check.py)."""
     for item in os.environ.get("SAETRAIN_GPU_CHECK_FAULT", "").split(","):
         name, _, kind = item.partition(":")
         if name == part and kind == "raise":

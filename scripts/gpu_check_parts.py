@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-TESTS = ROOT / "tests"
+KERNEL_TESTS = ROOT / "tests" / "kernels"
 for _path in (str(ROOT), str(SCRIPTS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
@@ -124,7 +124,7 @@ def part_env(smoke: bool) -> dict[str, Any]:
 
 
 def part_kernel_tests(smoke: bool, timeout_s: float) -> dict[str, Any]:
-    """tests/test_kernels.py and test_kernels_fused.py on the compiled kernels (on CUDA)."""
+    """tests/kernels/test_kernels.py and test_kernels_fused.py on the compiled kernels (on CUDA)."""
     if smoke or not torch.cuda.is_available():
         return {
             "status": "skipped",
@@ -134,7 +134,7 @@ def part_kernel_tests(smoke: bool, timeout_s: float) -> dict[str, Any]:
     # a minute of this part's budget for nothing here.
     files = sorted(
         str(p.relative_to(ROOT))
-        for p in TESTS.glob("test_kernels*.py")
+        for p in KERNEL_TESTS.glob("test_kernels*.py")
         if p.name != "test_kernels_compile.py"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SAETRAIN_KERNELS")}
@@ -682,13 +682,11 @@ def part_pipeline(smoke: bool) -> dict[str, Any]:
 
 
 def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
-    """`python -m saetrain` on the tiny local Llama (tests/_tiny_llama.py) on cuda, twice: the
+    """`python -m saetrain` on the tiny local Llama (saetrain/tiny_llama.py) on cuda, twice: the
     first run writes the activation cache (the prefetch thread on its CUDA stream, the Triton
     path, export and evaluation), the second reads it back through the prefetch thread; exit
     codes and metrics of both."""
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    from _tiny_llama import build_corpus, build_tiny_llama
+    from saetrain.tiny_llama import build_corpus, build_tiny_llama
 
     device = "cpu" if smoke else "cuda"
     work = Path(tempfile.mkdtemp(prefix="saetrain-gpu-check-e2e-", dir=workdir))

@@ -11,7 +11,8 @@ and likewise `sae-lens` → `saelens`, `dictionary-learning` → `dictionary_lea
 a tiny folder (d_in 16, 32 latents) written by the tool's own save function, with random weights
 made non-trivial (biases, decoder norms), and beside it `expected.safetensors`: fixed inputs `x`
 [8, d_in] and the tool's own dense codes `codes` [8, n] and reconstruction `recon` [8, d_out],
-computed by the tool's own forward code. tests/test_foreign_formats.py checks saetrain against them.
+computed by the tool's own forward code. tests/export/test_foreign_formats.py checks saetrain
+against them.
 """
 
 from __future__ import annotations
