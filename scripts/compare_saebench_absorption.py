@@ -19,8 +19,9 @@ unchanged, checked), restricts SAEBench's vocabulary (`get_alpha_tokens`) to a s
 `--max-words` words, folds the decoder norms where SAELens allows it (as SAEBench's loader; SAELens
 refuses for TopK), and runs
 `run_k_sparse_probing_experiment` then `run_feature_absortion_experiment`, averaging as
-SAEBench's main.py does (letters with ground-truth probe F1 > 0.6). Run it from a scratch folder:
-SAEBench writes its caches under ./ . Compare with
+SAEBench's main.py does (letters with ground-truth probe F1 > 0.6). SAEBench caches its probes
+and their activations inside its package (sae_bench/artifacts/absorption) keyed by model and
+layer only, and reuses them for another word sample: delete that folder between runs. Compare with
 `python -m saetrain.evaluate path=<folder> eval.suite=[absorption] eval.absorption.max_words=N`.
 """
 
