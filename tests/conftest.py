@@ -13,11 +13,19 @@ import pytest
 import torch
 
 from tests.helpers.fake_hub import FakeHub, _handler
+from tests.helpers.interpreted_triton import import_interpreted_triton_ops
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["WANDB_MODE"] = "offline"
+
+# Triton decorates its own language (tl.zeros, ...) when it is first imported, in the mode
+# TRITON_INTERPRET says at that moment, and transformers' model modules import triton too. The
+# kernel tests need it interpreted on CPU, so it is imported here, before any test module is
+# collected (with SAETRAIN_TRITON_TESTS=cuda the helper imports the compiled kernels instead).
+import_interpreted_triton_ops()
+
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="saetrain-test-hf-"))
 
 
