@@ -33,6 +33,8 @@ _API = ("config_from_overrides", "check", "train", "load", "read_activations",
 _CONFIG = ("Config", "ConfigError", "ModelConfig", "DataConfig", "SiteConfig", "BufferConfig",
            "CacheConfig", "CheckpointConfig", "DictionaryConfig", "TrainerConfig", "EvalConfig",
            "LoggerConfig", "PublishConfig", "DictionarySpec", "validate")  # fmt: skip
+# Names whose module is neither of those two.
+_HOME = {"ConfigError": "saetrain.errors", "validate": "saetrain.planning.validate"}
 __all__ = ["config_dir", *_API, *_CONFIG]
 
 
@@ -40,7 +42,10 @@ def __getattr__(name: str):
     if name in _API or name in _CONFIG:
         from importlib import import_module
 
-        value = getattr(import_module("saetrain.api" if name in _API else "saetrain.config"), name)
+        value = getattr(
+            import_module(_HOME.get(name, "saetrain.api" if name in _API else "saetrain.config")),
+            name,
+        )
         globals()[name] = value
         return value
     raise AttributeError(f"module 'saetrain' has no attribute {name!r}")

@@ -15,13 +15,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saetrain import config_dir
-from saetrain.config import register_configs, to_config
+from saetrain.config import register_configs
 from saetrain.errors import (
     EXIT_BAD_INPUT,
     RunStopped,
     TrainingInterrupted,
     train_exit_code,
 )
+from saetrain.planning.validate import to_config
 
 register_configs()
 

@@ -1,8 +1,8 @@
 """Every error and warning saetrain raises on purpose, and the exit code each gives the CLIs.
 
 At the bottom of the import graph (it imports nothing from saetrain), so that any module can raise
-any of them. The modules that raise them re-export them under their old names
-(`saetrain.config.ConfigError` is this `ConfigError`, the same class).
+any of them; import them from here (saetrain.config, the schemas, imports nothing from saetrain,
+so it does not re-export ConfigError).
 
 Exit codes of `python -m saetrain`, `python -m saetrain.evaluate` / `saetrain.inspect` and
 `python -m saetrain.sweep` (docs/troubleshooting.md):

@@ -272,7 +272,7 @@ def resolve(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> Re
     if cfg.seed is not None:
         seed = cfg.seed
     output_dir = Path(cfg.output_dir) if cfg.output_dir else folder / "eval"
-    from saetrain.site_patterns import check_kind, site_lists
+    from saetrain.planning.site_patterns import check_kind, site_lists
 
     check_kind(kind, site, model_b is not None)
     inputs, targets = site_lists(site, kind, model_b is not None)
@@ -313,11 +313,12 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     from saetrain.activations.model import load_lm, resolve_device
     from saetrain.activations.source import ActivationSource
     from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-    from saetrain.config import Config, DictionaryConfig, validate
+    from saetrain.config import Config, DictionaryConfig
     from saetrain.evaluation.density import count_firing
     from saetrain.evaluation.evaluate import evaluate_dictionary
     from saetrain.export.norm_space import foreign_to_model_space_
     from saetrain.export.saelens import load_dictionary
+    from saetrain.planning.validate import validate
 
     r = resolve(cfg, explicit)
     # The shared validation, on a run config holding the evaluation's groups.

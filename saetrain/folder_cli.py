@@ -22,7 +22,7 @@ def compose_schema(schema: type[T], name: str, overrides: Sequence[str]) -> tupl
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from saetrain.config import check_known_keys
+    from saetrain.planning.keys import check_known_keys
 
     ConfigStore.instance().store(name=name, node=schema)
     overrides = list(overrides)

@@ -24,16 +24,7 @@ from saetrain.activations.sites import model_family, num_layers
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenBatch, TokenSource
-from saetrain.config import (
-    Config,
-    DictionarySpec,
-    ModelConfig,
-    canonical_sites,
-    dictionary_configs,
-    merged,
-    second_model,
-    validate,
-)
+from saetrain.config import Config, DictionarySpec, ModelConfig, second_model
 from saetrain.dictionaries import CLTStructure, Dictionary, Layout
 from saetrain.distributed import World, world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
@@ -55,9 +46,11 @@ from saetrain.export.hub import check_publish, publish_folder
 from saetrain.export.norm_space import export_fold
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
-from saetrain.preflight import preflight, starting_point
+from saetrain.planning.expand import canonical_sites, dictionary_configs, merged
+from saetrain.planning.preflight import preflight, starting_point
+from saetrain.planning.site_patterns import site_lists
+from saetrain.planning.validate import validate
 from saetrain.progress import ReportedList, emit, phase
-from saetrain.site_patterns import site_lists
 from saetrain.training.checkpoint import (
     StopRequest,
     check_resumable,

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from saetrain.activations.sites import Site
-from saetrain.config import Config, DictionaryConfig, TrainerConfig, dictionary_configs
+from saetrain.config import Config, DictionaryConfig, TrainerConfig
 from saetrain.dictionaries.base import (
     Dictionary,
     SparseCodes,
@@ -66,11 +66,12 @@ from saetrain.distributed.sharding import latent_slice
 from saetrain.distributed.world import World
 from saetrain.errors import ConfigError
 from saetrain.kernels.ops import sparse_decode
+from saetrain.planning.expand import dictionary_configs
 from saetrain.training.schedules import default_lr
 from saetrain.training.trainer import Trainer
 
 if TYPE_CHECKING:
-    from saetrain.preflight import ModelShape
+    from saetrain.planning.preflight import ModelShape
     from saetrain.training.fit import Fitted
 
 log = logging.getLogger(__name__)

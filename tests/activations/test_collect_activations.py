@@ -18,7 +18,6 @@ from saetrain.activations.tokens import TokenSource
 from saetrain.config import (
     BufferConfig,
     Config,
-    ConfigError,
     DataConfig,
     DictionaryConfig,
     EvalConfig,
@@ -27,6 +26,7 @@ from saetrain.config import (
     SiteConfig,
     TrainerConfig,
 )
+from saetrain.errors import ConfigError
 
 SITES = ["resid_post.1", "mlp_out.1"]
 

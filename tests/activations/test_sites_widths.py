@@ -21,7 +21,6 @@ from saetrain.config import (
     BufferConfig,
     CacheConfig,
     Config,
-    ConfigError,
     DataConfig,
     DictionaryConfig,
     DictionarySpec,
@@ -31,6 +30,7 @@ from saetrain.config import (
     SiteConfig,
     TrainerConfig,
 )
+from saetrain.errors import ConfigError
 from saetrain.evaluate import evaluate_path, site_from_tl_hook
 from saetrain.export.saelens import load_dictionary
 from saetrain.run import run

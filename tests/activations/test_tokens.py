@@ -8,7 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from saetrain.activations.tokens import ContextPacker, TokenSource, expand_data_files, is_held_out
-from saetrain.config import ConfigError, DataConfig
+from saetrain.config import DataConfig
+from saetrain.errors import ConfigError
 
 WORDS = [f"w{i}" for i in range(200)]
 

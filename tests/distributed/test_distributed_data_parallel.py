@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from saetrain.api import config_from_overrides
-from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
+from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.distributed import DistributedError, World, init_world
 from saetrain.distributed.data_parallel import DataParallel
 from saetrain.distributed.sharding import row_share
+from saetrain.errors import ConfigError
 from saetrain.training.checkpoint import TrainingDiverged, list_checkpoints
 from saetrain.training.fit import prepare_trainer, train_together
 from tests.helpers.distributed import _overrides, run_ranks, run_torchrun

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from saetrain.api import config_from_overrides
-from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
+from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.distributed import World, init_world
 from saetrain.distributed.data_parallel import DataParallel
 from saetrain.distributed.sharding import dictionary_cost, row_share
+from saetrain.errors import ConfigError
 from saetrain.training.fit import prepare_trainer, train_together
 from tests.helpers.distributed import _overrides, run_ranks, run_torchrun
 

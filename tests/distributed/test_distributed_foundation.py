@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from saetrain.config import ConfigError
 from saetrain.distributed import DistributedError, World, close_world, init_world
 from saetrain.distributed import collectives as C
 from saetrain.distributed import sharding as S
 from saetrain.distributed.world import choose_device, launched_ranks
+from saetrain.errors import ConfigError
 from tests.helpers.distributed import RanksFailed, run_ranks, run_torchrun
 
 # -- world size 1: no process group, no torch.distributed call -------------------------------

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saetrain.config import ConfigError, DictionaryConfig, TrainerConfig
+from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.distributed import World, init_world
 from saetrain.distributed.data_parallel import DataParallel
 from saetrain.distributed.latent_shard import LatentShard, ShardedTrainer
 from saetrain.distributed.sharding import row_share
+from saetrain.errors import ConfigError
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
 from tests.helpers.distributed import _torchrun, run_ranks
 

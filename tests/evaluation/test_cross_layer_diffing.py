@@ -15,7 +15,7 @@ import torch
 import saetrain
 from saetrain.activations.model import load_lm
 from saetrain.activations.tokens import TokenSource
-from saetrain.config import ConfigError
+from saetrain.errors import ConfigError
 from saetrain.evaluate import evaluate_path
 from saetrain.evaluation.evaluate import first_contexts
 from saetrain.export.saelens import load_dictionary

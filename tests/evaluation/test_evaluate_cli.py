@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from saetrain.config import (
     BufferConfig,
     Config,
-    ConfigError,
     DataConfig,
     DictionaryConfig,
     EvalConfig,
@@ -26,6 +25,7 @@ from saetrain.config import (
     SiteConfig,
     TrainerConfig,
 )
+from saetrain.errors import ConfigError
 from saetrain.evaluate import (
     DENSITY_PNG,
     FREQUENCIES_FILE,

@@ -11,7 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import saetrain
-from saetrain.config import Config, ConfigError, register_configs, to_config
+from saetrain.config import Config, register_configs
+from saetrain.errors import ConfigError
+from saetrain.planning.validate import to_config
 
 
 def _compose(*overrides: str) -> Config:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import saetrain
-from saetrain.config import ConfigError, dictionary_configs
+from saetrain.errors import ConfigError
+from saetrain.planning.expand import dictionary_configs
 from saetrain.run import run
 from tests.helpers.runs import _tiny_overrides
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from saetrain.config import ConfigError, LoggerConfig
+from saetrain.config import LoggerConfig
+from saetrain.errors import ConfigError
 from saetrain.loggers import METRICS_FILE, open_logger
 
 

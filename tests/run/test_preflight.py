@@ -11,7 +11,6 @@ import saetrain.run as run_module
 from saetrain.config import (
     BufferConfig,
     Config,
-    ConfigError,
     DataConfig,
     DictionaryConfig,
     DictionarySpec,
@@ -20,7 +19,8 @@ from saetrain.config import (
     SiteConfig,
     TrainerConfig,
 )
-from saetrain.preflight import ModelShape, preflight
+from saetrain.errors import ConfigError
+from saetrain.planning.preflight import ModelShape, preflight
 from saetrain.run import run
 
 

@@ -196,7 +196,7 @@ def test_encoder_init_norm_sets_a_transcoders_random_columns():
 
 def test_encoder_init_norm_must_be_positive():
     from saetrain.api import config_from_overrides
-    from saetrain.config import ConfigError
+    from saetrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"dictionary.encoder_init_norm=0.0 is not valid"):
         config_from_overrides(["dictionary.encoder_init_norm=0"])

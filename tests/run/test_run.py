@@ -51,7 +51,7 @@ def test_same_config_same_numbers(tiny_model, corpus, tmp_path):
 
 
 def test_context_longer_than_the_model_allows_is_named(tiny_model, corpus, tmp_path):
-    from saetrain.config import ConfigError
+    from saetrain.errors import ConfigError
 
     cfg = _config(tiny_model, corpus, "topk", None)
     cfg = replace(cfg, data=replace(cfg.data, context_size=4096))

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from saetrain.config import ConfigError, DictionarySpec, LoggerConfig, PublishConfig
+from saetrain.config import DictionarySpec, LoggerConfig, PublishConfig
+from saetrain.errors import ConfigError
 from saetrain.export.hub import PublishError
 from saetrain.run import run
 from tests.helpers.runs import _config

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 from saetrain.config import (
     BufferConfig,
     Config,
-    ConfigError,
     DataConfig,
     DictionaryConfig,
     DistributedConfig,
@@ -24,10 +23,11 @@ from saetrain.config import (
     ModelConfig,
     SiteConfig,
     TrainerConfig,
-    validate,
 )
+from saetrain.errors import ConfigError
 from saetrain.export.saelens import load_dictionary
-from saetrain.preflight import preflight
+from saetrain.planning.preflight import preflight
+from saetrain.planning.validate import validate
 from saetrain.run import run
 from saetrain.training.finetune import read_start, starting_config
 from saetrain.training.fit import fold, prepare_trainer

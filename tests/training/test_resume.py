@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saetrain.config import CacheConfig, ConfigError
+from saetrain.config import CacheConfig
+from saetrain.errors import ConfigError
 from saetrain.export.saelens import load_dictionary
 from saetrain.run import run
 from saetrain.training import trainer as trainer_module

@@ -19,7 +19,8 @@ from saetrain.activations.prefetch import Prefetcher
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenSource
-from saetrain.config import CacheConfig, CheckpointConfig, ConfigError
+from saetrain.config import CacheConfig, CheckpointConfig
+from saetrain.errors import ConfigError
 from saetrain.export.saelens import load_dictionary
 from saetrain.run import run
 from saetrain.training import trainer as trainer_module

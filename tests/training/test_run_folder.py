@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from saetrain.config import ConfigError
+from saetrain.errors import ConfigError
 from saetrain.run import run
 from saetrain.training import fit as fit_module
 from saetrain.training.checkpoint import list_checkpoints

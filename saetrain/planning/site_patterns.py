@@ -12,6 +12,7 @@ or transcoder on one site is the case of one input and one target.
 
 from __future__ import annotations
 
+from saetrain.activations.paired import SECOND
 from saetrain.config import SiteConfig
 from saetrain.errors import ConfigError
 
@@ -116,8 +117,6 @@ def site_lists(
         inputs = [site.input]
     if kind == "crosscoder":
         if two_models:
-            from saetrain.activations.paired import SECOND
-
             inputs = inputs + [name + SECOND for name in inputs]
         return inputs, list(inputs)
     assert site.target is not None

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saetrain.activations.model import load_model_config
+from saetrain.activations.paired import base_site
 from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, check_site_exists
 from saetrain.activations.tokens import check_dataset
-from saetrain.config import Config, dictionary_configs, second_model, validate
+from saetrain.config import Config, second_model
 from saetrain.errors import ConfigError, SiteError
+from saetrain.planning.expand import dictionary_configs
+from saetrain.planning.site_patterns import site_lists
+from saetrain.planning.validate import validate
 from saetrain.training.finetune import Start, check_start_fits, read_start, starting_config
 
 log = logging.getLogger(__name__)
@@ -110,8 +114,6 @@ def preflight(cfg: Config) -> ModelShape:
 def starting_point(cfg: Config, shape: ModelShape, where: str = "") -> tuple[Config, Start]:
     """dictionary.init_from's folder, read and checked against the model's sites (widths, SAE or
     transcoder), and `cfg` with the settings taken from it (saetrain/training/finetune.py)."""
-    from saetrain.activations.paired import base_site
-
     assert cfg.dictionary.init_from is not None
     target = cfg.site.target or cfg.site.input
     try:
@@ -130,9 +132,6 @@ def starting_point(cfg: Config, shape: ModelShape, where: str = "") -> tuple[Con
 def check_dictionary(cfg: Config, shape: ModelShape, where: str = "") -> None:
     """One dictionary's sites and sizes against the model: layers in range, k, aux_k and the
     Matryoshka prefixes within the number of latents the expansion factor gives."""
-    from saetrain.activations.paired import base_site
-    from saetrain.site_patterns import site_lists
-
     inputs, targets = site_lists(cfg.site, cfg.dictionary.kind, second_model(cfg) is not None)
     sites: dict[str, Site] = {}
     for name, values in (("input", inputs), ("target", targets)):
