@@ -34,7 +34,7 @@ _CONFIG = ("Config", "ConfigError", "ModelConfig", "DataConfig", "SiteConfig", "
            "CacheConfig", "CheckpointConfig", "DictionaryConfig", "TrainerConfig", "EvalConfig",
            "LoggerConfig", "PublishConfig", "DictionarySpec", "validate")  # fmt: skip
 # Names whose module is neither of those two.
-_HOME = {"ConfigError": "saetrain.errors", "validate": "saetrain.planning.validate"}
+_HOME = {"ConfigError": "saetrain.errors", "validate": "saetrain.checks"}
 __all__ = ["config_dir", *_API, *_CONFIG]
 
 

@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saetrain import config_dir
+from saetrain.checks import to_config
 from saetrain.config import register_configs
 from saetrain.errors import (
     EXIT_BAD_INPUT,
@@ -22,7 +23,6 @@ from saetrain.errors import (
     TrainingInterrupted,
     train_exit_code,
 )
-from saetrain.planning.validate import to_config
 
 register_configs()
 

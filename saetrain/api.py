@@ -6,7 +6,7 @@ give the same config, the same checks, the same folders and the same numbers:
 - `config_from_overrides([...])` composes the package's Hydra configs with command-line style
   overrides (the CLI's defaults, groups, `+experiment=...` and resolvers), then validates;
 - `check(cfg)` takes a `Config` built from the dataclasses and applies the CLI's type check (the
-  structured schema) and `saetrain.planning.validate.validate`, so both routes fail with the same
+  structured schema) and `saetrain.checks.validate`, so both routes fail with the same
   message;
 - `train(cfg, output_dir)` calls `saetrain.run.run()` and hands back every trained dictionary,
   loaded from its saved folder (folded: it works on raw activations), with its metrics;
@@ -52,8 +52,8 @@ def config_from_overrides(overrides: Sequence[str] = ()) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     from saetrain import config_dir
+    from saetrain.checks import to_config
     from saetrain.config import register_configs
-    from saetrain.planning.validate import to_config
 
     register_configs()
     try:
@@ -85,8 +85,8 @@ def check(cfg: Config) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from saetrain.checks import to_config
     from saetrain.config import Config
-    from saetrain.planning.validate import to_config
 
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a saetrain Config, got {type(cfg).__name__}")

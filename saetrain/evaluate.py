@@ -38,7 +38,6 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from saetrain.activations.sites import _TL_HOOK_NAMES, canonical_site_name
 from saetrain.config import DataConfig, EvalConfig, ModelConfig, SiteConfig, resolved
 from saetrain.errors import ConfigError, FolderFormatError, SiteError
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
@@ -46,6 +45,7 @@ from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.export.formats import FORMAT_FILES, folder_format
 from saetrain.export.saelens import RUN_FILE, folder_metadata
 from saetrain.folder_cli import compose_schema, folder_main
+from saetrain.planning.site_names import _TL_HOOK_NAMES, canonical_site_name
 
 log = logging.getLogger(__name__)
 
@@ -313,12 +313,12 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     from saetrain.activations.model import load_lm, resolve_device
     from saetrain.activations.source import ActivationSource
     from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
+    from saetrain.checks import validate
     from saetrain.config import Config, DictionaryConfig
     from saetrain.evaluation.density import count_firing
     from saetrain.evaluation.evaluate import evaluate_dictionary
     from saetrain.export.norm_space import foreign_to_model_space_
     from saetrain.export.saelens import load_dictionary
-    from saetrain.planning.validate import validate
 
     r = resolve(cfg, explicit)
     # The shared validation, on a run config holding the evaluation's groups.

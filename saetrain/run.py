@@ -24,6 +24,7 @@ from saetrain.activations.sites import model_family, num_layers
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenBatch, TokenSource
+from saetrain.checks import validate
 from saetrain.config import Config, DictionarySpec, ModelConfig, second_model
 from saetrain.dictionaries import CLTStructure, Dictionary, Layout
 from saetrain.distributed import World, world_session
@@ -49,7 +50,6 @@ from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.planning.expand import canonical_sites, dictionary_configs, merged
 from saetrain.planning.preflight import preflight, starting_point
 from saetrain.planning.site_patterns import site_lists
-from saetrain.planning.validate import validate
 from saetrain.progress import ReportedList, emit, phase
 from saetrain.training.checkpoint import (
     StopRequest,

@@ -48,8 +48,8 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
 
     import saetrain
+    from saetrain.checks import to_config
     from saetrain.config import register_configs
-    from saetrain.planning.validate import to_config
 
     register_configs()
     with initialize_config_dir(config_dir=saetrain.config_dir(), version_base=None):

@@ -15,26 +15,12 @@ import torch
 from saetrain.activations.sites import ResolvedSite
 from saetrain.activations.source import ActivationSource
 from saetrain.errors import ConfigError
-
-SECOND = "@b"
-
-
-def in_second_model(site: str) -> bool:
-    """Whether a site name reads model b (`resid_post.6@b`)."""
-    return site.endswith(SECOND)
-
-
-def base_site(site: str) -> str:
-    """`resid_post.6@b` → `resid_post.6` (a name of model a unchanged)."""
-    return site[: -len(SECOND)] if in_second_model(site) else site
-
-
-def split_sites(sites: list[str]) -> tuple[list[str], list[str]]:
-    """(model a's sites, model b's sites without the suffix), each in the given order."""
-    return (
-        [s for s in sites if not in_second_model(s)],
-        [base_site(s) for s in sites if in_second_model(s)],
-    )
+from saetrain.planning.site_names import (  # noqa: F401 (re-exported)
+    SECOND,
+    base_site,
+    in_second_model,
+    split_sites,
+)
 
 
 class PairedSource(ActivationSource):

@@ -12,9 +12,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from saetrain.activations.sites import Site
 from saetrain.config import Config, DictionarySpec, SiteConfig, second_model
 from saetrain.errors import ConfigError, SiteError
+from saetrain.planning.site_names import Site
 from saetrain.planning.site_patterns import (
     LAYER,
     at_layer,

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saetrain.activations.model import load_model_config
-from saetrain.activations.paired import base_site
 from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, check_site_exists
 from saetrain.activations.tokens import check_dataset
+from saetrain.checks import validate
 from saetrain.config import Config, second_model
 from saetrain.errors import ConfigError, SiteError
 from saetrain.planning.expand import dictionary_configs
+from saetrain.planning.site_names import base_site
 from saetrain.planning.site_patterns import site_lists
-from saetrain.planning.validate import validate
 from saetrain.training.finetune import Start, check_start_fits, read_start, starting_config
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ or transcoder on one site is the case of one input and one target.
 
 from __future__ import annotations
 
-from saetrain.activations.paired import SECOND
 from saetrain.config import SiteConfig
 from saetrain.errors import ConfigError
+from saetrain.planning.site_names import SECOND
 
 LAYER = "*"
 KINDS = ("single", "crosscoder", "clt")

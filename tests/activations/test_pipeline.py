@@ -23,11 +23,11 @@ from saetrain.activations.prefetch import Prefetcher
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.stream import TrainingStream
 from saetrain.activations.tokens import TokenSource
+from saetrain.checks import validate
 from saetrain.config import CacheConfig, Config, DictionarySpec
 from saetrain.errors import ConfigError
 from saetrain.export.saelens import load_dictionary
 from saetrain.planning.expand import dictionary_configs
-from saetrain.planning.validate import validate
 from saetrain.run import run
 from tests.helpers.runs import _config
 
@@ -89,8 +89,8 @@ def test_dictionary_list_from_the_command_line():
     from hydra import compose, initialize_config_dir
 
     import saetrain
+    from saetrain.checks import to_config
     from saetrain.config import register_configs
-    from saetrain.planning.validate import to_config
 
     register_configs()
     with initialize_config_dir(config_dir=saetrain.config_dir(), version_base=None):
@@ -110,8 +110,8 @@ def test_k_sweep_experiment_composes():
     from hydra import compose, initialize_config_dir
 
     import saetrain
+    from saetrain.checks import to_config
     from saetrain.config import register_configs
-    from saetrain.planning.validate import to_config
 
     register_configs()
     with initialize_config_dir(config_dir=saetrain.config_dir(), version_base=None):

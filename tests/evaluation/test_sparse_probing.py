@@ -16,6 +16,7 @@ from saetrain.config import DictionaryConfig, ModelConfig, SparseProbingConfig
 from saetrain.dictionaries import build_dictionary  # noqa: E402
 from saetrain.errors import ConfigError
 from saetrain.evaluation.usefulness import SuiteContext  # noqa: E402
+from saetrain.evaluation.usefulness.checks import check_sparse_probing
 from saetrain.evaluation.usefulness.probing_tasks import (  # noqa: E402
     STDLIB_PACKAGES,
     TaskSizes,
@@ -27,7 +28,6 @@ from saetrain.evaluation.usefulness.sparse_probing import (  # noqa: E402
     pool_codes,
     run_sparse_probing,
 )
-from saetrain.planning.validate import check_sparse_probing
 
 D = 16
 SIGNAL_WORD = "w1"

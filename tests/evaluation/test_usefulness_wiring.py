@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
+from saetrain.checks import validate
 from saetrain.config import (
     AbsorptionConfig,
     BufferConfig,
@@ -26,7 +27,6 @@ from saetrain.config import (
 from saetrain.errors import ConfigError
 from saetrain.evaluate import METRICS_FILE, evaluate_path  # noqa: E402
 from saetrain.export.model_card import render_model_card  # noqa: E402
-from saetrain.planning.validate import validate
 from saetrain.run import run  # noqa: E402
 
 SAEBENCH_MEAN_KEYS = {
@@ -177,8 +177,8 @@ def test_hydra_composes_eval_suite_for_a_training_run():
     from hydra import compose, initialize_config_dir
 
     import saetrain
+    from saetrain.checks import to_config
     from saetrain.config import register_configs
-    from saetrain.planning.validate import to_config
 
     register_configs()
     overrides = ["eval.suite=[absorption,sparse_probing]", "eval.absorption.max_words=500"]

@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import saetrain
+from saetrain.checks import to_config
 from saetrain.config import Config, register_configs
 from saetrain.errors import ConfigError
-from saetrain.planning.validate import to_config
 
 
 def _compose(*overrides: str) -> Config:

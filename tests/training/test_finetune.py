@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from saetrain.checks import validate
 from saetrain.config import (
     BufferConfig,
     Config,
@@ -27,7 +28,6 @@ from saetrain.config import (
 from saetrain.errors import ConfigError
 from saetrain.export.saelens import load_dictionary
 from saetrain.planning.preflight import preflight
-from saetrain.planning.validate import validate
 from saetrain.run import run
 from saetrain.training.finetune import read_start, starting_config
 from saetrain.training.fit import fold, prepare_trainer

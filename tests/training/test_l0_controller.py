@@ -46,8 +46,8 @@ def test_jumprelu_run_ends_within_10_percent_of_its_target_l0(one_thread, target
 
 
 def test_target_l0_is_refused_for_topk():
+    from saetrain.checks import validate
     from saetrain.config import Config
-    from saetrain.planning.validate import validate
 
     with pytest.raises(ConfigError, match="dictionary.target_l0"):
         validate(Config(dictionary=DictionaryConfig(architecture="topk", target_l0=8)))
