@@ -20,13 +20,13 @@ import pickle
 import queue
 import socket
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from saetrain.bench.launch import torchrun_command
 from saetrain.distributed.process_tree import kill_tree
 from tests.helpers.cli_process import tiny_overrides
 
@@ -167,8 +167,7 @@ def run_torchrun(
     Returns the finished process (check its returncode); raises RanksFailed with the output's
     tail when it runs too long.
     """
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", *args]
+    command = [*torchrun_command(nproc), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(
         command,
