@@ -37,7 +37,6 @@ import platform
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -46,9 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from saetrain.bench.launch import torchrun_command
+from saetrain.bench.launch import LaunchTimeout, run_launch, torchrun_command
 from saetrain.bench.report import md_table
-from saetrain.distributed.process_tree import kill_tree
 
 SECTION = "## Several processes"
 # How each mode is launched, and its name in the table.
@@ -273,33 +271,18 @@ def launch(
     }
     print(f"-- {MODE_NAMES[mode]}, {nproc} rank(s), {threads} thread(s) each", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the agent and every worker
-    )
     try:
-        output, _ = proc.communicate(timeout=args.run_timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        output, _ = proc.communicate()
+        returncode, output = run_launch(command, env, workdir, args.run_timeout)
+    except LaunchTimeout as e:
         raise SystemExit(
             f"{MODE_NAMES[mode]} with {nproc} rank(s) ran past {args.run_timeout} s (killed); "
-            f"output:\n{output[-4000:]}"
+            f"output:\n{e.output[-4000:]}"
         ) from None
-    except BaseException:  # Ctrl-C, SIGTERM (main's handler): no rank is left behind
-        kill_tree(proc.pid)
-        proc.wait()
-        raise
     wall = time.perf_counter() - start
     (workdir / f"{mode}-{nproc}.log").write_text(output)
-    if proc.returncode != 0:
+    if returncode != 0:
         raise SystemExit(
-            f"{MODE_NAMES[mode]} with {nproc} rank(s) failed (exit code {proc.returncode}):\n"
+            f"{MODE_NAMES[mode]} with {nproc} rank(s) failed (exit code {returncode}):\n"
             f"{shlex.join(command)}\n{output[-4000:]}"
         )
     names = json.loads((out / "finished.json").read_text())["dictionaries"]

@@ -1,11 +1,15 @@
-"""saetrain.bench.report and launch: the tables, cells and commands every benchmark shares."""
+"""saetrain.bench.report and launch: the tables, cells, commands and launches benchmarks share."""
 
 from __future__ import annotations
 
 import math
+import os
 import platform
+import sys
 
-from saetrain.bench.launch import torchrun_command
+import pytest
+
+from saetrain.bench.launch import LaunchTimeout, run_launch, torchrun_command
 from saetrain.bench.report import fmt, md_table, package_versions
 
 
@@ -38,3 +42,11 @@ def test_torchrun_command_ends_with_the_world_size():
     command = torchrun_command(4)
     assert command[-2:] == ["--standalone", "--nproc-per-node=4"]
     assert "torchrun" in command[0] or command[1:3] == ["-m", "torch.distributed.run"]
+
+
+def test_a_launch_past_its_limit_is_killed_with_its_output():
+    code = "import time; print('started', flush=True); time.sleep(60)"
+    with pytest.raises(LaunchTimeout) as caught:
+        run_launch([sys.executable, "-c", code], os.environ, None, 2)
+    assert "started" in caught.value.output
+    assert run_launch([sys.executable, "-c", "print('ok')"], os.environ, None, 60) == (0, "ok\n")
