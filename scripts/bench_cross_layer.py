@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from saetrain.bench.fit import fit_in_order
 from saetrain.bench.report import fmt, md_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +248,6 @@ def run_synthetic(args) -> dict:
         mean_correlation_coefficient,
     )
     from saetrain.synthetic_cross_layer import CrossLayerConfig, CrossLayerSynthetic
-    from saetrain.training.fit import fold, prepare_trainer
 
     scfg = CrossLayerConfig(
         n_layers=args.syn_layers,
@@ -270,21 +270,10 @@ def run_synthetic(args) -> dict:
             )
 
             def fit(dict_cfg, cols, layout, trainer_cfg=trainer_cfg):
-                gen = torch.Generator().manual_seed(args.seed)
-                rows = train_rows[:, cols]
-                trainer = prepare_trainer(
-                    dict_cfg, trainer_cfg, rows[: args.init_rows], layout.d_in, layout.d_out,
-                    True, device, gen, layout=layout,
+                return fit_in_order(
+                    dict_cfg, trainer_cfg, train_rows[:, cols], args.init_rows, layout, device,
+                    args.seed,
                 )  # fmt: skip
-                cursor = [args.init_rows]
-
-                def next_batch(m):
-                    out = rows[cursor[0] : cursor[0] + m]
-                    cursor[0] += m
-                    return out
-
-                trainer.train(next_batch, 10**9)
-                return fold(trainer).exported
 
             x_cols = [torch.arange(i * d, (i + 1) * d) for i in range(L)]
             y_cols = [torch.arange((L + i) * d, (L + i + 1) * d) for i in range(L)]

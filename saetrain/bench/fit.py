@@ -1,8 +1,10 @@
 """One dictionary trained on a tensor of rows, for comparisons between dictionaries.
 
 Every dictionary trained by `fit_on_rows` on the same tensor and seed sees the same rows in the
-same order (one permutation of the rows per seed), and is made by saetrain.training.fit, the one
-way runs make dictionaries, so that comparisons are about the dictionaries alone.
+same order (one permutation of the rows per seed); `fit_in_order` takes rows already in a random
+order (synthetic ones) as they come, for any layout (a transcoder, a CLT). Both make it with
+saetrain.training.fit, the one way runs make dictionaries, so that comparisons are about the
+dictionaries alone.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from saetrain.config import DictionaryConfig, TrainerConfig
-from saetrain.training.fit import Fitted, fit_dictionary
+from saetrain.dictionaries import Dictionary, Layout
+from saetrain.training.fit import Fitted, fit_dictionary, fold, prepare_trainer
 
 # Rows used for the normalisation scale and b_dec (as run() with init_batches = 8 × 2048).
 INIT_ROWS = 16_384
@@ -56,3 +59,31 @@ def fit_on_rows(
         gen,
         log_every=10**9,
     )
+
+
+def fit_in_order(
+    dict_cfg: DictionaryConfig,
+    trainer_cfg: TrainerConfig,
+    rows: torch.Tensor,
+    init_rows: int,
+    layout: Layout,
+    device: torch.device,
+    seed: int,
+) -> Dictionary:
+    """A transcoder of `layout` (its inputs then its targets side by side in each row of `rows`)
+    initialised on the first `init_rows` rows and trained on the rows after them, in order; the
+    exported (folded) dictionary. `seed` seeds its init."""
+    gen = torch.Generator().manual_seed(seed)
+    trainer = prepare_trainer(
+        dict_cfg, trainer_cfg, rows[:init_rows], layout.d_in, layout.d_out,
+        True, device, gen, layout=layout,
+    )  # fmt: skip
+    cursor = [init_rows]
+
+    def next_batch(m: int) -> torch.Tensor:
+        out = rows[cursor[0] : cursor[0] + m]
+        cursor[0] += m
+        return out
+
+    trainer.train(next_batch, 10**9)
+    return fold(trainer).exported
