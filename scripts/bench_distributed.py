@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from saetrain.bench.launch import LaunchTimeout, run_launch, torchrun_command
-from saetrain.bench.report import md_table
+from saetrain.bench.report import md_table, write_json
 
 SECTION = "## Several processes"
 # How each mode is launched, and its name in the table.
@@ -517,8 +517,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(table(result["rows"]))
     if args.out and not args.from_json:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
         print(f"\nwrote {out}")
     if args.doc:
         write_section(Path(args.doc), section(result))

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from saetrain.bench.report import write_json
 from saetrain.bench.rows import lm_forward_rate
 
 
@@ -148,8 +149,7 @@ def main() -> None:
     results["cache_read_speedup"] = read["pipeline_rows_per_s"] / write["pipeline_rows_per_s"]
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(table(results))
     print(f"\nwrote {out}")
 
