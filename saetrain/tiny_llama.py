@@ -1,8 +1,9 @@
 """A tiny randomly initialised Llama and a word-level tokenizer in a local folder, plus a corpus.
 
-Lets the tests (tests/conftest.py) and the scripts' smoke runs (scripts/gpu_check_parts.py,
-scripts/check_saelens_hooks.py) run the whole pipeline (run(), the evaluation CLI, sweeps) in
-seconds, with no download. Not imported by the package itself.
+Lets the tests (tests/conftest.py, tests/interop/) and the scripts' smoke runs
+(scripts/gpu_check_parts.py, through saetrain/bench/models.py) run the whole pipeline (run(),
+the evaluation CLI, sweeps) in seconds, with no download. Imported by nothing but the benchmarks'
+shared code (saetrain/bench/).
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ from pathlib import Path
 
 import torch
 
+from saetrain.bench.fit import fit_in_order
+from saetrain.bench.report import fmt, md_table
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "cross_layer_bench"
 GUTENBERG = ROOT.parent / "shared" / "data" / "gutenberg" / "*.txt"
@@ -245,7 +248,6 @@ def run_synthetic(args) -> dict:
         mean_correlation_coefficient,
     )
     from saetrain.synthetic_cross_layer import CrossLayerConfig, CrossLayerSynthetic
-    from saetrain.training.fit import fold, prepare_trainer
 
     scfg = CrossLayerConfig(
         n_layers=args.syn_layers,
@@ -268,21 +270,10 @@ def run_synthetic(args) -> dict:
             )
 
             def fit(dict_cfg, cols, layout, trainer_cfg=trainer_cfg):
-                gen = torch.Generator().manual_seed(args.seed)
-                rows = train_rows[:, cols]
-                trainer = prepare_trainer(
-                    dict_cfg, trainer_cfg, rows[: args.init_rows], layout.d_in, layout.d_out,
-                    True, device, gen, layout=layout,
+                return fit_in_order(
+                    dict_cfg, trainer_cfg, train_rows[:, cols], args.init_rows, layout, device,
+                    args.seed,
                 )  # fmt: skip
-                cursor = [args.init_rows]
-
-                def next_batch(m):
-                    out = rows[cursor[0] : cursor[0] + m]
-                    cursor[0] += m
-                    return out
-
-                trainer.train(next_batch, 10**9)
-                return fold(trainer).exported
 
             x_cols = [torch.arange(i * d, (i + 1) * d) for i in range(L)]
             y_cols = [torch.arange((L + i) * d, (L + i + 1) * d) for i in range(L)]
@@ -407,26 +398,20 @@ def run_synthetic(args) -> dict:
 # -- output ---------------------------------------------------------------------------------------
 
 
-def fmt(v, p=4):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{p}f}" if isinstance(v, float) else str(v)
-
-
 def real_table(part: dict) -> list[str]:
     meta = part["meta"]
     layers = meta["layers"]
     head = ["dictionary", "latents", "L0 (Σ layers)", "CE clean", "CE replaced", "CE zero",
             "ΔCE", "CE recovered", "KL"]  # fmt: skip
     head += [f"FVU L{layer}" for layer in layers] + [f"L0 L{layer}" for layer in layers]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in part["rows"]:
         cells = [r["dictionary"], str(r["latents_total"]), fmt(r["l0_total"], 1)]
         cells += [fmt(r.get(k)) for k in CE_KEYS]
         cells += [fmt(r["per_layer"][str(la)]["fvu"]) for la in layers]
         cells += [fmt(r["per_layer"][str(la)]["l0"], 1) for la in layers]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return md_table(head, rows)
 
 
 def synthetic_table(part: dict) -> list[str]:
@@ -434,28 +419,25 @@ def synthetic_table(part: dict) -> list[str]:
             "matched \\|cos\\| per true direction", "recovered (\\|cos\\| ≥ 0.9)", "F1",
             "CLT: MCC whole rows",
             "L0 (Σ)"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in part["rows"]:
-        cells = [str(r["n_per_layer"]), str(r["k"]), r["dictionary"], fmt(r["fvu_all"]),
-                 fmt(r["mcc_mean"], 3), fmt(r.get("mcc_features_mean"), 3),
-                 fmt(r["recovered_mean"], 3), fmt(r["f1_mean"], 3),
-                 fmt(r.get("mcc_whole_rows"), 3), fmt(r["l0_total"], 1)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return md_table(head, [
+        [str(r["n_per_layer"]), str(r["k"]), r["dictionary"], fmt(r["fvu_all"]),
+         fmt(r["mcc_mean"], 3), fmt(r.get("mcc_features_mean"), 3),
+         fmt(r["recovered_mean"], 3), fmt(r["f1_mean"], 3),
+         fmt(r.get("mcc_whole_rows"), 3), fmt(r["l0_total"], 1)]
+        for r in part["rows"]
+    ])  # fmt: skip
 
 
 def synthetic_layer_table(part: dict) -> list[str]:
     head = ["n", "k", "dictionary", "output layer", "true features", "FVU", "MCC",
             "matched \\|cos\\| per true direction", "recovered", "F1", "L0"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in part["rows"]:
-        for layer, v in r["per_layer"].items():
-            cells = [str(r["n_per_layer"]), str(r["k"]), r["dictionary"], layer,
-                     str(v["true_features"]), fmt(v["fvu"]), fmt(v["mcc"], 3),
-                     fmt(v["mcc_features"], 3),
-                     fmt(v["recovered_0.9"], 3), fmt(v["f1"], 3), fmt(v["l0"], 1)]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return md_table(head, [
+        [str(r["n_per_layer"]), str(r["k"]), r["dictionary"], layer,
+         str(v["true_features"]), fmt(v["fvu"]), fmt(v["mcc"], 3), fmt(v["mcc_features"], 3),
+         fmt(v["recovered_0.9"], 3), fmt(v["f1"], 3), fmt(v["l0"], 1)]
+        for r in part["rows"]
+        for layer, v in r["per_layer"].items()
+    ])  # fmt: skip
 
 
 def print_tables(results: dict) -> None:

@@ -37,7 +37,6 @@ import platform
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -46,7 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from saetrain.distributed.process_tree import kill_tree
+from saetrain.bench.launch import LaunchTimeout, run_launch, torchrun_command
+from saetrain.bench.report import md_table, write_json
 
 SECTION = "## Several processes"
 # How each mode is launched, and its name in the table.
@@ -192,57 +192,18 @@ def corpus_files(data: str | None) -> tuple[str, list[Path]]:
 def build_model(folder: Path, files: list[Path], args: argparse.Namespace) -> dict[str, Any]:
     """A randomly initialised Llama and a word-level tokenizer over the corpus's `vocab` most
     frequent words, saved with save_pretrained into `folder`."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    # transformers, seconds to import: not for --from-json
+    from saetrain.bench.models import word_llama
 
     counts: collections.Counter[str] = collections.Counter()
     for f in files:
         counts.update(WORD.findall(f.read_text(encoding="utf-8", errors="replace")))
     specials = ["<s>", "</s>", "<unk>"]
     words = [w for w, _ in counts.most_common(args.vocab - len(specials)) if w not in specials]
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    folder.mkdir(parents=True, exist_ok=True)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(folder)
-    heads = max(1, args.d_model // 64)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=args.d_model,
-        intermediate_size=(8 * args.d_model // 3 + 63) // 64 * 64,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max(args.context, 128),
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    return {
-        "family": "llama (random init)",
-        "d_model": args.d_model,
-        "layers": args.layers,
-        "heads": heads,
-        "intermediate": cfg.intermediate_size,
-        "vocab": len(vocab),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    return word_llama(folder, words, args.d_model, args.layers, args.context)
 
 
 # -- one launch ------------------------------------------------------------------------------
-
-
-def launcher() -> list[str]:
-    """torchrun beside this interpreter, else the same module run by it."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if torchrun.exists():
-        return [str(torchrun)]
-    return [sys.executable, "-m", "torch.distributed.run"]
 
 
 def dictionary_entries(n: int, layers: int) -> str:
@@ -295,9 +256,7 @@ def launch(
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, cores // nproc)
     command = [
-        *launcher(),
-        "--standalone",
-        f"--nproc-per-node={nproc}",
+        *torchrun_command(nproc),
         "-m",
         "saetrain",
         *overrides(args, model, data, out, mode),
@@ -312,33 +271,18 @@ def launch(
     }
     print(f"-- {MODE_NAMES[mode]}, {nproc} rank(s), {threads} thread(s) each", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the agent and every worker
-    )
     try:
-        output, _ = proc.communicate(timeout=args.run_timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        output, _ = proc.communicate()
+        returncode, output = run_launch(command, env, workdir, args.run_timeout)
+    except LaunchTimeout as e:
         raise SystemExit(
             f"{MODE_NAMES[mode]} with {nproc} rank(s) ran past {args.run_timeout} s (killed); "
-            f"output:\n{output[-4000:]}"
+            f"output:\n{e.output[-4000:]}"
         ) from None
-    except BaseException:  # Ctrl-C, SIGTERM (main's handler): no rank is left behind
-        kill_tree(proc.pid)
-        proc.wait()
-        raise
     wall = time.perf_counter() - start
     (workdir / f"{mode}-{nproc}.log").write_text(output)
-    if proc.returncode != 0:
+    if returncode != 0:
         raise SystemExit(
-            f"{MODE_NAMES[mode]} with {nproc} rank(s) failed (exit code {proc.returncode}):\n"
+            f"{MODE_NAMES[mode]} with {nproc} rank(s) failed (exit code {returncode}):\n"
             f"{shlex.join(command)}\n{output[-4000:]}"
         )
     names = json.loads((out / "finished.json").read_text())["dictionaries"]
@@ -369,15 +313,13 @@ def launch(
 
 # -- reporting -------------------------------------------------------------------------------
 
-HEADER = (
-    "| mode | ranks | dicts | wall s | train s | train rows/s | dict-rows/s | vs 1 rank "
-    "| LM rows/s | LM tokens | held-out FVU |"
-)
+COLUMNS = ["mode", "ranks", "dicts", "wall s", "train s", "train rows/s", "dict-rows/s",
+           "vs 1 rank", "LM rows/s", "LM tokens", "held-out FVU"]  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     base = {r["mode"]: r for r in rows if r["nproc"] == 1}
+    cells = []
     for r in rows:
         one = base.get(r["mode"])
         speed = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}×" if one else "–"
@@ -386,13 +328,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             if len(r["fvu"]) == 1
             else f"{r['fvu_mean']:.4f} ({min(r['fvu']):.4f}–{max(r['fvu']):.4f})"
         )
-        lines.append(
-            f"| {MODE_NAMES[r['mode']]} | {r['nproc']} | {r['dictionaries']} | {r['wall_s']:.1f} "
-            f"| {r['train_s']:.{2 if r['train_s'] < 10 else 1}f} | {r['tokens_per_s']:,.0f} "
-            f"| {r['dictionary_rows_per_s']:,.0f} "
-            f"| {speed} | {r['pipeline_rows_per_s']:,.0f} | {r['lm_tokens']:,} | {fvu} |"
-        )
-    return "\n".join(lines)
+        cells.append([
+            MODE_NAMES[r["mode"]], r["nproc"], r["dictionaries"], f"{r['wall_s']:.1f}",
+            f"{r['train_s']:.{2 if r['train_s'] < 10 else 1}f}", f"{r['tokens_per_s']:,.0f}",
+            f"{r['dictionary_rows_per_s']:,.0f}", speed, f"{r['pipeline_rows_per_s']:,.0f}",
+            f"{r['lm_tokens']:,}", fvu,
+        ])  # fmt: skip
+    return "\n".join(md_table(COLUMNS, cells))
 
 
 def _fill(text: str) -> str:
@@ -575,8 +517,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(table(result["rows"]))
     if args.out and not args.from_json:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
         print(f"\nwrote {out}")
     if args.doc:
         write_section(Path(args.doc), section(result))

@@ -18,13 +18,14 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from saetrain.bench.report import write_json
 
 
 def parse_args() -> argparse.Namespace:
@@ -153,8 +154,7 @@ def main() -> None:
           f"{site_bytes / 1e6:.1f} MB; circuit-tracer feature files (as if a transcoder): "
           f"{t_features:.1f} s, {feature_bytes / 1e6:.1f} MB")  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"written to {out}")
 
 

@@ -26,7 +26,6 @@ writes JSON. `python scripts/bench_kernels.py --out docs/bench_kernels.json` on 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from saetrain.kernels import ops, reference
 
+from saetrain.bench.report import write_json
 from saetrain.dictionaries import TopKSAE
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -409,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# inference encode, fused encoder/top-k: {meta['fused_encode']}")
     print_table(rows, FUSED_COLUMNS)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_json(args.out, {"meta": meta, "rows": rows}, indent=1)
         print(f"wrote {args.out}")
     return 0
 

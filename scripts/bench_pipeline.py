@@ -33,6 +33,9 @@ from typing import Any
 
 import torch
 
+from saetrain.bench.report import write_json
+from saetrain.bench.rows import lm_forward_rate
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,25 +71,6 @@ def lm_alone(cfg, rows_wanted: int) -> dict[str, float]:
     tokens = TokenSource(cfg.data, tokenizer, cfg.seed)
     batches = tokens.training(cfg.buffer.lm_batch_contexts)
     return lm_forward_rate(source, batches, cfg.site.input, rows_wanted)
-
-
-def lm_forward_rate(source, batches, site: str, rows_wanted: int) -> dict[str, float]:
-    """Rows/s of `source` (an ActivationSource) over token batches until `rows_wanted` rows of
-    `site` are out, after one warm-up batch; shared with scripts/gpu_check.py."""
-    source(next(batches).input_ids)  # warm-up
-    rows = 0
-    if source.device.type == "cuda":
-        torch.cuda.synchronize(source.device)
-    start = time.perf_counter()
-    for batch in batches:
-        acts = source(batch.input_ids)
-        rows += int(acts[site][batch.mask.to(source.device)].shape[0])
-        if rows >= rows_wanted:
-            break
-    if source.device.type == "cuda":
-        torch.cuda.synchronize(source.device)
-    seconds = time.perf_counter() - start
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
 
 
 def timed_run(cfg, folder: Path) -> tuple[float, dict[str, Any]]:
@@ -166,8 +150,7 @@ def main() -> None:
     results["cache_read_speedup"] = read["pipeline_rows_per_s"] / write["pipeline_rows_per_s"]
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(table(results))
     print(f"\nwrote {out}")
 

@@ -17,13 +17,13 @@ is the LM's).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from saetrain.bench.report import write_json
 from saetrain.config import AbsorptionConfig, DictionaryConfig, ModelConfig
 from saetrain.evaluation.usefulness.absorption import absorption
 from saetrain.evaluation.usefulness.first_letter import (
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<36} {seconds:>9.2f}")
     print(f"suite / LM forward: {result['suite_over_lm_forward']:.2f}×")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.out), result)
         print(f"saved {args.out}")
     return result
 

@@ -35,6 +35,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from saetrain.bench.report import md_table
+
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["env", "kernel_tests", "kernel_sizes", "bench_kernels", "pipeline", "e2e"]
 # Seconds per part on an H200 (a part's import of torch included), summing to the default
@@ -267,12 +269,6 @@ def _broken(what: str, exc: Exception) -> dict[str, str]:
     return {"target": what, "limit": "-", "measured": error, "status": "not measured"}
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.3f}"
 
@@ -314,7 +310,7 @@ def markdown(report: dict[str, Any]) -> str:
     if meta["cpu_smoke"]:
         lines += ["**CPU smoke run at toy sizes: the numbers are not measurements.**", ""]
     lines += [f"Command: `{meta['command']}`; {meta['wall_s']:.0f} s in all.", "", "## Parts", ""]
-    lines += _md_table(
+    lines += md_table(
         ["part", "status", "wall s", "note"],
         [
             [name, p["status"], f"{p.get('wall_s', 0):.1f}", p.get("reason", "")]
@@ -322,7 +318,7 @@ def markdown(report: dict[str, Any]) -> str:
         ],
     )
     lines += ["", "## Targets", ""]
-    lines += _md_table(
+    lines += md_table(
         ["target", "limit", "measured", "status"],
         [[t["target"], t["limit"], t["measured"], t["status"]] for t in report["targets"]],
     )
@@ -340,7 +336,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "checks" in sizes:
         lines += ["", f"## Kernels against float64 ({sizes['kernels']}, {sizes['sizes']})", ""]
         big = [c for c in sizes["checks"] if c.get("size") != "tiny"]
-        lines += _md_table(
+        lines += md_table(
             ["op", "kind", "dtype", "k", "error/bound", "rel err", "pass"],
             [
                 [
@@ -372,7 +368,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "rows" in bench:
         lines += ["", f"## bench_kernels ({bench['meta']['kernels']}; `{bench['command']}`)", ""]
         lines += [f"Copy bandwidth: {bench['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write).", ""]
-        lines += _md_table(
+        lines += md_table(
             [header for header, _, _ in BENCH_COLUMNS],
             [[fmt(r.get(key)) for _, key, fmt in BENCH_COLUMNS] for r in bench["rows"]],
         )
@@ -398,7 +394,7 @@ def markdown(report: dict[str, Any]) -> str:
             ("streaming, refill in the loop", pipe["stream_refill_in_loop"]),
             ("sweep of 4 (k 16..128), one stream", pipe["sweep"]),
         ]
-        lines += _md_table(
+        lines += md_table(
             ["measure", "rows/s", "seconds", "rows/s after the first fill", "peak GiB"],
             [
                 [
@@ -454,7 +450,7 @@ def _profile_section(rows: list[dict[str, Any]]) -> list[str]:
         + (f"; device busy {busy:.0%} of the step's span." if busy is not None else "."),
         "",
     ]
-    lines += _md_table(
+    lines += md_table(
         ["kernel / op", "calls per step", "ms per step", "share"],
         [
             [

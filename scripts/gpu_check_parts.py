@@ -8,7 +8,6 @@ that the test suite runs this code and it does not rot between GPU sessions.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -32,26 +31,13 @@ for _path in (str(ROOT), str(SCRIPTS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from saetrain.bench.report import package_versions  # noqa: E402  (saetrain from this tree)
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Unit roundoff of each output dtype: a correctly rounded result is within u·|x| of x.
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
 # ... and within half the subnormal spacing below the smallest normal number.
 SUBNORMAL_HALF_STEP = {"fp32": 2.0**-150, "fp16": 2.0**-25, "bf16": 2.0**-134}
-PACKAGES = (
-    "torch",
-    "triton",
-    "transformers",
-    "safetensors",
-    "numpy",
-    "pyarrow",
-    "tokenizers",
-    "hydra-core",
-    "omegaconf",
-    "datasets",
-    "fsspec",
-    "huggingface-hub",
-    "pytest",
-)
 
 
 def _device(smoke: bool) -> torch.device:
@@ -72,12 +58,7 @@ def _tail(text: str, chars: int = 3000) -> str:
 
 def part_env(smoke: bool) -> dict[str, Any]:
     """GPU name, memory, driver and the package versions the other parts run with."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions()
     imports = {}
     for module in ("hydra", "omegaconf", "datasets", "triton", "saetrain"):
         try:
@@ -502,29 +483,6 @@ class RandomTokens:
             yield TokenBatch(ids, mask)
 
 
-def random_llama(smoke: bool, device: torch.device) -> torch.nn.Module:
-    """A Llama built from a config with random bf16 weights, made on the device: about 1.1B
-    parameters (TinyLlama's shape: d_model 2048, 22 layers, MLP 5632, vocab 32000), or a toy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if smoke:
-        sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-        sizes |= {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
-    else:
-        sizes = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22}
-        sizes |= {"num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
-    cfg = LlamaConfig(**sizes, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(before)
-    return model.eval().requires_grad_(False)
-
-
 def stream_run(
     source: Any,
     tokens: RandomTokens,
@@ -605,13 +563,14 @@ def stream_run(
 def part_pipeline(smoke: bool) -> dict[str, Any]:
     """LM forward alone to the site vs a streaming TopK run vs 4 dictionaries on one stream, on a
     random ~1.1B Llama in bf16 (rows/s, peak memory)."""
-    from bench_pipeline import lm_forward_rate
-
+    # transformers (seconds to import) only in the part that builds a model
     from saetrain.activations.source import ActivationSource
+    from saetrain.bench.models import random_llama
+    from saetrain.bench.rows import lm_forward_rate
     from saetrain.config import DictionaryConfig, TrainerConfig
 
     device = _device(smoke)
-    model = random_llama(smoke, device)
+    model = random_llama(device, toy=smoke)
     n_params = sum(p.numel() for p in model.parameters())
     layers = model.config.num_hidden_layers
     site = f"resid_post.{layers // 2}"

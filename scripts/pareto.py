@@ -23,10 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench_common import collect_rows, default_data, fit_on_rows, lm_source
 
 from saetrain.activations.model import resolve_device
 from saetrain.activations.tokens import TokenSource
+from saetrain.bench.fit import fit_on_rows
+from saetrain.bench.rows import collect_rows, default_data, lm_source
 from saetrain.config import DictionaryConfig, ModelConfig, TrainerConfig
 from saetrain.evaluation.evaluate import evaluate_dictionary
 

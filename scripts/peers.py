@@ -13,7 +13,9 @@ API (every function takes raw activation rows; nothing is normalised for the pee
     sparsify_available() -> bool
     train_sparsify_topk(train, n_latents=..., k=..., ...) -> PeerWeights
     to_topk_sae(weights, k) -> saetrain TopKSAE (raw scale, SAELens shapes)
-    heldout_metrics(dictionary, held_out) -> {"fvu", "l0", "never_fired_fraction", ...}
+
+A peer's dictionary is scored as saetrain's are:
+`saetrain.bench.score.score_rows(to_topk_sae(weights, k), rows)`.
 
 `train_sparsify_topk` drives sparsify's own SparseCoder (its init, forward, FVU and AuxK losses,
 decoder-norm handling) through the steps of sparsify.Trainer's FVU path (grad_acc_steps = 1,
@@ -183,17 +185,3 @@ def to_topk_sae(weights: PeerWeights, k: int):
         }
     )
     return sae.eval()
-
-
-@torch.no_grad()
-def heldout_metrics(dictionary, held_out: torch.Tensor, batch: int = 4096) -> dict[str, float]:
-    """saetrain's metrics (FVU, MSE, L0, never fired) of a raw-scale dictionary on rows."""
-    from saetrain.evaluation.metrics import ReconstructionStats
-
-    device = dictionary.W_enc.device
-    stats = ReconstructionStats(dictionary.n_latents, dictionary.d_out, device)
-    for i in range(0, len(held_out), batch):
-        x = held_out[i : i + batch].to(device=device, dtype=dictionary.W_enc.dtype)
-        codes = dictionary.encode(x)
-        stats.update(x, dictionary.reconstruct(x, codes), codes)
-    return stats.compute()

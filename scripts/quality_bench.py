@@ -12,13 +12,13 @@
 (c) Optional, never a dependency: when EleutherAI's sparsify is importable, its TopK trainer on the
     same tensors (scripts/peers.py), scored the same way.
 
-    python scripts/topk_ablation.py collect --out /tmp/acts_resid6.pt   # the LM once (minutes)
+    python scripts/quality_bench.py --save-acts /tmp/acts_resid6.pt     # the LM once (minutes)
     python scripts/quality_bench.py --acts /tmp/acts_resid6.pt          # docs/quality_bench.*
     python scripts/quality_bench.py --smoke --out /tmp/qb               # toy sizes, < 60 s
     python scripts/quality_bench.py --from-json                         # re-render md + png
 
 Without --acts, activations are collected from the LM here (--model, --data, --tokens). Every
-dictionary of a budget trains on the same rows in the same order (scripts/bench_common.py) with
+dictionary of a budget trains on the same rows in the same order (saetrain/bench/fit.py) with
 the config `python -m saetrain dictionary=<arch>` composes (configs/dictionary/<arch>.yaml,
 configs/trainer/default.yaml), changed only by the overrides the table names and by --set.
 Writes <out>.json (after every row, so a long run can be watched or re-rendered), <out>.md and
@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import collect_rows, default_data, fit_on_rows, lm_source
+
+from saetrain.bench.fit import fit_on_rows
+from saetrain.bench.rows import collect_rows, default_data, lm_source, load_rows, save_rows
+from saetrain.bench.score import score_rows
 
 ARCHITECTURES = ("relu", "gated", "topk", "batchtopk", "jumprelu", "matryoshka")
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
@@ -165,35 +168,6 @@ def matched_configs(
 # -- scoring ----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def score_rows(dictionary, x: torch.Tensor, truth=None, batch: int = 4096) -> dict[str, float]:
-    """FVU, L0, never fired (metrics.ReconstructionStats) of a raw-scale dictionary on rows `x`;
-    with `truth` = (features [F, d], coefficients [N, F]), also SynthSAEBench's feature recovery.
-    """
-    from saetrain.evaluation.feature_recovery import (
-        DetectionStats,
-        mean_correlation_coefficient,
-        uniqueness,
-    )
-    from saetrain.evaluation.metrics import ReconstructionStats
-
-    device = dictionary.W_enc.device
-    stats = ReconstructionStats(dictionary.n_latents, dictionary.d_out, device)
-    detection = DetectionStats(dictionary.W_dec, truth[0]) if truth is not None else None
-    for i in range(0, len(x), batch):
-        rows = x[i : i + batch].to(device=device, dtype=dictionary.W_enc.dtype)
-        codes = dictionary.encode(rows)
-        stats.update(rows, dictionary.reconstruct(rows, codes), codes)
-        if detection is not None:
-            detection.update(codes, truth[1][i : i + batch])
-    out = stats.compute()
-    if truth is not None:
-        out["mcc"] = mean_correlation_coefficient(dictionary.W_dec, truth[0])
-        out["uniqueness"] = uniqueness(dictionary.W_dec, truth[0])
-        out |= detection.compute()
-    return out
-
-
 def ce_metrics(lm: dict | None, dictionary) -> dict[str, float]:
     """ΔCE, CE recovered and KL with the dictionary spliced into the LM (NaN without an LM)."""
     if lm is None:
@@ -235,11 +209,10 @@ def real_inputs(args, device):
     data = default_data(args.data)
     seed = args.seed
     if args.acts:
-        saved = torch.load(args.acts)
-        train, held = saved["train"].float(), saved["held_out"].float()
-        meta |= {"acts": str(args.acts), "collected": saved.get("meta", {})}
-        meta["site"] = saved.get("meta", {}).get("site", args.site)
-        seed = int(saved.get("meta", {}).get("seed", seed))
+        train, held, collected = load_rows(Path(args.acts))
+        meta |= {"acts": str(args.acts), "collected": collected}
+        meta["site"] = collected.get("site", args.site)
+        seed = int(collected.get("seed", seed))
         if args.tokens:
             train = train[: args.tokens]
         if args.ce_contexts <= 0:
@@ -717,7 +690,10 @@ def plot_synthetic(ax, synth: list[dict], colours: dict[str, str]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--acts", default=None, help="activations saved by topk_ablation.py collect")
+    p.add_argument("--acts", default=None, help="activations saved by --save-acts")
+    p.add_argument(
+        "--save-acts", default=None, help="collect the LM's rows (no --acts), save them, stop"
+    )
     p.add_argument("--tokens", type=int, default=0, help="training rows (0: all / 409,600)")
     p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out rows (no --acts)")
     p.add_argument("--ce-contexts", type=int, default=16, help="contexts for ΔCE; 0 skips it")
@@ -784,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if args.save_acts:
+        train, held, _, meta = real_inputs(args, device)
+        save_rows(Path(args.save_acts), train, held, meta | {"seed": args.seed})
+        print(f"saved {len(train)} training + {len(held)} held-out rows -> {args.save_acts}")
+        return 0
     results: dict = {
         "meta": {
             "command": "python scripts/quality_bench.py "

@@ -5,7 +5,7 @@ holding `config.yaml` and safetensors files; this module writes such folders fro
 reads them back. It never imports circuit-tracer: the format below was read from circuit-tracer
 0.5.0's loaders (`transcoder/single_layer_transcoder.py`, `transcoder/cross_layer_transcoder.py`,
 `utils/hf_utils.py`, `utils/caching.py`) and is checked against the real package by
-`scripts/check_circuit_tracer_load.py`.
+`tests/interop/test_circuit_tracer_load.py`.
 
 Inputs are in saetrain's (SAELens's) orientation — `W_enc [d_in, n]`, `W_dec [n, d_out]`,
 `W_skip [d_out, d_in]` — and already folded for raw activations (the training normalisation

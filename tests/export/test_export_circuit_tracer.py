@@ -1,6 +1,6 @@
 """circuit-tracer export: file names, tensor names / shapes / dtypes, config.yaml, round trips, hook
 names, layer coverage, and a CLT computed from its files. circuit-tracer itself is not imported
-(scripts/check_circuit_tracer_load.py loads the same folders with it)."""
+(tests/interop/test_circuit_tracer_load.py loads the same folders with it)."""
 
 from __future__ import annotations
 

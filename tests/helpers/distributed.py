@@ -20,14 +20,13 @@ import pickle
 import queue
 import socket
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from saetrain.distributed.process_tree import kill_tree
+from saetrain.bench.launch import LaunchTimeout, run_launch, torchrun_command
 from tests.helpers.cli_process import tiny_overrides
 
 
@@ -167,27 +166,16 @@ def run_torchrun(
     Returns the finished process (check its returncode); raises RanksFailed with the output's
     tail when it runs too long.
     """
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", *args]
+    command = [*torchrun_command(nproc), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the agent and every worker
-    )
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)  # the ranks too: torchrun puts each in its own session
-        out, _ = proc.communicate()
+        returncode, out = run_launch(command, full_env, cwd, timeout_s)
+    except LaunchTimeout as e:
         raise RanksFailed(
-            f"torchrun {' '.join(args)} ran past {timeout_s:g} s (killed); output:\n{out[-4000:]}"
+            f"torchrun {' '.join(args)} ran past {timeout_s:g} s (killed); output:\n"
+            f"{e.output[-4000:]}"
         ) from None
-    return subprocess.CompletedProcess(command, proc.returncode, out, None)
+    return subprocess.CompletedProcess(command, returncode, out, None)
 
 
 def _overrides(tiny_model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:

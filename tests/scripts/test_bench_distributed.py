@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from saetrain.distributed.process_tree import kill_tree
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_distributed.py"
 TIMEOUT_S = 300  # the smoke run takes well under 90 s on 2 idle cores
@@ -51,7 +53,7 @@ def smoke(tmp_path_factory) -> tuple[dict, Path]:
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        _load_script().kill_tree(proc.pid)  # torchrun's ranks run in sessions of their own
+        kill_tree(proc.pid)  # torchrun's ranks run in sessions of their own
         output, _ = proc.communicate()
         pytest.fail(f"bench_distributed.py --smoke ran past {TIMEOUT_S} s:\n{output[-3000:]}")
     assert proc.returncode == 0, output[-4000:]

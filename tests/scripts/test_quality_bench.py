@@ -133,27 +133,6 @@ def load_script():
     return quality_bench
 
 
-def test_a_perfect_decoder_scores_mcc_one():
-    """score_rows on a dictionary whose decoder rows are the true directions (in some order)."""
-    from saetrain.dictionaries.topk import TopKSAE
-    from saetrain.synthetic import SyntheticConfig, SyntheticFeatures
-
-    qb = load_script()
-    data = SyntheticFeatures(SyntheticConfig(d=16, n_features=32, mean_active=2))
-    x, coefficients = data.sample_with_codes(512, torch.Generator().manual_seed(0))
-    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
-    sae = TopKSAE(16, 32, k=4)
-    with torch.no_grad():
-        sae.W_dec.copy_(data.features[perm])
-        sae.W_enc.copy_(data.features[perm].T)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    m = qb.score_rows(sae.eval(), x, (data.features, coefficients))
-    assert m["mcc"] == pytest.approx(1.0, abs=1e-9)
-    assert m["uniqueness"] == 1.0
-    assert {"f1", "precision", "recall", "fvu", "l0", "never_fired_fraction"} <= set(m)
-
-
 def test_set_overrides_are_scoped():
     qb = load_script()
     sets = qb.parse_sets(["trainer.lr=0.001", "jumprelu:dictionary.jumprelu_bandwidth=0.1"])

@@ -1,42 +1,56 @@
-"""Check that SAELens, attaching a saved dictionary at its `hook_name` in a TransformerLens model,
+"""SAELens, attaching a dictionary saetrain saved at its `hook_name` in a TransformerLens model,
 computes what saetrain computes on the HuggingFace model: the site itself, not only the weights.
 
-Needs `sae-lens` and `transformer-lens` in the environment (not saetrain dependencies) and a local
-Llama-family model folder (built from its config: no hub access):
-
-    PYTHONPATH=. python scripts/check_saelens_hooks.py MODEL_DIR FOLDER [FOLDER ...] --json out.json
-    PYTHONPATH=. python scripts/check_saelens_hooks.py --build /tmp/hooks --json out.json
-
-`--build DIR` makes its own case first: the tests' tiny Llama with random norm weights (an
-untrained norm's are all ones, which would hide a missing fold), and a TopK SAE, a JumpReLU SAE
-and a ReLU transcoder trained by saetrain on its `mlp_in.1` (seconds on a CPU).
-
-The TransformerLens model is converted from the HF weights as `HookedTransformer.from_pretrained`
-processes them (norm weights folded into the next layer). For each folder: SAELens's codes of the
-TransformerLens activation at `hook_name` against saetrain's codes of its own site on the HF
-model, and both outputs (at `hook_name_out` for a transcoder). Also what SAELens would compute with
-the weights saetrain holds in memory (the fold undone), to show what the export changes. Exits 1
-when any folder disagrees.
+Skipped where sae-lens or transformer-lens is not installed (neither is a saetrain dependency).
+The case is built here: the tests' tiny Llama with random norm weights (an untrained norm's are
+all ones, which would hide a missing fold), and a TopK SAE, a JumpReLU SAE and a ReLU transcoder
+trained by saetrain on its `mlp_in.1` (seconds on a CPU). The TransformerLens model is converted
+from the HF weights as `HookedTransformer.from_pretrained` processes them (norm weights folded
+into the next layer). For each folder: SAELens's codes of the TransformerLens activation at
+`hook_name` against saetrain's codes of its own site on the HF model, and both outputs (at
+`hook_name_out` for a transcoder). Until commit 5e7f538 this was scripts/check_saelens_hooks.py,
+whose results docs/saelens_hooks_check.json holds.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+pytest.importorskip("sae_lens")
+pytest.importorskip("transformer_lens")
+
+# SAELens and TransformerLens are imported only where installed (the skips above).
+from sae_lens import SAE  # noqa: E402
+from transformer_lens import HookedTransformer  # noqa: E402
+from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig  # noqa: E402
+from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from saetrain.activations.sites import resolve_site  # noqa: E402
+from saetrain.config import (  # noqa: E402
+    BufferConfig,
+    Config,
+    DataConfig,
+    DictionaryConfig,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    SiteConfig,
+    TrainerConfig,
+)
+from saetrain.dictionaries import SparseCodes  # noqa: E402
+from saetrain.export.saelens import load_dictionary  # noqa: E402
+from saetrain.run import run  # noqa: E402
+from saetrain.tiny_llama import build_corpus, build_tiny_llama  # noqa: E402
 
 
 def tl_llama(hf: Any) -> Any:
     """A HookedTransformer with the HF Llama's weights, processed as from_pretrained does."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
     c = hf.config
     d_head = c.hidden_size // c.num_attention_heads
     cfg = HookedTransformerConfig(
@@ -57,17 +71,10 @@ def tl_llama(hf: Any) -> Any:
 
 
 def dense(codes: Any, n: int) -> torch.Tensor:
-    from saetrain.dictionaries import SparseCodes
-
     return codes.to_dense(n) if isinstance(codes, SparseCodes) else codes
 
 
-def check_folder(folder: Path, hf: Any, tl: Any, tokens: torch.Tensor) -> dict[str, Any]:
-    from sae_lens import SAE
-
-    from saetrain.activations.sites import resolve_site
-    from saetrain.export.saelens import load_dictionary
-
+def compare_at_hooks(folder: Path, hf: Any, tl: Any, tokens: torch.Tensor) -> dict[str, Any]:
     cfg = json.loads((folder / "cfg.json").read_text())
     meta = cfg["metadata"]
     hook_in, hook_out = meta["hook_name"], meta.get("hook_name_out", meta["hook_name"])
@@ -136,22 +143,6 @@ def check_folder(folder: Path, hf: Any, tl: Any, tokens: torch.Tensor) -> dict[s
 
 def build_case(root: Path) -> tuple[Path, list[Path]]:
     """A tiny Llama with random norm weights and three dictionaries trained on its mlp_in.1."""
-    from transformers import AutoModelForCausalLM
-
-    from saetrain.config import (
-        BufferConfig,
-        Config,
-        DataConfig,
-        DictionaryConfig,
-        EvalConfig,
-        LoggerConfig,
-        ModelConfig,
-        SiteConfig,
-        TrainerConfig,
-    )  # fmt: skip
-    from saetrain.run import run
-    from saetrain.tiny_llama import build_corpus, build_tiny_llama
-
     base = build_tiny_llama(root / "base")
     hf = AutoModelForCausalLM.from_pretrained(base)
     g = torch.Generator().manual_seed(11)
@@ -181,51 +172,18 @@ def build_case(root: Path) -> tuple[Path, list[Path]]:
     return model, folders
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, nargs="?", help="a local Llama-family HF model folder")
-    parser.add_argument("folders", type=Path, nargs="*", help="saved dictionary folders")
-    parser.add_argument("--build", type=Path, help="make the case in this folder first")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    if args.build is not None:
-        args.model, args.folders = build_case(args.build)
-    elif args.model is None or not args.folders:
-        parser.error("give MODEL_DIR and FOLDER(s), or --build DIR")
-    try:
-        import sae_lens
-        import transformer_lens  # noqa: F401  (the conversion needs it)
-    except ImportError as e:
-        print(f"{e}: pip install sae-lens (it brings transformer-lens)", file=sys.stderr)
-        return 2
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float64).eval()
-    tl = tl_llama(hf)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, hf.config.vocab_size, (4, 24), generator=g)
-    rows = [check_folder(folder, hf, tl, tokens) for folder in args.folders]
-    result = {
-        "sae_lens": sae_lens.__version__,
-        "transformer_lens": importlib.metadata.version("transformer-lens"),
-        "torch": torch.__version__,
-        "folders": rows,
-    }  # fmt: skip
-    print("| folder | SAELens class | hook | codes max Δ (scale) | output max Δ (scale) | "
-          "same latents | Δ codes without the fold | agree |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {Path(r['folder']).parent.name}/{Path(r['folder']).name} | {r['sae_lens_class']} "
-            f"| {r['hook_name']} | {r['codes_max_abs_diff']:.1e} ({r['codes_scale']:.2g}) "
-            f"| {r['output_max_abs_diff']:.1e} ({r['output_scale']:.2g}) "
-            f"| {r['same_active_latents']} | {r['unfolded_codes_max_abs_diff']:.2g} "
-            f"| {r['agree']} |"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if all(r["agree"] for r in rows) else 1
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    model, folders = build_case(tmp_path_factory.mktemp("hooks"))
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64).eval()
+    tokens = torch.randint(
+        3, hf.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0)
+    )
+    return hf, tl_llama(hf), tokens, folders
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["topk", "jumprelu", "relu-transcoder"])
+def test_saelens_at_the_transformer_lens_hook_agrees(case, index):
+    hf, tl, tokens, folders = case
+    result = compare_at_hooks(folders[index], hf, tl, tokens)
+    assert result["agree"], result
