@@ -144,6 +144,8 @@ class Dictionary(nn.Module):
     # The penalty family (ReLU, Gated, JumpReLU): L0 set by a sparsity penalty weighted by
     # λ = dictionary.sparsity_coefficient, which dictionary.target_l0 can steer (shift_sparsity).
     penalised: ClassVar[bool] = False
+    # Its latents come in nested prefixes (dictionary.matryoshka_prefixes; the last must be all).
+    nested_prefixes: ClassVar[bool] = False
     # How distributed.shard_latents splits the latents over ranks (saetrain/distributed/
     # latent_shard.py): "selection" (the TopK selection is made over the shards there), "sums"
     # (an elementwise activation: only its sums over latents are made whole, through
@@ -360,6 +362,11 @@ class Dictionary(nn.Module):
             return self.encode(x[:, :d_in].to(weight.device, weight.dtype))
 
         return [LatentGroup("", inputs[0], targets[0], encode, self.n_latents, self.W_dec.detach())]
+
+    def memory_note(self) -> str | None:
+        """A line for the run's log on what this dictionary's structure costs beyond W_enc and
+        W_dec's usual [d, n] (a CLT's triangular decoders), or None."""
+        return None
 
     def about_rows(self, inputs: list[str], sites: tuple[str, ...]) -> dict[str, str]:
         """What a latent page says of this kind beyond the architecture and the widths (`sites`:

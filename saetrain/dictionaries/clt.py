@@ -265,6 +265,15 @@ class CLTStructure(Dictionary):
             )
         return groups
 
+    def memory_note(self) -> str:
+        L, n, d = self.n_layers, self.layer_latents, self.layer_d_out
+        decoder_bytes = sum(W.numel() * W.element_size() for W in self.W_dec)
+        return (
+            f"CLT decoders: L(L+1)/2 = {L * (L + 1) // 2} blocks of {n} × {d} "
+            f"({decoder_bytes / 2**20:.1f} MiB, {3 * decoder_bytes / 2**20:.1f} MiB with Adam's "
+            "two moments); they grow with the square of the layer count"
+        )
+
     def about_rows(self, inputs: list[str], sites: tuple[str, ...]) -> dict[str, str]:
         return {
             "kind": (
