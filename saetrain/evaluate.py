@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from saetrain.config import DataConfig, EvalConfig, ModelConfig, SiteConfig, resolved
+from saetrain.dictionaries import KINDS
 from saetrain.errors import ConfigError, FolderFormatError, SiteError
 from saetrain.evaluation.density import DEFAULT_DENSE_THRESHOLD, density_summary, plot_density
 from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
@@ -322,7 +323,7 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
 
     r = resolve(cfg, explicit)
     # The shared validation, on a run config holding the evaluation's groups.
-    if r.kind == "single":
+    if not KINDS[r.kind].multi_site:
         site = SiteConfig(r.input_site, r.target_site if r.target_site != r.input_site else None)
     else:  # the sites' pattern over their layers, as the run had it
         site = _saved_site(r.folder)

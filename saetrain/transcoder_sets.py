@@ -28,6 +28,7 @@ import torch
 from saetrain.activations.sites import Site
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.tokens import TokenBatch
+from saetrain.dictionaries import KINDS
 from saetrain.errors import CircuitTracerExportError
 from saetrain.evaluation.splice import Member, replacement_lm_metrics
 from saetrain.export.atomic import atomic_write_json
@@ -66,7 +67,7 @@ def find_sets(dictionaries: Sequence[tuple[str, str, str, Path]]) -> list[Transc
     transcoders grouped by (input kind, target kind), at two or more distinct layers."""
     groups: dict[tuple[str, str], dict[int, Path]] = {}
     for kind, input_site, target_site, folder in dictionaries:
-        if kind != "single" or input_site == target_site:
+        if KINDS[kind].multi_site or input_site == target_site:
             continue
         source, target = Site.parse(input_site), Site.parse(target_site)
         if source.layer != target.layer:

@@ -8,6 +8,7 @@ from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import (
     Codes,
     Dictionary,
+    LatentGroup,
     SparseCodes,
     TrainOutput,
     active_count,
@@ -15,38 +16,23 @@ from saetrain.dictionaries.base import (
     firing_counts,
 )
 from saetrain.dictionaries.batchtopk import BatchTopKSAE
-from saetrain.dictionaries.clt import CLT_CLASSES, CLTLoader, CLTStructure
-from saetrain.dictionaries.crosscoder import CrosscoderLoader, CrosscoderMixin, crosscoder_class
+from saetrain.dictionaries.clt import CLT_CLASSES, CLTStructure
+from saetrain.dictionaries.crosscoder import CrosscoderMixin, crosscoder_class
 from saetrain.dictionaries.gated import GatedSAE
 from saetrain.dictionaries.jumprelu import JumpReLUSAE
 from saetrain.dictionaries.layout import Layout
 from saetrain.dictionaries.matryoshka import MatryoshkaSAE
+from saetrain.dictionaries.registry import (
+    ARCHITECTURES,
+    KINDS,
+    SAELENS_LOADERS,
+    architecture_named,
+    configured_latents,
+    latents_per_input,
+    shardable_architectures,
+)
 from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE
-
-# `dictionary.architecture` → class.
-ARCHITECTURES: dict[str, type[Dictionary]] = {
-    cls.architecture: cls
-    for cls in (ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE)
-}
-
-# cfg.json's `architecture` → the class that loads it. SAELens's names where SAELens has the
-# architecture; BatchTopK and Matryoshka export as JumpReLU: what they compute at inference.
-# Crosscoders and CLTs have layouts of their own (docs/design.md) and saetrain's names.
-SAELENS_LOADERS: dict[str, type[Dictionary] | type[CrosscoderLoader] | type[CLTLoader]] = {
-    "standard": ReLUSAE,
-    "transcoder": ReLUSAE,
-    "skip_transcoder": ReLUSAE,
-    "gated": GatedSAE,
-    "gated_skip_transcoder": GatedSAE,
-    "topk": TopKSAE,
-    "topk_skip_transcoder": TopKSAE,
-    "jumprelu": JumpReLUSAE,
-    "jumprelu_transcoder": JumpReLUSAE,
-    "jumprelu_skip_transcoder": JumpReLUSAE,
-    "crosscoder": CrosscoderLoader,
-    "clt": CLTLoader,
-}
 
 
 def build_dictionary(
@@ -74,8 +60,7 @@ def build_dictionary(
     layout = layout or Layout.single(d_in, d_out)
     cls: type[Dictionary] = ARCHITECTURES[cfg.architecture]
     kwargs = cls.init_kwargs_from_config(cfg)
-    per_layer_in = layout.in_widths[0]
-    n_latents = cfg.n_latents or cfg.expansion_factor * per_layer_in
+    n_latents = configured_latents(cfg, layout.in_widths)
     if cfg.kind == "crosscoder":
         cls = crosscoder_class(cls)
         kwargs["source_widths"] = layout.in_widths
@@ -87,7 +72,6 @@ def build_dictionary(
             )
         cls = CLT_CLASSES[cfg.architecture]
         kwargs["n_layers"] = len(layout.in_widths)
-        n_latents *= len(layout.in_widths)
         transcoder = True
     return cls(
         layout.d_in,
@@ -107,6 +91,8 @@ __all__ = [
     "ARCHITECTURES",
     "CLTStructure",
     "CrosscoderMixin",
+    "KINDS",
+    "LatentGroup",
     "Layout",
     "SAELENS_LOADERS",
     "BatchTopKSAE",
@@ -120,7 +106,11 @@ __all__ = [
     "TopKSAE",
     "TrainOutput",
     "active_count",
+    "architecture_named",
     "build_dictionary",
+    "configured_latents",
     "fired_latents",
     "firing_counts",
+    "latents_per_input",
+    "shardable_architectures",
 ]

@@ -9,6 +9,7 @@ here once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -102,6 +103,22 @@ def squared_error(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (target - x_hat).pow(2).sum(-1).mean()
 
 
+@dataclass(frozen=True)
+class LatentGroup:
+    """Latents that one encoder computes from one site (and more beside it) and that write one
+    site: what a tool looking at latents shows together (saetrain/inspect/units.py). An SAE or a
+    transcoder is one group, a crosscoder one reading all its sources, a CLT one per layer."""
+
+    suffix: str  # added to the dictionary's name: "" for the whole, ".L<layer>" for a CLT layer
+    input_site: str  # where `encode` reads, e.g. mlp_in.3
+    target_site: str  # where W_dec writes (the input site for an SAE)
+    encode: Callable[[torch.Tensor], Codes]  # raw activations [N, ≥ its width] → codes
+    n_latents: int
+    W_dec: torch.Tensor  # [n_latents, d_out]: each latent's direction in the site it writes
+    # More sites `encode` reads, side by side after input_site (a crosscoder's other sources).
+    more_sites: tuple[str, ...] = ()
+
+
 # A normalisation scale: one factor for all columns, or one per column (several sites side by
 # side, each scaled so that E‖s·x_site‖² = its width).
 Scale = float | torch.Tensor
@@ -118,8 +135,59 @@ class Dictionary(nn.Module):
     """Base class: a linear encoder with a sparse activation, and a linear decoder."""
 
     architecture: ClassVar[str]
-    # What the latents read and write (dictionary.kind): single, crosscoder or clt.
+    # -- what the architecture means (ARCHITECTURES maps its name to its class) ---------------
+    # The TopK family: `dictionary.k` active latents, chosen per row (TopK) or per batch
+    # (BatchTopK, Matryoshka); k cannot exceed the latents (preflight), and the loss is a batch FVU.
+    selects_k: ClassVar[bool] = False
+    # ... chosen over the whole batch (BatchTopK, Matryoshka), not row by row.
+    selects_per_batch: ClassVar[bool] = False
+    # The penalty family (ReLU, Gated, JumpReLU): L0 set by a sparsity penalty weighted by
+    # λ = dictionary.sparsity_coefficient, which dictionary.target_l0 can steer (shift_sparsity).
+    penalised: ClassVar[bool] = False
+    # Its latents come in nested prefixes (dictionary.matryoshka_prefixes; the last must be all).
+    nested_prefixes: ClassVar[bool] = False
+    # How distributed.shard_latents splits the latents over ranks (saetrain/distributed/
+    # latent_shard.py): "selection" (the TopK selection is made over the shards there), "sums"
+    # (an elementwise activation: only its sums over latents are made whole, through
+    # `latent_sums`), or None (not split: Matryoshka's nested prefixes).
+    latent_sharding: ClassVar[str | None] = None
+
+    # -- what the kind means (dictionary.kind; KINDS maps its name to its class) --------------
+    # What the latents read and write: single (an SAE or transcoder: one input site, one target
+    # site), crosscoder or clt; the kind's class (this one, CrosscoderMixin, CLTStructure) holds
+    # the knowledge below, which the config, the run, evaluation, export and inspect ask.
     kind: ClassVar[str] = "single"
+    # The architectures this kind trains (None: every one).
+    kind_architectures: ClassVar[tuple[str, ...] | None] = None
+    # Reads or writes several sites: a site pattern (`mlp_in.*`) makes one such dictionary over
+    # all its layers, where a single-site kind makes one per layer (a transcoder set).
+    multi_site: ClassVar[bool] = False
+    # Its sources are its targets (a crosscoder reconstructs what it reads; also each site in a
+    # second model, model_b).
+    reconstructs_sources: ClassVar[bool] = False
+    # Predicts a later site at every layer it reads (a CLT: target `mlp_out.*` for `mlp_in.*`).
+    writes_later_layers: ClassVar[bool] = False
+    # `dictionary.n_latents` / expansion_factor count the latents of one input site (a CLT's
+    # layer): the dictionary holds that many per input site (`latent_count`).
+    latents_per_input: ClassVar[bool] = False
+    # Spliced into the LM as its inputs arrive; a crosscoder needs later layers' inputs, so it
+    # reads them from the clean forward (saetrain/evaluation/splice.py's Member.causal).
+    causal_splice: ClassVar[bool] = True
+    # A run can start from a saved one (dictionary.init_from) ...
+    fine_tunable: ClassVar[bool] = True
+    # ... and split its latents over ranks (distributed.shard_latents).
+    shardable_kind: ClassVar[bool] = True
+    # SAELens loads its folder as it is (crosscoders and CLTs have saetrain's own layout).
+    saelens_loadable: ClassVar[bool] = True
+    # How a model card or a page names it; None: "transcoder" or "sparse autoencoder".
+    kind_title: ClassVar[str | None] = None
+    # The kind's own outputs beside its folder, by name (saetrain/export/extras.py writes them):
+    # "circuit_tracer" (a CLT's circuit-tracer folder), "decoder_norm_shares" (a crosscoder's
+    # plot of its latents' decoder-norm shares per source).
+    export_extras: ClassVar[tuple[str, ...]] = ()
+    # The kind's own metrics, from the weights alone, by name (saetrain/export/extras.py).
+    extra_metrics: ClassVar[tuple[str, ...]] = ()
+
     # Keep decoder rows at unit norm (the penalty then cannot shrink codes by growing rows).
     unit_norm_decoder: ClassVar[bool] = True
     # The norm of each encoder column at init (dictionary.encoder_init_norm overrides both).
@@ -138,6 +206,12 @@ class Dictionary(nn.Module):
     # Set while a rank trains its shard of the latents (saetrain/distributed/latent_shard.py);
     # None: the dictionary is whole, and every hook below is the identity.
     latent_sums: LatentSums | None = None
+
+    @classmethod
+    def latent_count(cls, per_input: int, n_inputs: int) -> int:
+        """The dictionary's latents, for `dictionary.n_latents` (or expansion_factor × one input
+        site's width) = `per_input` and `n_inputs` input sites."""
+        return per_input * n_inputs if cls.latents_per_input else per_input
 
     def __init__(
         self,
@@ -278,6 +352,26 @@ class Dictionary(nn.Module):
             "n_latents": self.n_latents,
             "skip": self.W_skip is not None,
         }
+
+    def latent_groups(self, inputs: list[str], targets: list[str]) -> list[LatentGroup]:
+        """The groups a latent viewer shows (LatentGroup), given the dictionary's input and
+        target sites: the whole dictionary, reading its first d_in columns."""
+        weight, d_in = self.W_enc, self.d_in
+
+        def encode(x: torch.Tensor) -> Codes:
+            return self.encode(x[:, :d_in].to(weight.device, weight.dtype))
+
+        return [LatentGroup("", inputs[0], targets[0], encode, self.n_latents, self.W_dec.detach())]
+
+    def memory_note(self) -> str | None:
+        """A line for the run's log on what this dictionary's structure costs beyond W_enc and
+        W_dec's usual [d, n] (a CLT's triangular decoders), or None."""
+        return None
+
+    def about_rows(self, inputs: list[str], sites: tuple[str, ...]) -> dict[str, str]:
+        """What a latent page says of this kind beyond the architecture and the widths (`sites`:
+        the ones a group's encoder reads); rows named as the page names them."""
+        return {}
 
     # -- shared --------------------------------------------------------------------------------
 

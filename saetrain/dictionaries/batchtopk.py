@@ -74,6 +74,7 @@ class BatchTopKSAE(TopKSAE):
     """TopK's training step with the selection made across the batch, and a threshold encoder."""
 
     architecture = "batchtopk"
+    selects_per_batch = True
 
     def __init__(
         self,

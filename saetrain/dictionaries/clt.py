@@ -21,7 +21,8 @@ transcoder of the same architecture: the same numbers for the same weights (test
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import (
     Codes,
     Dictionary,
+    LatentGroup,
     Scale,
     SparseCodes,
     TrainOutput,
@@ -38,6 +40,7 @@ from saetrain.dictionaries.base import (
 )
 from saetrain.dictionaries.batchtopk import average_threshold, batch_topk
 from saetrain.dictionaries.jumprelu import JumpReLUSAE
+from saetrain.dictionaries.layout import CLT_ARCHITECTURES
 from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE, select_dead
 from saetrain.kernels.ops import encode_gather, sparse_decode
@@ -64,6 +67,18 @@ class CLTStructure(Dictionary):
     """The per-layer encoders and triangular decoders; the activation is the class after it."""
 
     kind = "clt"
+    kind_architectures = CLT_ARCHITECTURES
+    multi_site = True
+    writes_later_layers = True
+    latents_per_input = True  # dictionary.n_latents counts one layer's
+    fine_tunable = False
+    shardable_kind = False
+    saelens_loadable = False
+    kind_title = "Cross-layer transcoder"
+    export_extras = ("circuit_tracer",)
+    # Its activation is elementwise at inference (ReLU, JumpReLU, BatchTopK's per-layer
+    # threshold), as circuit-tracer's CLTs compute; a TopK CLT picks k per layer.
+    elementwise_inference: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -221,6 +236,53 @@ class CLTStructure(Dictionary):
 
     # -- export -------------------------------------------------------------------------------
 
+    def inference_thresholds(self) -> torch.Tensor | None:
+        """[L·n]: each latent's θ at inference (JumpReLU's; BatchTopK's, its layer's), or None
+        where a latent fires above 0 (ReLU)."""
+        return None
+
+    def latent_groups(self, inputs: list[str], targets: list[str]) -> list[LatentGroup]:
+        """One group per layer (`.L<layer>`): that layer's encoder on its own input, and its
+        latents' decoders summed over the layers they write."""
+        groups = []
+        weight, d = self.W_enc, self.layer_d_in
+        for i, (input_site, target_site) in enumerate(zip(inputs, targets, strict=True)):
+
+            def encode(x: torch.Tensor, i: int = i) -> Codes:
+                return self.encode_layer(x[:, :d].to(weight.device, weight.dtype), i)
+
+            layer = re.search(r"\.(\d+)$", input_site)
+            label = layer.group(1) if layer else str(i)
+            groups.append(
+                LatentGroup(
+                    f".L{label}",
+                    input_site,
+                    target_site,
+                    encode,
+                    self.layer_latents,
+                    self.layer_decoder_sum(i),
+                )
+            )
+        return groups
+
+    def memory_note(self) -> str:
+        L, n, d = self.n_layers, self.layer_latents, self.layer_d_out
+        decoder_bytes = sum(W.numel() * W.element_size() for W in self.W_dec)
+        return (
+            f"CLT decoders: L(L+1)/2 = {L * (L + 1) // 2} blocks of {n} × {d} "
+            f"({decoder_bytes / 2**20:.1f} MiB, {3 * decoder_bytes / 2**20:.1f} MiB with Adam's "
+            "two moments); they grow with the square of the layer count"
+        )
+
+    def about_rows(self, inputs: list[str], sites: tuple[str, ...]) -> dict[str, str]:
+        return {
+            "kind": (
+                f"one layer of a cross-layer transcoder over {', '.join(inputs)} (its latents' "
+                "decoders summed over the layers they write for the logit effects)"
+            ),
+            "d_in → d_out": f"{self.layer_d_in} → {self.layer_d_out} per layer",
+        }
+
     def saelens_architecture(self) -> str:
         return "clt"
 
@@ -240,6 +302,8 @@ class CLTStructure(Dictionary):
 
 class TopKCLT(CLTStructure, TopKSAE):
     """TopK in each layer: k latents of every layer's n fire per token; AuxK per layer."""
+
+    elementwise_inference = False
 
     def __init__(self, d_in: int, n_latents: int, d_out: int | None = None, **kwargs: Any):
         aux_k = kwargs.get("aux_k")
@@ -359,6 +423,8 @@ class BatchTopKCLT(TopKCLT):
     it is a JumpReLU CLT at inference and is written for circuit-tracer as one."""
 
     architecture = "batchtopk"
+    selects_per_batch = True
+    elementwise_inference = True
 
     def __init__(
         self,
@@ -384,6 +450,9 @@ class BatchTopKCLT(TopKCLT):
     def latent_thresholds(self) -> torch.Tensor:
         """[L·n]: each latent's inference threshold (its layer's)."""
         return self.threshold.repeat_interleave(self.layer_latents)
+
+    def inference_thresholds(self) -> torch.Tensor:
+        return self.latent_thresholds()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         pre = self.pre_activations(x)
@@ -416,6 +485,9 @@ class BatchTopKCLT(TopKCLT):
 
 class JumpReLUCLT(CLTStructure, JumpReLUSAE):
     """JumpReLU per latent; the tanh penalty and pre-activation loss on a·‖W_dec‖ (Anthropic)."""
+
+    def inference_thresholds(self) -> torch.Tensor:
+        return self.threshold
 
     def encode_layer(self, x_layer: torch.Tensor, layer: int) -> Codes:
         n = self.layer_latents

@@ -16,19 +16,31 @@ in saetrain/evaluation/crosscoder.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 from typing import Any
 
 import torch
 
-from saetrain.dictionaries.base import Dictionary
-from saetrain.dictionaries.layout import _blocks
+from saetrain.dictionaries.base import Dictionary, LatentGroup
+from saetrain.dictionaries.layout import CROSSCODER_ARCHITECTURES, _blocks
+from saetrain.dictionaries.saelens_names import SINGLE_SITE_LOADERS
 
 
 class CrosscoderMixin(Dictionary):
     """The crosscoder's part, put in front of an architecture class by `crosscoder_class`."""
 
     kind = "crosscoder"
+    kind_architectures = CROSSCODER_ARCHITECTURES
+    multi_site = True
+    reconstructs_sources = True
+    causal_splice = False  # a source at a later layer is read from the clean forward
+    fine_tunable = False
+    shardable_kind = False
+    saelens_loadable = False
+    kind_title = "Crosscoder"
+    export_extras = ("decoder_norm_shares",)
+    extra_metrics = ("decoder_norm_shares",)
 
     def __init__(
         self,
@@ -61,6 +73,20 @@ class CrosscoderMixin(Dictionary):
 
     def _blocks(self) -> list[slice]:
         return _blocks(self.source_widths)
+
+    def latent_groups(self, inputs: list[str], targets: list[str]) -> list[LatentGroup]:
+        """One group reading all the sources; each latent's direction: its decoders summed over
+        the sources."""
+        (whole,) = super().latent_groups(inputs, targets)
+        d, s = self.source_widths[0], self.n_sources
+        summed = self.W_dec.detach().reshape(self.n_latents, s, d).sum(1)
+        return [replace(whole, W_dec=summed, more_sites=tuple(inputs[1:]))]
+
+    def about_rows(self, inputs: list[str], sites: tuple[str, ...]) -> dict[str, str]:
+        return {
+            "sources": ", ".join(sites),
+            "kind": "crosscoder (logit effects of each latent's decoders summed over sources)",
+        }
 
     def saelens_architecture(self) -> str:
         return "crosscoder"
@@ -108,9 +134,7 @@ class CrosscoderLoader:
 
     @staticmethod
     def from_saelens(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Dictionary:
-        from saetrain.dictionaries import SAELENS_LOADERS
-
-        inner = SAELENS_LOADERS[cfg["crosscoder_architecture"]]
+        inner = SINGLE_SITE_LOADERS[cfg["crosscoder_architecture"]]
         cls = crosscoder_class(inner)
         s, d = int(cfg["n_sources"]), int(cfg["d_source"])
         flat = flat_crosscoder_tensors(tensors)

@@ -22,6 +22,8 @@ from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 class GatedSAE(Dictionary):
     architecture = "gated"
+    penalised = True
+    latent_sharding = "sums"
 
     def __init__(
         self,

@@ -96,6 +96,8 @@ def jumprelu_saelens_name(dictionary: Dictionary) -> str:
 
 class JumpReLUSAE(Dictionary):
     architecture = "jumprelu"
+    penalised = True
+    latent_sharding = "sums"
 
     def __init__(
         self,

@@ -19,6 +19,8 @@ from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 class ReLUSAE(Dictionary):
     architecture = "relu"
+    penalised = True
+    latent_sharding = "sums"
     unit_norm_decoder = False
 
     def __init__(

@@ -93,6 +93,8 @@ def gather_codes(
 
 class TopKSAE(Dictionary):
     architecture = "topk"
+    selects_k = True
+    latent_sharding = "selection"
     # Measured (docs/topk_ablation.md, SmolLM2 resid_post.6, 4608 latents, k 32, 205k tokens):
     # held-out FVU 0.1194 at 1, 0.1095 at 0.5, 0.1104 at 0.25; BatchTopK 0.1153 → 0.1101.
     encoder_init_norm = 0.5

@@ -154,7 +154,7 @@ def splice_member(
         dictionary,
         [source.sites[site] for site in inputs],
         [source.sites[site] for site in targets],
-        causal=dictionary.kind != "crosscoder",
+        causal=dictionary.causal_splice,
     )
 
 

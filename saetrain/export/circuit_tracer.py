@@ -725,7 +725,7 @@ def clt_from_dictionary(dictionary: Any) -> CLTTensors:
     W_enc [d, n], b_enc, the decoder row block [n, L − i, d] and θ (JumpReLU, and BatchTopK's
     per-layer threshold as the JumpReLU it is at inference; fp32). TopK has no
     circuit-tracer CLT and is refused, as is a skip connection (circuit-tracer reads none)."""
-    if dictionary.architecture == "topk":
+    if not dictionary.elementwise_inference:
         raise CircuitTracerExportError(
             "circuit-tracer 0.5.0 builds ReLU and JumpReLU CLTs only; a TopK CLT is not exported "
             "for it (train dictionary.architecture=jumprelu for circuit-tracer)"
@@ -733,11 +733,10 @@ def clt_from_dictionary(dictionary: Any) -> CLTTensors:
     if dictionary.W_skip is not None:
         raise CircuitTracerExportError("circuit-tracer reads no skip connection of a CLT")
     L, d_out, n = dictionary.n_layers, dictionary.layer_d_out, dictionary.layer_latents
+    thresholds = dictionary.inference_thresholds()  # BatchTopK: a JumpReLU, θ per layer
     theta = None
-    if dictionary.architecture == "jumprelu":
-        theta = [t.detach().float().clone() for t in dictionary.threshold.reshape(L, n)]
-    elif dictionary.architecture == "batchtopk":  # a JumpReLU with one threshold per layer
-        theta = [t.detach().float().clone() for t in dictionary.latent_thresholds().reshape(L, n)]
+    if thresholds is not None:
+        theta = [t.detach().float().clone() for t in thresholds.reshape(L, n)]
     return CLTTensors(
         W_enc=[w.detach() for w in dictionary.W_enc],
         b_enc=[b.detach() for b in dictionary.b_enc.reshape(L, n)],

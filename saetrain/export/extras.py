@@ -12,6 +12,7 @@ dictionary itself is already saved.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,12 @@ SHARES_PLOT = "decoder_norm_shares.png"
 
 
 def kind_metrics(dictionary: Dictionary, inputs: list[str]) -> dict[str, float]:
-    """Metrics of the kind's own (a crosscoder's decoder-norm shares per source), from the
-    weights alone."""
-    if dictionary.kind == "crosscoder":
-        return share_summary(decoder_norm_shares(_source_norms(dictionary)), inputs)
-    return {}
+    """Metrics of the kind's own (`Dictionary.extra_metrics`: a crosscoder's decoder-norm shares
+    per source), from the weights alone."""
+    metrics: dict[str, float] = {}
+    for name in dictionary.extra_metrics:
+        metrics |= _METRICS[name](dictionary, inputs)
+    return metrics
 
 
 def write_extras(
@@ -46,14 +48,42 @@ def write_extras(
     n_model_layers: int,
     family: str | None = None,
 ) -> None:
-    """Write the kind's own files into `folder` (the dictionary's saved folder)."""
-    if dictionary.kind == "clt":
-        write_clt_for_circuit_tracer(
-            dictionary, folder / CIRCUIT_TRACER_DIR, inputs, targets, n_model_layers, family
-        )
-    elif dictionary.kind == "crosscoder":
-        shares = decoder_norm_shares(_source_norms(dictionary))
-        plot_decoder_norm_shares(shares, inputs, folder / SHARES_PLOT)
+    """Write the kind's own files (`Dictionary.export_extras`) into `folder` (the dictionary's
+    saved folder)."""
+    for name in dictionary.export_extras:
+        _WRITERS[name](dictionary, folder, inputs, targets, n_model_layers, family)
+
+
+def _share_metrics(dictionary: Dictionary, inputs: list[str]) -> dict[str, float]:
+    return share_summary(decoder_norm_shares(_source_norms(dictionary)), inputs)
+
+
+def _write_circuit_tracer(
+    dictionary: Dictionary,
+    folder: Path,
+    inputs: list[str],
+    targets: list[str],
+    n_model_layers: int,
+    family: str | None,
+) -> None:
+    write_clt_for_circuit_tracer(
+        dictionary, folder / CIRCUIT_TRACER_DIR, inputs, targets, n_model_layers, family
+    )
+
+
+def _write_shares_plot(dictionary: Dictionary, folder: Path, inputs: list[str], *_: Any) -> None:
+    shares = decoder_norm_shares(_source_norms(dictionary))
+    plot_decoder_norm_shares(shares, inputs, folder / SHARES_PLOT)
+
+
+# The extras a kind names (Dictionary.extra_metrics, Dictionary.export_extras) → what makes them.
+_METRICS: dict[str, Callable[[Dictionary, list[str]], dict[str, float]]] = {
+    "decoder_norm_shares": _share_metrics,
+}
+_WRITERS: dict[str, Callable[..., None]] = {
+    "circuit_tracer": _write_circuit_tracer,
+    "decoder_norm_shares": _write_shares_plot,
+}
 
 
 def _source_norms(dictionary: Any) -> Any:

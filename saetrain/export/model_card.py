@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saetrain.dictionaries import KINDS, architecture_named
 from saetrain.export.atomic import atomic_write_bytes
 from saetrain.export.saelens import CFG_FILE, RUN_FILE
 
@@ -84,10 +85,9 @@ def render_model_card(
     dict_cfg = run_cfg.get("dictionary", {})
     data_cfg = run_cfg.get("data", {})
 
-    kind = meta.get("saetrain_kind", "single")
-    title = {"crosscoder": "Crosscoder", "clt": "Cross-layer transcoder"}.get(
-        kind, "Transcoder" if transcoder else "Sparse autoencoder"
-    )
+    kind = KINDS.get(meta.get("saetrain_kind", "single"), KINDS["single"])
+    title = kind.kind_title or ("Transcoder" if transcoder else "Sparse autoencoder")
+    architecture = architecture_named(arch)
     rows: list[tuple[str, Any]] = [
         ("kind", title.lower()),
         ("architecture", f"{arch} (SAELens `{cfg.get('architecture', 'standard')}`)"),
@@ -109,9 +109,10 @@ def render_model_card(
         rows.append(("d_out", cfg.get("d_out", cfg.get("d_in"))))
     if "k" in cfg:
         rows.append(("k", cfg["k"]))
-    elif arch in ("topk", "batchtopk", "matryoshka") and "k" in dict_cfg:
+    elif architecture is not None and architecture.selects_k and "k" in dict_cfg:
         rows.append(("k (training)", dict_cfg["k"]))
-    if arch in ("relu", "gated", "jumprelu", "standard") and "sparsity_coefficient" in dict_cfg:
+    penalised = architecture is not None and architecture.penalised
+    if penalised and "sparsity_coefficient" in dict_cfg:
         rows.append(("λ (sparsity coefficient)", dict_cfg["sparsity_coefficient"]))
     if data_cfg:
         dataset = data_cfg.get("path", "unknown")
@@ -145,8 +146,12 @@ def render_model_card(
         + (
             " A crosscoder or cross-layer transcoder has saetrain's own tensor layout (see "
             "saetrain's README); SAELens does not load it"
-            + ("; `circuit_tracer/` holds circuit-tracer's files." if kind == "clt" else ".")
-            if kind != "single"
+            + (
+                "; `circuit_tracer/` holds circuit-tracer's files."
+                if "circuit_tracer" in kind.export_extras
+                else "."
+            )
+            if not kind.saelens_loadable
             else ""
         ),
         "",
@@ -172,7 +177,7 @@ def render_model_card(
         "## Loading",
         "",
     ]
-    if kind == "single":
+    if kind.saelens_loadable:
         lines += [
             "With SAELens (≥ 6; `sae_id` is this folder's name in the repo):",
             "",

@@ -272,7 +272,7 @@ def export_fold(
 def _plan(
     dictionary: Dictionary, inputs: list[ResolvedSite], targets: list[ResolvedSite]
 ) -> NormFold:
-    if dictionary.kind != "single" or len(inputs) != 1 or len(targets) != 1:
+    if dictionary.multi_site or len(inputs) != 1 or len(targets) != 1:
         return NormFold()
     src, dst = inputs[0], targets[0]
     unfolded: dict[str, str] = {}

@@ -315,15 +315,7 @@ def _about(r, dictionary, tokens: int, unit) -> dict[str, Any]:
         "latents": unit.n_latents,
         "held-out tokens inspected": tokens,
     }
-    if dictionary.kind == "crosscoder":
-        about["sources"] = ", ".join(unit.sites)
-        about["kind"] = "crosscoder (logit effects of each latent's decoders summed over sources)"
-    if dictionary.kind == "clt":  # one layer of a cross-layer transcoder
-        about["kind"] = (
-            f"one layer of a cross-layer transcoder over {', '.join(r.inputs)} (its latents' "
-            "decoders summed over the layers they write for the logit effects)"
-        )
-        about["d_in → d_out"] = f"{dictionary.layer_d_in} → {dictionary.layer_d_out} per layer"
+    about |= dictionary.about_rows(r.inputs, unit.sites)  # a crosscoder's, a CLT layer's
     if getattr(dictionary, "k", None):
         about["k"] = dictionary.k
     return about

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from saetrain.dictionaries.base import Codes
+from saetrain.dictionaries.base import Codes, LatentGroup
 from saetrain.inspect.collect import CollectSettings, LatentCollector, LatentStats, dense_codes
 from saetrain.progress import Progress
 
@@ -48,51 +48,29 @@ class InspectUnit:
 
 
 def unit_from_dictionary(name: str, dictionary, input_site: str, target_site: str) -> InspectUnit:
-    """A saved saetrain / SAELens dictionary as a unit (it reads its first d_in columns)."""
-    d_in = dictionary.d_in
-    weight = dictionary.W_enc
-
-    def encode(x: torch.Tensor) -> Codes:
-        return dictionary.encode(x[:, :d_in].to(weight.device, weight.dtype))
-
-    return InspectUnit(
-        name, input_site, target_site, encode, dictionary.n_latents, dictionary.W_dec.detach()
-    )
+    """A saved saetrain / SAELens SAE or transcoder as a unit (it reads its first d_in columns)."""
+    return _unit(name, dictionary.latent_groups([input_site], [target_site])[0])
 
 
 def units_of(name: str, dictionary, inputs: list[str], targets: list[str]) -> list[InspectUnit]:
-    """A dictionary's units: itself for an SAE or transcoder; one per layer for a cross-layer
-    transcoder (`<name>.L<layer>`: that layer's encoder on its own input, and its latents'
-    decoders summed over the layers they write); a crosscoder is one unit reading all its sources
-    (its logit effects: each latent's decoders summed over the sources)."""
-    if dictionary.kind == "crosscoder":
-        unit = unit_from_dictionary(name, dictionary, inputs[0], targets[0])
-        d, s = dictionary.source_widths[0], dictionary.n_sources
-        summed = dictionary.W_dec.detach().reshape(dictionary.n_latents, s, d).sum(1)
-        return [replace(unit, W_dec=summed, more_sites=tuple(inputs[1:]))]
-    if dictionary.kind != "clt":
-        return [unit_from_dictionary(name, dictionary, inputs[0], targets[0])]
-    units = []
-    weight = dictionary.W_enc
-    d = dictionary.layer_d_in
-    for i, (input_site, target_site) in enumerate(zip(inputs, targets, strict=True)):
+    """A dictionary's units, one per `Dictionary.latent_groups`: itself for an SAE or
+    transcoder; one per layer for a cross-layer transcoder (`<name>.L<layer>`: that layer's
+    encoder on its own input, and its latents' decoders summed over the layers they write); a
+    crosscoder is one unit reading all its sources (its logit effects: each latent's decoders
+    summed over the sources)."""
+    return [_unit(name, group) for group in dictionary.latent_groups(inputs, targets)]
 
-        def encode(x: torch.Tensor, i: int = i) -> Codes:
-            return dictionary.encode_layer(x[:, :d].to(weight.device, weight.dtype), i)
 
-        layer = re.search(r"\.(\d+)$", input_site)
-        label = layer.group(1) if layer else str(i)
-        units.append(
-            InspectUnit(
-                f"{name}.L{label}",
-                input_site,
-                target_site,
-                encode,
-                dictionary.layer_latents,
-                dictionary.layer_decoder_sum(i),
-            )
-        )
-    return units
+def _unit(name: str, group: LatentGroup) -> InspectUnit:
+    return InspectUnit(
+        name + group.suffix,
+        group.input_site,
+        group.target_site,
+        group.encode,
+        group.n_latents,
+        group.W_dec,
+        group.more_sites,
+    )
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from saetrain.config import Config, DictionaryConfig
-from saetrain.dictionaries import Dictionary
+from saetrain.dictionaries import Dictionary, latents_per_input
 from saetrain.dictionaries.base import fvu_loss
 from saetrain.errors import ConfigError
 from saetrain.export.saelens import RUN_FILE, load_dictionary
@@ -76,7 +76,7 @@ def read_start(folder: str, input_site: str, target_site: str) -> Start:
         dictionary = load_dictionary(path, "cpu")
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
-    if dictionary.kind != "single":
+    if not dictionary.fine_tunable:
         raise ConfigError(
             f"{where} holds a {dictionary.kind}; a run starts only from an SAE or a transcoder "
             "on one site"
@@ -118,10 +118,10 @@ def starting_config(cfg: Config, start: Start, d_in: int) -> Config:
             )
     n_latents = start.fields["n_latents"]
     if d.n_latents is None and d.expansion_factor != default.expansion_factor:
-        if d.expansion_factor * d_in != n_latents:
+        if latents_per_input(d, d_in) != n_latents:
             raise ConfigError(
                 f"dictionary.expansion_factor={d.expansion_factor} × d_in={d_in} = "
-                f"{d.expansion_factor * d_in} latents, but the folder {where} holds "
+                f"{latents_per_input(d, d_in)} latents, but the folder {where} holds "
                 f"{n_latents}: a fine-tuned dictionary keeps the folder's; leave "
                 "dictionary.expansion_factor unset"
             )
