@@ -64,6 +64,7 @@ class CLTStructure(Dictionary):
     """The per-layer encoders and triangular decoders; the activation is the class after it."""
 
     kind = "clt"
+    shards_latents = False  # its latents read and write several sites: not split over ranks
 
     def __init__(
         self,

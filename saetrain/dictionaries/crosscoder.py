@@ -29,6 +29,7 @@ class CrosscoderMixin(Dictionary):
     """The crosscoder's part, put in front of an architecture class by `crosscoder_class`."""
 
     kind = "crosscoder"
+    shards_latents = False  # its latents read and write several sites: not split over ranks
 
     def __init__(
         self,

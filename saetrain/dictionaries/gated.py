@@ -22,6 +22,7 @@ from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 class GatedSAE(Dictionary):
     architecture = "gated"
+    shards_latents = True  # elementwise: its sums over latents go through sum_over_latents
 
     def __init__(
         self,

@@ -96,6 +96,7 @@ def jumprelu_saelens_name(dictionary: Dictionary) -> str:
 
 class JumpReLUSAE(Dictionary):
     architecture = "jumprelu"
+    shards_latents = True  # elementwise: its sums over latents go through sum_over_latents
 
     def __init__(
         self,

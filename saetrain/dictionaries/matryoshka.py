@@ -36,6 +36,8 @@ def default_prefixes(n_latents: int, levels: int = 5) -> list[int]:
 
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
+    # Not split over ranks: its prefix losses decode ranges of latents, not made whole over shards.
+    shards_latents = False
     # Not TopK's 0.5: FVU 0.1186 at 1 and 0.1180 at 0.5, but never-fired latents 1.3% → 3.9%
     # (docs/topk_ablation.md).
     encoder_init_norm = 1.0

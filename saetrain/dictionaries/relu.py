@@ -19,6 +19,7 @@ from saetrain.dictionaries.base import Dictionary, TrainOutput, squared_error
 
 class ReLUSAE(Dictionary):
     architecture = "relu"
+    shards_latents = True  # elementwise: its sums over latents go through sum_over_latents
     unit_norm_decoder = False
 
     def __init__(
