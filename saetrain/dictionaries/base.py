@@ -44,13 +44,44 @@ class SparseCodes(NamedTuple):
 Codes = SparseCodes | torch.Tensor
 
 
-class LatentSums(Protocol):
+class LatentSplit(Protocol):
     """What a dictionary whose latents are split over ranks needs (saetrain/distributed/
-    latent_shard.py): sums over latents made whole, and its encoder input's gradient summed."""
+    latent_shard.py): sums over latents made whole, its encoder input's gradient summed, and the
+    exchanges a selection over latents makes (the dictionary's own training_forward selects with
+    them, so one step serves one process and a shard)."""
+
+    @property
+    def n_latents(self) -> int:
+        """The whole dictionary's width."""
+        ...
+
+    @property
+    def start(self) -> int:
+        """This shard's latents are start .. start + n_local - 1."""
+        ...
+
+    @property
+    def n_local(self) -> int: ...
 
     def sum_parts(self, part: torch.Tensor) -> torch.Tensor: ...
 
     def sum_gradients(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def total(self, count: torch.Tensor | float) -> float:
+        """A number summed over every shard (dead latents, active codes)."""
+        ...
+
+    def merge_top(
+        self, values: torch.Tensor, index: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) [N, k] of the k largest of every shard's candidates `values` [N, c]
+        at global `index` [N, c]."""
+        ...
+
+    def keep_mine(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local indices, mask of this shard's slots) of global latent indices; another shard's
+        slot gets a local index spread over the shard, and its value must be masked."""
+        ...
 
 
 def fired_latents(codes: Codes, n_latents: int) -> torch.Tensor:
@@ -149,7 +180,7 @@ class Dictionary(nn.Module):
     # How distributed.shard_latents splits the latents over ranks (saetrain/distributed/
     # latent_shard.py): "selection" (the TopK selection is made over the shards there), "sums"
     # (an elementwise activation: only its sums over latents are made whole, through
-    # `latent_sums`), or None (not split: Matryoshka's nested prefixes).
+    # `latent_split`), or None (not split: Matryoshka's nested prefixes).
     latent_sharding: ClassVar[str | None] = None
 
     # -- what the kind means (dictionary.kind; KINDS maps its name to its class) --------------
@@ -205,7 +236,7 @@ class Dictionary(nn.Module):
     target_l0: float | None = None
     # Set while a rank trains its shard of the latents (saetrain/distributed/latent_shard.py);
     # None: the dictionary is whole, and every hook below is the identity.
-    latent_sums: LatentSums | None = None
+    latent_split: LatentSplit | None = None
 
     @classmethod
     def latent_count(cls, per_input: int, n_inputs: int) -> int:
@@ -381,12 +412,12 @@ class Dictionary(nn.Module):
         if not self.apply_b_dec_to_input:
             return x
         x_in = x - self.b_dec
-        return x_in if self.latent_sums is None else self.latent_sums.sum_gradients(x_in)
+        return x_in if self.latent_split is None else self.latent_split.sum_gradients(x_in)
 
     def sum_over_latents(self, partial: torch.Tensor) -> torch.Tensor:
         """A sum over the latents (the decoder's output, a penalty's per-row sum), given this
         dictionary's part: the whole sum, over every rank's latents under latent sharding."""
-        return partial if self.latent_sums is None else self.latent_sums.sum_parts(partial)
+        return partial if self.latent_split is None else self.latent_split.sum_parts(partial)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_input(x) @ self.W_enc + self.b_enc

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import TrainOutput
+from saetrain.dictionaries.base import LatentSplit, TrainOutput
 from saetrain.dictionaries.jumprelu import jumprelu_saelens_name
 from saetrain.dictionaries.topk import TopKSAE
 
@@ -39,11 +39,28 @@ def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return indices, mask, kept
 
 
+def split_batch_topk(
+    pre: torch.Tensor, k: int, split: LatentSplit
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`batch_topk` over every shard of the latents: this shard's k·N largest ReLU
+    pre-activations merged with the others' (a global winner is in its shard's list); returns
+    this shard's winners padded per row like batch_topk, and every kept value."""
+    N, n_local = pre.shape
+    flat = pre.relu().flatten()
+    values, index = flat.topk(min(k * N, flat.numel()), sorted=False)
+    # global flat position: row·n + global latent
+    index = (index // n_local) * split.n_latents + index % n_local + split.start
+    kept, winners = split.merge_top(values[None], index[None], min(k * N, N * split.n_latents))
+    kept, winners = kept[0].to(pre.dtype), winners[0]
+    rows, cols = winners // split.n_latents, winners % split.n_latents
+    mine = (cols >= split.start) & (cols < split.start + n_local)
+    indices, mask = padded_rows(rows[mine] * n_local + cols[mine] - split.start, N, n_local)
+    return indices, mask, kept
+
+
 def padded_rows(chosen: torch.Tensor, N: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [N, kmax], mask [N, kmax]) of the flat positions `chosen` (row·n + latent) of an
-    [N, n] batch, each row's latents in order and padded as `batch_topk` says. Shared with the
-    latent-sharded selection (saetrain/distributed/latent_shard.py), which pads its shard's share
-    of a batch-wide selection the same way."""
+    [N, n] batch, each row's latents in order and padded as `batch_topk` says."""
     chosen = chosen.sort().values  # by row (flat = row·n + latent), then by latent
     rows, cols = chosen // n, chosen % n
     counts = torch.bincount(rows, minlength=N)
@@ -99,7 +116,10 @@ class BatchTopKSAE(TopKSAE):
     def training_selection(
         self, pre: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-        indices, mask, kept = batch_topk(pre, self.k)
+        if self.latent_split is None:
+            indices, mask, kept = batch_topk(pre, self.k)
+        else:
+            indices, mask, kept = split_batch_topk(pre, self.k, self.latent_split)
         # The smallest activation the selection kept (zeros pad the selection when fewer than
         # k·N pre-activations are positive): after_step averages it into the threshold.
         positive = kept[kept > 0]

@@ -4,7 +4,7 @@ names, their loss options, which family sets its L0 how), before any weights exi
 from __future__ import annotations
 
 from saetrain.config import Config
-from saetrain.dictionaries import ARCHITECTURES
+from saetrain.dictionaries import ARCHITECTURES, KINDS
 from saetrain.dictionaries.jumprelu import PRE_ACT_LATENTS, SPARSITY_LOSSES
 from saetrain.dictionaries.layout import check_cross_layer
 from saetrain.dictionaries.matryoshka import MATRYOSHKA_REDUCTIONS
@@ -30,7 +30,7 @@ def check_dictionary(cfg: Config) -> None:
     positive("dictionary.jumprelu_pre_act_coefficient", d.jumprelu_pre_act_coefficient, True)
     positive("trainer.target_l0_gain", cfg.trainer.target_l0_gain)
     if d.target_l0 is not None:
-        if d.architecture not in ("relu", "gated", "jumprelu"):
+        if not ARCHITECTURES[d.architecture].penalised:
             raise ConfigError(
                 f"dictionary.target_l0={d.target_l0} applies to the penalty architectures (relu, "
                 f"gated, jumprelu); dictionary.architecture={d.architecture!r} sets its L0 with "
@@ -39,11 +39,12 @@ def check_dictionary(cfg: Config) -> None:
         positive("dictionary.target_l0", d.target_l0)
         # A CLT's L0 is summed over its layers, its n_latents counts one layer's.
         layers = len(cfg.site.layers) if cfg.site.layers is not None else None
-        if d.kind != "clt" and d.n_latents is not None and d.target_l0 > d.n_latents:
+        per_input = KINDS[d.kind].latents_per_input
+        if not per_input and d.n_latents is not None and d.target_l0 > d.n_latents:
             raise ConfigError(
                 f"dictionary.target_l0={d.target_l0} exceeds dictionary.n_latents={d.n_latents}"
             )
-        if d.kind == "clt" and d.n_latents is not None and layers is not None:
+        if per_input and d.n_latents is not None and layers is not None:
             if d.target_l0 > d.n_latents * layers:
                 raise ConfigError(
                     f"dictionary.target_l0={d.target_l0} exceeds the CLT's latents: "
@@ -60,7 +61,7 @@ def check_dictionary(cfg: Config) -> None:
             f"dictionary.threshold_momentum={cfg.dictionary.threshold_momentum} must be in [0, 1)"
         )
     prefixes = cfg.dictionary.matryoshka_prefixes
-    if prefixes and cfg.dictionary.architecture != "matryoshka":
+    if prefixes and not ARCHITECTURES[cfg.dictionary.architecture].nested_prefixes:
         raise ConfigError(
             f"dictionary.matryoshka_prefixes={list(prefixes)} only applies to "
             f"dictionary.architecture=matryoshka, not {cfg.dictionary.architecture!r}"

@@ -79,6 +79,7 @@ class CLTStructure(Dictionary):
     # Its activation is elementwise at inference (ReLU, JumpReLU, BatchTopK's per-layer
     # threshold), as circuit-tracer's CLTs compute; a TopK CLT picks k per layer.
     elementwise_inference: ClassVar[bool] = True
+    latent_sharding = None  # its latents read and write several sites: not split over ranks
 
     def __init__(
         self,

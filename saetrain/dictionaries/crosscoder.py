@@ -41,6 +41,7 @@ class CrosscoderMixin(Dictionary):
     kind_title = "Crosscoder"
     export_extras = ("decoder_norm_shares",)
     extra_metrics = ("decoder_norm_shares",)
+    latent_sharding = None  # its latents read and write several sites: not split over ranks
 
     def __init__(
         self,

@@ -19,35 +19,54 @@ from typing import Any, NamedTuple
 import torch
 
 from saetrain.config import DictionaryConfig
-from saetrain.dictionaries.base import Dictionary, SparseCodes, TrainOutput, total_variance
+from saetrain.dictionaries.base import (
+    Dictionary,
+    LatentSplit,
+    SparseCodes,
+    TrainOutput,
+    total_variance,
+)
 from saetrain.kernels.ops import encode_gather, fused_topk_encode, sparse_decode, use_fused_topk
 
 AUX_K_NORMALIZATIONS = ("residual", "target")
 
 
 class AuxSelection(NamedTuple):
-    """The dead latents AuxK uses: their indices [N, k_aux] and the term's weight."""
+    """The dead latents AuxK uses: their indices [N, k_aux], the term's weight, and under latent
+    sharding the mask of this shard's slots (None: every slot is this dictionary's)."""
 
     indices: torch.Tensor
     scale: float
+    mask: torch.Tensor | None = None
 
 
 def select_dead(
-    pre: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int
+    pre: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int, split: LatentSplit | None = None
 ) -> AuxSelection | None:
     """The top `aux_k` pre-activations among dead latents (None when no latent is dead).
 
     With fewer dead latents than aux_k the term is weakened in proportion, so a handful of dead
-    latents cannot dominate.
+    latents cannot dominate. Split over ranks (`split`), the dead are counted over every shard
+    and each shard's top candidates are merged: the one-process selection.
     """
     if dead_mask is None:
         return None
-    n_dead = int(dead_mask.sum())
+    n_dead = int(dead_mask.sum()) if split is None else int(split.total(dead_mask.sum()))
     if n_dead == 0:
         return None
     k = min(aux_k, n_dead)
-    indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k, dim=-1, sorted=False).indices
-    return AuxSelection(indices, min(n_dead / aux_k, 1.0))
+    masked = pre.masked_fill(~dead_mask, float("-inf"))
+    if split is None:
+        return AuxSelection(masked.topk(k, dim=-1, sorted=False).indices, min(n_dead / aux_k, 1.0))
+    local, mine = split.keep_mine(row_candidates(masked, k, split))
+    return AuxSelection(local, min(n_dead / aux_k, 1.0), mine)
+
+
+def row_candidates(pre: torch.Tensor, k: int, split: LatentSplit) -> torch.Tensor:
+    """Global indices [N, k] of each row's k largest pre-activations over every shard: this
+    shard's top candidates merged with the others' (a global winner is in its shard's list)."""
+    values, index = pre.topk(min(k, split.n_local), dim=1, sorted=False)
+    return split.merge_top(values, index + split.start, k)[1]
 
 
 def auxk_loss(
@@ -65,7 +84,9 @@ def auxk_loss(
     target's ("target", sparsify); see the module docstring.
     """
     e = residual.detach()
-    e_hat = sparse_decode(aux.indices, values, dictionary.W_dec)
+    if aux.mask is not None:  # another shard's slots
+        values = values * aux.mask
+    e_hat = dictionary.sum_over_latents(sparse_decode(aux.indices, values, dictionary.W_dec))
     if normalization == "residual":
         denominator = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
     else:
@@ -139,8 +160,12 @@ class TopKSAE(Dictionary):
         self, pre: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """(indices [N, k'], mask of real slots or None, extra logged terms) of the latents a
-        training step keeps: the row's top k here; BatchTopK selects across the batch."""
-        return pre.topk(self.k, dim=-1, sorted=False).indices, None, {}
+        training step keeps: the row's top k here (over every shard when the latents are split:
+        this shard's winners); BatchTopK selects across the batch."""
+        if self.latent_split is None:
+            return pre.topk(self.k, dim=-1, sorted=False).indices, None, {}
+        indices, mine = self.latent_split.keep_mine(row_candidates(pre, self.k, self.latent_split))
+        return indices, mine, {}
 
     def reconstruction_loss(
         self, x: torch.Tensor, target: torch.Tensor, z: SparseCodes, variance: torch.Tensor
@@ -161,7 +186,11 @@ class TopKSAE(Dictionary):
         with torch.no_grad():  # the one dense product; its backward is sparse (encode_gather)
             pre = x_in @ self.W_enc + self.b_enc
             indices, mask, extra = self.training_selection(pre)
-            aux = select_dead(pre, dead_mask, self.aux_k) if self.aux_k_coefficient > 0 else None
+            aux = (
+                select_dead(pre, dead_mask, self.aux_k, self.latent_split)
+                if self.aux_k_coefficient > 0
+                else None
+            )
         values, aux_values = gather_codes(self, x_in, pre, indices, aux)
         codes = SparseCodes(indices, values if mask is None else values * mask)
         variance = total_variance(target)

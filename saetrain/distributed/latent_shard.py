@@ -3,23 +3,26 @@
 Why: at widths whose weights and Adam state do not fit on one device, each rank holds only its
 latents [start, stop) (sharding.latent_slice): W_enc[:, s], b_enc[s], W_dec[s], their Adam state
 and their dead-latent counters. b_dec and W_skip are replicated. Every rank holds the same global
-batch (data_parallel.py gathers the rows), so a step is exactly one process's:
+batch (data_parallel.py gathers the rows), so a step is exactly one process's.
+
+The step is the dictionary's own training_forward, run on the shard with
+`Dictionary.latent_split` set to this rank's LatentShard, whose exchanges make every selection
+and every sum over latents whole (the class says whether it can: `Dictionary.latent_sharding`):
 
 - pre_s = x_in·W_enc[:, s] + b_enc[s]: the one dense product, split W ways;
-- selection: each rank's top candidates (value, global index) are all_gathered and the top of
-  the merged set is taken; each rank keeps the winners in its shard. TopK merges per row,
-  BatchTopK the k·N largest of the batch, AuxK the aux_k largest dead pre-activations per row
-  (with the dead count summed over ranks). A candidate that wins globally is in its rank's local
-  top list, so the merged selection is the one-process selection;
-- decoder: x̂_r = sparse_decode(own codes, W_dec[s]) on each shard (saetrain.kernels.ops), and
-  x̂ = Σ_r x̂_r + b_dec (+ x·W_skipᵀ), summed by an all_reduce.
+- selection (the TopK family): each rank's top candidates (value, global index) are all_gathered
+  and the top of the merged set is taken (`merge_top`); each rank keeps the winners in its shard
+  (`keep_mine`). TopK merges per row, BatchTopK the k·N largest of the batch, AuxK the aux_k
+  largest dead pre-activations per row (with the dead count summed over ranks). A candidate that
+  wins globally is in its rank's local top list, so the merged selection is the one-process
+  selection (saetrain/dictionaries/topk.py, batchtopk.py);
+- sums over latents (`sum_parts`): the decoder's x̂ = Σ_r x̂_r + b_dec (+ x·W_skipᵀ), AuxK's
+  decoder, Gated's auxiliary decoder, the penalties' per-row sums (so JumpReLU's quadratic L0
+  penalty sees the global L0), each summed by an all_reduce; and the encoder input's gradient
+  summed (`sum_gradients`).
 
-The penalty family (relu, jumprelu, gated) has elementwise activations: the dictionary's own
-training_forward runs on its shard with `Dictionary.latent_sums` set, which makes every sum over
-latents whole (the decoder's output, Gated's auxiliary decoder, the penalties' per-row sums, so
-JumpReLU's quadratic L0 penalty sees the global L0) and sums the encoder input's gradient. Their
-extra per-latent tensors (JumpReLU's log θ, Gated's b_gate, b_mag, r_mag) are split like b_enc.
-Matryoshka (nested prefixes of the latent axis) is not split.
+The penalty family's extra per-latent tensors (JumpReLU's log θ, Gated's b_gate, b_mag, r_mag)
+are split like b_enc. Matryoshka (nested prefixes of the latent axis) is not split.
 
 Gradients. Every rank computes the same loss from the same sums, so the gradient reaching a
 rank's part of a sum is the gradient of the sum itself: the sum's backward passes it
@@ -51,21 +54,17 @@ import torch
 from torch import nn
 
 from saetrain.activations.sites import Site
-from saetrain.config import Config, DictionaryConfig, TrainerConfig
+from saetrain.config import Config, TrainerConfig
+from saetrain.dictionaries import KINDS, latents_per_input, shardable_architectures
 from saetrain.dictionaries.base import (
     Dictionary,
-    SparseCodes,
     TrainOutput,
     active_count,
-    total_variance,
 )
-from saetrain.dictionaries.batchtopk import padded_rows
-from saetrain.dictionaries.topk import AuxSelection, gather_codes
 from saetrain.distributed.collectives import all_gather_equal, all_reduce_, gather_equal
 from saetrain.distributed.sharding import latent_slice
 from saetrain.distributed.world import World
 from saetrain.errors import ConfigError
-from saetrain.kernels.ops import sparse_decode
 from saetrain.planning.expand import dictionary_configs
 from saetrain.training.schedules import default_lr
 from saetrain.training.trainer import Trainer
@@ -76,12 +75,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The TopK family's step is computed here (its selection: per row, or per batch); the penalty
-# family's elementwise activations need only their sums over latents made whole (the dictionary's
-# own training_forward runs, with Dictionary.latent_sums set). Matryoshka is not split.
-SELECTED = ("topk", "batchtopk")
-ELEMENTWISE = ("relu", "jumprelu", "gated")
-SHARDABLE = SELECTED + ELEMENTWISE
 # The tensors split over ranks, by their latent axis; every other tensor is replicated.
 LATENT_AXIS = {
     "W_enc": 1,
@@ -95,32 +88,29 @@ LATENT_AXIS = {
 }
 
 
-def n_latents_of(cfg: DictionaryConfig, d_in: int) -> int:
-    """The dictionary's width: n_latents, or expansion_factor × d_in."""
-    return cfg.n_latents if cfg.n_latents is not None else cfg.expansion_factor * d_in
-
-
 def check_shardable(cfg: Config, world_size: int, shape: ModelShape) -> None:
-    """Refuse, before the LM loads, what latent sharding does not support: an architecture other
-    than SHARDABLE, a crosscoder or CLT, a width that does not split evenly over the ranks."""
+    """Refuse, before the LM loads, what latent sharding does not support: an architecture whose
+    class does not shard its latents, a crosscoder or CLT, a width that does not split evenly over
+    the ranks."""
     if not cfg.distributed.shard_latents:
         return
+    shardable = shardable_architectures()
     for i, (_, sub) in enumerate(dictionary_configs(cfg, shape.n_layers)):
         where = f"dictionaries[{i}]." if cfg.dictionaries else ""
         d = sub.dictionary
-        if d.kind != "single":
+        if not KINDS[d.kind].shardable_kind:
             raise ConfigError(
                 f"{where}dictionary.kind={d.kind!r} cannot be split over ranks yet "
                 "(distributed.shard_latents=true); shard an SAE or transcoder (kind single), or "
                 "set distributed.shard_latents=false"
             )
-        if d.architecture not in SHARDABLE:
+        if d.architecture not in shardable:
             raise ConfigError(
                 f"{where}dictionary.architecture={d.architecture!r} cannot be split over ranks "
-                f"(distributed.shard_latents=true); choose one of: {', '.join(SHARDABLE)}, or "
+                f"(distributed.shard_latents=true); choose one of: {', '.join(shardable)}, or "
                 "set distributed.shard_latents=false"
             )
-        n = n_latents_of(d, shape.width(Site.parse(sub.site.input)))
+        n = latents_per_input(d, shape.width(Site.parse(sub.site.input)))
         if n % world_size:
             raise ConfigError(
                 f"{where}dictionary.n_latents={n} does not split evenly over {world_size} ranks "
@@ -157,7 +147,8 @@ class _SumGradientOverRanks(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class LatentShard:
-    """This rank's latents of a dictionary of `n_latents`, and the step computed over shards."""
+    """This rank's latents of a dictionary of `n_latents`, and the exchanges that make its
+    training step the whole dictionary's (a Dictionary's `latent_split`)."""
 
     world: World
     n_latents: int
@@ -246,7 +237,9 @@ class LatentShard:
     def sum_gradients(self, x: torch.Tensor) -> torch.Tensor:
         return _SumGradientOverRanks.apply(self.world, x)
 
-    def _merge(self, values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    def merge_top(
+        self, values: torch.Tensor, index: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, global indices) [N, k] of the k largest of every rank's candidates [N, c].
 
         Values and indices travel together in float64 (exact for both: indices below 2^53)."""
@@ -256,95 +249,11 @@ class LatentShard:
         won = merged.gather(1, top.unsqueeze(-1).expand(*top.shape, 2))
         return won[..., 0], won[..., 1].long()
 
-    def _keep_mine(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep_mine(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(local indices, mask of the slots that are this shard's) of global winners; another
         shard's slot gets a local index spread over the shard, and its value must be masked."""
         mine = (index >= self.start) & (index < self.start + self.n_local)
         return torch.where(mine, index - self.start, index % self.n_local), mine
-
-    def row_topk(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """TopK: each row's k largest pre-activations over every shard."""
-        values, index = pre.topk(min(k, self.n_local), dim=1, sorted=False)
-        _, winners = self._merge(values, index + self.start, k)
-        return self._keep_mine(winners)
-
-    def batch_topk(self, pre: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """BatchTopK: the k·N largest ReLU pre-activations of the batch over every shard, as
-        (local indices, mask) padded per row like batchtopk.batch_topk, and the kept values."""
-        N, n_local = pre.shape
-        flat = pre.relu().flatten()
-        values, index = flat.topk(min(k * N, flat.numel()), sorted=False)
-        # global flat position: row·n + global latent
-        index = (index // n_local) * self.n_latents + index % n_local + self.start
-        kept, winners = self._merge(values[None], index[None], min(k * N, N * self.n_latents))
-        kept, winners = kept[0].to(pre.dtype), winners[0]
-        rows, cols = winners // self.n_latents, winners % self.n_latents
-        mine = (cols >= self.start) & (cols < self.start + self.n_local)
-        indices, mask = padded_rows(rows[mine] * n_local + cols[mine] - self.start, N, n_local)
-        return indices, mask, kept
-
-    def dead_topk(
-        self, pre: torch.Tensor, dead_mask: torch.Tensor | None, aux_k: int
-    ) -> tuple[AuxSelection, torch.Tensor] | None:
-        """AuxK: each row's aux_k largest pre-activations among the dead latents of every shard
-        (topk.select_dead over the whole dictionary), and the mask of this shard's slots."""
-        if dead_mask is None:
-            return None
-        n_dead = int(self.total(dead_mask.sum()))
-        if n_dead == 0:
-            return None
-        k = min(aux_k, n_dead)
-        masked = pre.masked_fill(~dead_mask, float("-inf"))
-        values, index = masked.topk(min(k, self.n_local), dim=1, sorted=False)
-        _, winners = self._merge(values, index + self.start, k)
-        local, mine = self._keep_mine(winners)
-        return AuxSelection(local, min(n_dead / aux_k, 1.0)), mine
-
-    # -- the step ------------------------------------------------------------------------------
-
-    def training_forward(
-        self,
-        dictionary: Dictionary,
-        x: torch.Tensor,
-        target: torch.Tensor,
-        dead_mask: torch.Tensor | None,
-    ) -> TrainOutput:
-        """TopKSAE.training_forward over shards: the same loss, terms and codes (local indices)."""
-        d: Any = dictionary
-        x_in = d.encoder_input(x)
-        if d.apply_b_dec_to_input:  # b_dec's encoder-side gradient is every shard's
-            x_in = self.sum_gradients(x_in)
-        extra: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            pre = x_in @ d.W_enc + d.b_enc
-            if d.architecture == "batchtopk":
-                indices, mask, kept = self.batch_topk(pre, d.k)
-                positive = kept[kept > 0]
-                smallest = positive.min() if positive.numel() else kept.new_zeros(())
-                extra["batch_threshold"] = smallest
-            else:
-                indices, mask = self.row_topk(pre, d.k)
-            dead = self.dead_topk(pre, dead_mask, d.aux_k) if d.aux_k_coefficient > 0 else None
-        aux = None if dead is None else dead[0]
-        values, aux_values = gather_codes(d, x_in, pre, indices, aux)
-        codes = SparseCodes(indices, values * mask)
-        variance = total_variance(target)
-        x_hat = self.sum_parts(sparse_decode(indices, codes.values, d.W_dec)) + d.b_dec
-        if d.W_skip is not None:
-            x_hat = x_hat + x @ d.W_skip.T
-        fvu = (target - x_hat).pow(2).sum() / variance
-        loss, terms = fvu, {"fvu": fvu.detach()}
-        if dead is not None and aux_values is not None:
-            e = (target - x_hat).detach()
-            e_hat = self.sum_parts(sparse_decode(dead[0].indices, aux_values * dead[1], d.W_dec))
-            if d.aux_k_normalization == "residual":
-                denominator = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-            else:
-                denominator = variance
-            aux_term = dead[0].scale * (e_hat - e).pow(2).sum() / denominator
-            loss = loss + d.aux_k_coefficient * aux_term
-            terms["auxk"] = aux_term.detach()
-        return TrainOutput(loss=loss, x_hat=x_hat, codes=codes, terms=terms | extra)
 
 
 class ShardedTrainer(Trainer):
@@ -363,6 +272,12 @@ class ShardedTrainer(Trainer):
         target_scale: float | None = None,
         name: str = "",
     ):
+        if dictionary.latent_sharding is None:
+            raise ConfigError(
+                f"dictionary.architecture={dictionary.architecture!r} "
+                f"(kind {dictionary.kind}) cannot be split over ranks "
+                "(distributed.shard_latents=true)"
+            )
         super().__init__(dictionary, cfg, scale, total_steps, target_scale, name)
         self.shard = shard
         if cfg.lr is None:  # the whole dictionary's width sets the default
@@ -370,14 +285,14 @@ class ShardedTrainer(Trainer):
         log.info("%slatent shard: %s per rank", f"[{name}] " if name else "", shard.n_local)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sparsity: float) -> TrainOutput:
+        """The dictionary's own training_forward, its selections and sums over latents made
+        whole through this shard (Dictionary.latent_split)."""
         d = self.dictionary
-        if d.architecture in SELECTED:
-            return self.shard.training_forward(d, x, y, self.dead_mask())
-        d.latent_sums = self.shard  # the hooks' autograd ops are in the graph once it returns
+        d.latent_split = self.shard  # the hooks' autograd ops are in the graph once it returns
         try:
             return d.training_forward(x, y, self.dead_mask(), sparsity)
         finally:
-            d.latent_sums = None
+            d.latent_split = None
 
     def mean_l0(self, out: TrainOutput, rows: int) -> float:
         return self.shard.total(active_count(out.codes)) / rows
@@ -451,7 +366,7 @@ def latent_shard(cfg: Config, world: World, d_in: int) -> LatentShard | None:
     """This rank's shard of the dictionary `cfg` describes (None without shard_latents)."""
     if not cfg.distributed.shard_latents:
         return None
-    return LatentShard(world, n_latents_of(cfg.dictionary, d_in))
+    return LatentShard(world, latents_per_input(cfg.dictionary, d_in))
 
 
-__all__ = ["SHARDABLE", "LatentShard", "ShardedTrainer", "check_shardable", "latent_shard"]
+__all__ = ["LatentShard", "ShardedTrainer", "check_shardable", "latent_shard"]

@@ -18,6 +18,7 @@ from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, check_site_exis
 from saetrain.activations.tokens import check_dataset
 from saetrain.checks import validate
 from saetrain.config import Config, second_model
+from saetrain.dictionaries import ARCHITECTURES, latents_per_input
 from saetrain.errors import ConfigError, SiteError
 from saetrain.planning.expand import dictionary_configs
 from saetrain.planning.site_names import base_site
@@ -149,19 +150,20 @@ def check_dictionary(cfg: Config, shape: ModelShape, where: str = "") -> None:
             sites.setdefault(name, site)
     d_in = shape.width(sites["input"])
     d = cfg.dictionary
-    n_latents = d.n_latents if d.n_latents is not None else d.expansion_factor * d_in
+    n_latents = latents_per_input(d, d_in)
     origin = (
         f"{where}dictionary.n_latents={n_latents}"
         if d.n_latents is not None
         else f"{where}dictionary.expansion_factor={d.expansion_factor} × d_in={d_in} = "
         f"{n_latents} latents"
     )
-    if d.architecture in ("topk", "batchtopk", "matryoshka") and d.k > n_latents:
+    architecture = ARCHITECTURES[d.architecture]
+    if architecture.selects_k and d.k > n_latents:
         raise ConfigError(f"{where}dictionary.k={d.k} exceeds {origin}")
     if d.aux_k is not None and d.aux_k > n_latents:
         raise ConfigError(f"{where}dictionary.aux_k={d.aux_k} exceeds {origin}")
     prefixes = d.matryoshka_prefixes
-    if d.architecture == "matryoshka" and prefixes and prefixes[-1] != n_latents:
+    if architecture.nested_prefixes and prefixes and prefixes[-1] != n_latents:
         raise ConfigError(
             f"{where}dictionary.matryoshka_prefixes={list(prefixes)} must end with the number of "
             f"latents ({origin})"

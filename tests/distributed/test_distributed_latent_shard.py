@@ -358,9 +358,8 @@ def test_an_architecture_it_cannot_split_is_refused_with_exit_code_2(tiny_model,
     )  # fmt: skip
     expected = (
         "dictionary.architecture='matryoshka' cannot be split over ranks "
-        "(distributed.shard_latents=true); choose one of: topk, batchtopk, relu, jumprelu, "
-        "gated, or set "
-        "distributed.shard_latents=false"
+        "(distributed.shard_latents=true); choose one of: topk, batchtopk, relu, gated, "
+        "jumprelu, or set distributed.shard_latents=false"
     )
     assert _refused(config_from_overrides(args), str(tmp_path)) == expected
     proc = subprocess.run(
