@@ -277,7 +277,7 @@ class DistributedConfig:
     # their Adam state; b_dec replicated), for widths whose weights do not fit on one device.
     # topk, batchtopk, relu, jumprelu, gated (not matryoshka); n_latents divisible by the number
     # of ranks. Rank 0 gathers the whole dictionary to evaluate and export it
-    # (saetrain/distributed/latent_shard.py).
+    # (saetrain/training/latent_shard.py).
     shard_latents: bool = False
 
 

@@ -29,9 +29,7 @@ from saetrain.config import Config, DictionarySpec, ModelConfig, second_model
 from saetrain.dictionaries import CLTStructure, Dictionary, Layout
 from saetrain.distributed import World, world_session
 from saetrain.distributed.data_parallel import DataParallel, only_main_reports
-from saetrain.distributed.latent_shard import ShardedTrainer, check_shardable, latent_shard
 from saetrain.distributed.sharding import dictionary_cost
-from saetrain.distributed.shared_eval import my_contexts, reduce_ce, reduce_stats
 from saetrain.errors import ConfigError, PublishError
 from saetrain.evaluation.density import density_summary
 from saetrain.evaluation.evaluate import (
@@ -41,15 +39,17 @@ from saetrain.evaluation.evaluate import (
     splice_member,
 )
 from saetrain.evaluation.metrics import training_dead_metrics
+from saetrain.evaluation.shared_eval import my_contexts, reduce_ce, reduce_stats
 from saetrain.evaluation.splice import replacement_lm_metrics
+from saetrain.evaluation.transcoder_sets import evaluate_and_export_set, find_sets
 from saetrain.export.extras import kind_metrics, write_extras
 from saetrain.export.hub import check_publish, publish_folder
 from saetrain.export.norm_space import export_fold
 from saetrain.export.saelens import save_dictionary
 from saetrain.loggers import CompositeLogger, open_logger
 from saetrain.planning.expand import canonical_sites, dictionary_configs, merged
-from saetrain.planning.preflight import preflight, starting_point
 from saetrain.planning.site_patterns import site_lists
+from saetrain.preflight import preflight, starting_point
 from saetrain.progress import ReportedList, emit, phase
 from saetrain.training.checkpoint import (
     StopRequest,
@@ -65,6 +65,7 @@ from saetrain.training.checkpoint import (
 from saetrain.training.finetune import Start
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
 from saetrain.training.initialization import scale_summary
+from saetrain.training.latent_shard import ShardedTrainer, check_shardable, latent_shard
 from saetrain.training.run_folder import (
     RunGuard,
     finished,
@@ -72,7 +73,6 @@ from saetrain.training.run_folder import (
     mark_finished,
 )
 from saetrain.training.trainer import Trainer
-from saetrain.transcoder_sets import evaluate_and_export_set, find_sets
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +618,7 @@ def _evaluate_and_save(setup: _Setup, stream_info: dict[str, Any]) -> RunResult:
 
 
 def _transcoder_sets(setup: _Setup, results: list[DictionaryResult]) -> None:
-    """Evaluate and write each transcoder set of the run (saetrain/transcoder_sets.py)."""
+    """Evaluate and write each transcoder set of the run (evaluation/transcoder_sets.py)."""
     folders = {r.name: r.dictionary_dir for r in results}
     sets = find_sets(
         [
@@ -649,7 +649,7 @@ def _evaluate(
     from one pass of the LM over the held-out contexts (evaluate_dictionaries), then, with
     `eval.splice_each`, each spliced into the LM on its own for CE/KL; with progress lines (minutes
     on a big model). Under data parallel (every rank holds every dictionary) each rank evaluates
-    its share of the contexts and the sums are reduced (distributed/shared_eval.py); otherwise
+    its share of the contexts and the sums are reduced (evaluation/shared_eval.py); otherwise
     this rank does it all."""
     if not fitted:
         return []

@@ -290,7 +290,7 @@ def summarize_sweep(folder: str | Path) -> Path:
             f"{folder} holds no job folders (none has {OVERRIDES_FILE}); is it a Hydra sweep "
             "folder (multirun/<date>/<time>)?"
         )
-    from saetrain.export.atomic import atomic_write_bytes
+    from saetrain.atomic import atomic_write_bytes
 
     csv_path = folder / SUMMARY_CSV
     atomic_write_bytes(csv_path, render_csv(jobs).encode())

@@ -11,7 +11,7 @@
        from each dictionary's held-out evaluation (saetrain_run.json).
        With --arch jumprelu, the same with JumpReLU at (approximately) matched L0:
        dictionary.target_l0 = k per layer for each transcoder and L·k for the CLT.
-(synthetic) saetrain.synthetic_cross_layer: features with a home layer, carried in every later
+(synthetic) saetrain.synthetic.cross_layer: features with a home layer, carried in every later
        layer's input and written to every later layer's output. Per-layer transcoders and a CLT
        (TopK, same latents and k per layer) trained on the same rows by saetrain.training.fit
        (prepare_trainer with a Layout; the trainer runs() uses) and scored on held-out rows: FVU,
@@ -84,7 +84,8 @@ def real_overrides(args, arch: str) -> list[str]:
     ]
     if args.data:
         over.append(f"data.data_files=[{args.data}]")
-    if args.smoke:  # toy sizes for a tiny model (saetrain/tiny_llama.py); --set may change them
+    # toy sizes for a tiny model (saetrain/synthetic/tiny_llama.py); --set may change them
+    if args.smoke:
         over += ["model.gguf_package=null", "model.device=cpu", "data.context_size=16",
                  "data.holdout_percent=10", "buffer.size_tokens=1024", "buffer.lm_batch_contexts=8",
                  "trainer.init_batches=2", "eval.batch_contexts=8"]  # fmt: skip
@@ -247,7 +248,7 @@ def run_synthetic(args) -> dict:
         linear_assignment,
         mean_correlation_coefficient,
     )
-    from saetrain.synthetic_cross_layer import CrossLayerConfig, CrossLayerSynthetic
+    from saetrain.synthetic.cross_layer import CrossLayerConfig, CrossLayerSynthetic
 
     scfg = CrossLayerConfig(
         n_layers=args.syn_layers,
@@ -560,8 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("mode", nargs="?", choices=("real", "synthetic", "all", "render"), default="all")
     p.add_argument("--smoke", action="store_true", help="toy sizes (seconds); the real part runs "
-                   "only with --set model.name=<a tiny model folder> (saetrain/tiny_llama.py) and "
-                   "--set data.data_files=[...]")  # fmt: skip
+                   "only with --set model.name=<a tiny model folder> "
+                   "(saetrain/synthetic/tiny_llama.py) and --set data.data_files=[...]",
+                   )  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="<out>.json / .md / .png")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_cross_layer"),
                    help="where the real runs' folders go")  # fmt: skip

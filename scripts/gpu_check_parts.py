@@ -641,11 +641,11 @@ def part_pipeline(smoke: bool) -> dict[str, Any]:
 
 
 def part_e2e(smoke: bool, timeout_s: float, workdir: Path) -> dict[str, Any]:
-    """`python -m saetrain` on the tiny local Llama (saetrain/tiny_llama.py) on cuda, twice: the
-    first run writes the activation cache (the prefetch thread on its CUDA stream, the Triton
-    path, export and evaluation), the second reads it back through the prefetch thread; exit
-    codes and metrics of both."""
-    from saetrain.tiny_llama import build_corpus, build_tiny_llama
+    """`python -m saetrain` on the tiny local Llama (saetrain/synthetic/tiny_llama.py) on cuda,
+    twice: the first run writes the activation cache (the prefetch thread on its CUDA stream, the
+    Triton path, export and evaluation), the second reads it back through the prefetch thread;
+    exit codes and metrics of both."""
+    from saetrain.synthetic.tiny_llama import build_corpus, build_tiny_llama
 
     device = "cpu" if smoke else "cuda"
     work = Path(tempfile.mkdtemp(prefix="saetrain-gpu-check-e2e-", dir=workdir))

@@ -195,7 +195,7 @@ def real_inputs(args, device):
 
     if args.smoke and not args.model:
         # Synthetic rows stand in for an LM's activations: no ΔCE.
-        from saetrain.synthetic import SyntheticConfig, SyntheticFeatures
+        from saetrain.synthetic.features import SyntheticConfig, SyntheticFeatures
 
         gen = SyntheticFeatures(SyntheticConfig(d=32, n_features=128, mean_active=6, seed=7))
         train = gen.sample(args.tokens or 8192, torch.Generator().manual_seed(1))
@@ -358,7 +358,7 @@ def run_peers(args, train, held, lm, budgets, results, save) -> None:
 def synthetic_setup(args):
     from dataclasses import replace
 
-    from saetrain.synthetic import SyntheticConfig
+    from saetrain.synthetic.features import SyntheticConfig
 
     # Uniform magnitudes (0.5..1.5): a firing feature is never vanishingly small, as in
     # SynthSAEBench (magnitudes 4–5 ± 0.5), so that detection F1 measures the dictionary rather
@@ -371,7 +371,7 @@ def synthetic_setup(args):
 
 
 def run_synthetic(args, device, results: dict, save) -> None:
-    from saetrain.synthetic import SyntheticFeatures
+    from saetrain.synthetic.features import SyntheticFeatures
 
     cfg, n_latents, tokens = synthetic_setup(args)
     data = SyntheticFeatures(cfg)

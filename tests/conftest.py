@@ -42,7 +42,7 @@ def one_thread() -> Iterator[None]:
 # them take seconds. The real model is exercised in test_e2e.py.
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from saetrain.tiny_llama import build_tiny_llama
+    from saetrain.synthetic.tiny_llama import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
@@ -50,14 +50,14 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def word_tokenizer():
     """The tiny model's word-level tokenizer alone (no model is built)."""
-    from saetrain.tiny_llama import build_word_tokenizer
+    from saetrain.synthetic.tiny_llama import build_word_tokenizer
 
     return build_word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from saetrain.tiny_llama import build_corpus
+    from saetrain.synthetic.tiny_llama import build_corpus
 
     return build_corpus(tmp_path_factory.mktemp("corpus"))
 
@@ -65,7 +65,7 @@ def corpus(tmp_path_factory) -> Path:
 # The same tiny Llama over alphabetic words, with its corpus: the first-letter task has words.
 @pytest.fixture(scope="module")
 def letters_model(tmp_path_factory) -> tuple[Path, Path]:
-    from saetrain.tiny_llama import LETTER_WORDS, build_corpus, build_tiny_llama
+    from saetrain.synthetic.tiny_llama import LETTER_WORDS, build_corpus, build_tiny_llama
 
     root = tmp_path_factory.mktemp("letters_llama")
     model = build_tiny_llama(root / "model", LETTER_WORDS)

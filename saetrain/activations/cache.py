@@ -29,9 +29,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from saetrain.activations.tokens import LOCAL_BUILDERS, expand_data_files
+from saetrain.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.config import Config, second_model
 from saetrain.errors import CacheError
-from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,12 @@ from pathlib import Path
 import torch
 
 from saetrain.config import ModelConfig
+from saetrain.distributed.world import resolve_device  # noqa: F401 (re-exported)
 from saetrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` means the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={device!r} but no CUDA device is available; use cpu")
-    return torch.device(device)
 
 
 def find_gguf_in_package(package: str, file_name: str | None = None) -> Path:

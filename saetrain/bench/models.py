@@ -1,6 +1,6 @@
 """Models a benchmark builds for itself, of each size it needs, with no download.
 
-The tests' 3-layer Llama, its word tokenizer and corpus come from saetrain/tiny_llama.py
+The tests' 3-layer Llama, its word tokenizer and corpus come from saetrain/synthetic/tiny_llama.py
 (re-exported here). `word_llama` saves a random Llama of a chosen shape over a word vocabulary
 into a folder (runs read it as model.name); `random_llama` builds a ~1.1B random Llama
 (TinyLlama's shape) in bf16 on the device, or a toy one: LM throughput without weights to fetch.
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from saetrain.tiny_llama import (
+from saetrain.synthetic.tiny_llama import (
     LETTER_WORDS,
     WORDS,
     build_corpus,

@@ -234,7 +234,7 @@ class Dictionary(nn.Module):
     # The penalty family's target L0 (dictionary.target_l0): when set, the trainer adapts λ
     # towards it (saetrain/training/l0_controller.py). None: λ as configured.
     target_l0: float | None = None
-    # Set while a rank trains its shard of the latents (saetrain/distributed/latent_shard.py);
+    # Set while a rank trains its shard of the latents (saetrain/training/latent_shard.py);
     # None: the dictionary is whole, and every hook below is the identity.
     latent_split: LatentSplit | None = None
 

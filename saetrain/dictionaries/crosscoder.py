@@ -11,7 +11,7 @@ what is the crosscoder's own:
   pays for every source it writes to;
 - exported with W_enc [S, d, n], b_enc [n], W_dec [n, S, d], b_dec [S, d] (docs/design.md).
 The per-source FVU and the relative decoder norm between sources (the model-diffing plot) are
-in saetrain/evaluation/crosscoder.py.
+in saetrain/export/decoder_norm_shares.py.
 """
 
 from __future__ import annotations

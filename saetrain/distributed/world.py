@@ -56,6 +56,16 @@ class World:
         return f"[rank {self.rank}/{self.world_size}] " if self.distributed else ""
 
 
+def resolve_device(device: str) -> torch.device:
+    """The device `model.device` names for one process: `auto` means the first GPU when there is
+    one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device!r} but no CUDA device is available; use cpu")
+    return torch.device(device)
+
+
 def launched_ranks(env: Mapping[str, str] | None = None) -> tuple[int, int, int, int]:
     """(rank, world_size, local_rank, local_world_size) from a launcher's variables; (0, 1, 0, 1)
     when none are set. Half a set, or numbers that do not fit together, is an error."""
@@ -91,8 +101,6 @@ def choose_device(request: str, local_rank: int = 0, local_world_size: int = 1) 
     share the machine's GPUs by local rank, one each; an explicit cuda:N cannot be shared.
     """
     if local_world_size == 1:  # one process on this machine: resolve_device's meaning
-        from saetrain.activations.model import resolve_device
-
         try:
             return resolve_device(request)
         except RuntimeError:  # torch.device refused the name

@@ -61,7 +61,7 @@ def evaluate_dictionary(
     per layer), and is spliced at all its targets at once (splice.py). `frequencies_out`, if
     given, receives each latent's firing frequency on the held-out tokens. `reduce` combines
     this process's statistics with other ranks' when each evaluated a share of the contexts
-    (distributed/shared_eval.py).
+    (evaluation/shared_eval.py).
     """
     inputs = _as_list(input_site)
     assert inputs is not None

@@ -44,8 +44,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from saetrain.activations.sites import Site
+from saetrain.atomic import atomic_write_bytes
 from saetrain.errors import CircuitTracerExportError, SiteError
-from saetrain.export.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any
 
 from saetrain.dictionaries import Dictionary
 from saetrain.errors import CircuitTracerExportError
-from saetrain.evaluation.crosscoder import (
+from saetrain.export.circuit_tracer import circuit_tracer_hooks, clt_from_dictionary, write_clt
+from saetrain.export.decoder_norm_shares import (
     decoder_norm_shares,
     plot_decoder_norm_shares,
     share_summary,
 )
-from saetrain.export.circuit_tracer import circuit_tracer_hooks, clt_from_dictionary, write_clt
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from saetrain.export.saelens import CFG_FILE
 
 log = logging.getLogger(__name__)
 
-# Leftovers of interrupted atomic writes (saetrain.export.atomic) are never uploaded.
+# Leftovers of interrupted atomic writes (saetrain.atomic) are never uploaded.
 IGNORE_PATTERNS = [".*.tmp", "**/.*.tmp"]
 
 

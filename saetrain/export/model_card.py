@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saetrain.atomic import atomic_write_bytes
 from saetrain.dictionaries import KINDS, architecture_named
-from saetrain.export.atomic import atomic_write_bytes
 from saetrain.export.saelens import CFG_FILE, RUN_FILE
 
 CARD_FILE = "README.md"

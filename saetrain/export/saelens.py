@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from saetrain.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.dictionaries import SAELENS_LOADERS, Dictionary
 from saetrain.errors import UnsupportedFieldError
-from saetrain.export.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.export.formats import FORMAT_FILES, folder_format
 from saetrain.export.norm_space import (
     NORM_FILE,

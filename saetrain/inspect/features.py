@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from saetrain.export.atomic import atomic_write_bytes
+from saetrain.atomic import atomic_write_bytes
 
 FEATURES_DIR = "features"
 INDEX_FILE = "index.json.gz"

@@ -132,7 +132,7 @@ def inspect(
     from saetrain.activations.sites import resolve_site
     from saetrain.activations.source import ActivationSource
     from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-    from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.evaluation.folder import EvaluateConfig, resolve
     from saetrain.export.norm_space import foreign_to_model_space_
     from saetrain.export.saelens import load_dictionary
     from saetrain.inspect.units import collect_all, units_of

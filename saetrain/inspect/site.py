@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saetrain.export.atomic import atomic_write_bytes
+from saetrain.atomic import atomic_write_bytes
 
 INDEX = "index.html"
 DICTIONARY_PAGE = "dictionary.html"

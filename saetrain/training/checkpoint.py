@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from saetrain.atomic import _fsync_dir
 from saetrain.distributed.collectives import barrier
 from saetrain.distributed.world import World
 from saetrain.errors import ConfigError
 from saetrain.errors import TrainingDiverged as TrainingDiverged  # re-exported (the old home)
 from saetrain.errors import TrainingInterrupted as TrainingInterrupted  # re-exported
-from saetrain.export.atomic import _fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,10 +24,8 @@ from saetrain.errors import ConfigError, TrainingInterrupted
 from saetrain.progress import phase
 from saetrain.training.finetune import Start, start_fvu, start_weights_
 from saetrain.training.initialization import block_normalization_scales, initial_b_dec
+from saetrain.training.latent_shard import LatentShard, ShardedTrainer
 from saetrain.training.trainer import Trainer, TrainState
-
-if TYPE_CHECKING:
-    from saetrain.distributed.latent_shard import LatentShard
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +93,6 @@ def prepare_trainer(
             _initial_b_dec(dictionary, y, scale_out, dict_cfg.b_dec_init, where)
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
     if shard is not None:
-        from saetrain.distributed.latent_shard import ShardedTrainer
-
         local = shard.split(dictionary).to(device)
         return ShardedTrainer(
             local, trainer_cfg, scale_in, total_steps, shard, target_scale=scale_out, name=name
@@ -134,8 +129,6 @@ def restore_trainer(
     this rank's latents only (its own part of the checkpoint)."""
     total_steps = max(trainer_cfg.total_tokens // trainer_cfg.batch_tokens, 1)
     if shard is not None:
-        from saetrain.distributed.latent_shard import ShardedTrainer
-
         local_cfg = dataclasses.replace(dict_cfg, n_latents=shard.n_local)
         dictionary = build_dictionary(local_cfg, d_in, d_out, device, None, transcoder)
         trainer: Trainer = ShardedTrainer(

@@ -32,8 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from saetrain.atomic import atomic_write_json
 from saetrain.errors import ConfigError, RunFolderLocked, RunStopped
-from saetrain.export.atomic import atomic_write_json
 from saetrain.progress import current_phase
 from saetrain.training.checkpoint import StopRequest, list_checkpoints
 

@@ -61,7 +61,7 @@ class Trainer:
     several sites has one scale per column (each site's own, see block_normalization_scales).
 
     The forward, the gradient clipping and the logged batch statistics are methods of their own
-    so that a dictionary split over ranks (saetrain/distributed/latent_shard.py) can make them
+    so that a dictionary split over ranks (saetrain/training/latent_shard.py) can make them
     global; everything else is the same loop.
     """
 

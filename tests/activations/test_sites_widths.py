@@ -31,10 +31,11 @@ from saetrain.config import (
     TrainerConfig,
 )
 from saetrain.errors import ConfigError
-from saetrain.evaluate import evaluate_path, site_from_tl_hook
+from saetrain.evaluate import evaluate_path
+from saetrain.evaluation.folder import site_from_tl_hook
 from saetrain.export.saelens import load_dictionary
 from saetrain.run import run
-from saetrain.tiny_llama import build_corpus, build_tiny_llama
+from saetrain.synthetic.tiny_llama import build_corpus, build_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

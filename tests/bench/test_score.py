@@ -7,7 +7,7 @@ import torch
 
 from saetrain.bench.score import score_rows
 from saetrain.dictionaries.topk import TopKSAE
-from saetrain.synthetic import SyntheticConfig, SyntheticFeatures
+from saetrain.synthetic.features import SyntheticConfig, SyntheticFeatures
 
 
 def test_a_perfect_decoder_scores_mcc_one():

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.distributed import World, init_world
 from saetrain.distributed.data_parallel import DataParallel
-from saetrain.distributed.latent_shard import LatentShard, ShardedTrainer
 from saetrain.distributed.sharding import row_share
 from saetrain.errors import ConfigError
 from saetrain.training.fit import fold, prepare_trainer, restore_trainer, train_together
+from saetrain.training.latent_shard import LatentShard, ShardedTrainer
 from tests.helpers.distributed import _torchrun, run_ranks
 
 D, B, STEPS, INIT, N_LATENTS = 16, 64, 6, 2, 64

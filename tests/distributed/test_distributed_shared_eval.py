@@ -14,8 +14,8 @@ import torch
 from saetrain.activations.tokens import TokenBatch
 from saetrain.dictionaries.base import SparseCodes
 from saetrain.distributed import World
-from saetrain.distributed.shared_eval import my_contexts
 from saetrain.evaluation.metrics import ReconstructionStats
+from saetrain.evaluation.shared_eval import my_contexts
 
 
 def _rows(seed: int, n: int, offset: float) -> tuple[torch.Tensor, torch.Tensor, SparseCodes]:

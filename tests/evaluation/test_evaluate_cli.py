@@ -36,7 +36,7 @@ from saetrain.evaluate import (
 )
 from saetrain.evaluation.density import density_summary, plot_density
 from saetrain.run import run
-from saetrain.tiny_llama import build_corpus, build_tiny_llama
+from saetrain.synthetic.tiny_llama import build_corpus, build_tiny_llama
 
 EVAL_OVERRIDES = ["eval.n_tokens=256", "eval.batch_contexts=8", "eval.ce_contexts=8"]
 COMPARED = ("fvu", "fvu_zero_baseline", "mse", "l0", "never_fired_fraction", "never_fired_tokens",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from saetrain.atomic import atomic_write_bytes
 from saetrain.dictionaries import TopKSAE
-from saetrain.export.atomic import atomic_write_bytes
 from saetrain.export.saelens import CFG_FILE, WEIGHTS_FILE, load_dictionary, save_dictionary
 
 META = {"model_name": "m", "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3}

@@ -46,7 +46,7 @@ from saetrain.export.circuit_tracer import (  # noqa: E402
     write_clt,
     write_transcoder_set,
 )
-from saetrain.tiny_llama import build_word_tokenizer  # noqa: E402
+from saetrain.synthetic.tiny_llama import build_word_tokenizer  # noqa: E402
 
 TOLERANCE = 1e-5
 

@@ -46,7 +46,7 @@ from saetrain.config import (  # noqa: E402
 from saetrain.dictionaries import SparseCodes  # noqa: E402
 from saetrain.export.saelens import load_dictionary  # noqa: E402
 from saetrain.run import run  # noqa: E402
-from saetrain.tiny_llama import build_corpus, build_tiny_llama  # noqa: E402
+from saetrain.synthetic.tiny_llama import build_corpus, build_tiny_llama  # noqa: E402
 
 
 def tl_llama(hf: Any) -> Any:

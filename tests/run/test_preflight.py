@@ -20,7 +20,8 @@ from saetrain.config import (
     TrainerConfig,
 )
 from saetrain.errors import ConfigError
-from saetrain.planning.preflight import ModelShape, preflight
+from saetrain.planning.model_shape import ModelShape
+from saetrain.preflight import preflight
 from saetrain.run import run
 
 

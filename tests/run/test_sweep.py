@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from saetrain.sweep import SUMMARY_CSV, SUMMARY_MD, SUMMARY_PNG, main, summarize_sweep
-from saetrain.tiny_llama import build_corpus, build_tiny_llama
+from saetrain.synthetic.tiny_llama import build_corpus, build_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def test_synthetic_rows_score_feature_recovery(smoke):
 
 
 def test_generator_places_features_from_their_home_layer_on():
-    from saetrain.synthetic_cross_layer import CrossLayerConfig, CrossLayerSynthetic
+    from saetrain.synthetic.cross_layer import CrossLayerConfig, CrossLayerSynthetic
 
     cfg = CrossLayerConfig(n_layers=3, d=8, features_per_layer=4, active_per_layer=1.0,
                            noise_std=0.0)  # fmt: skip

@@ -27,7 +27,7 @@ from saetrain.config import (
 )
 from saetrain.errors import ConfigError
 from saetrain.export.saelens import load_dictionary
-from saetrain.planning.preflight import preflight
+from saetrain.preflight import preflight
 from saetrain.run import run
 from saetrain.training.finetune import read_start, starting_config
 from saetrain.training.fit import fold, prepare_trainer

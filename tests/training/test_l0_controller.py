@@ -6,7 +6,7 @@ import pytest
 
 from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.errors import ConfigError
-from saetrain.synthetic import SyntheticConfig, SyntheticFeatures, score_recipe
+from saetrain.synthetic.features import SyntheticConfig, SyntheticFeatures, score_recipe
 from saetrain.training.l0_controller import L0Controller
 
 

@@ -35,7 +35,7 @@ import torch
 
 from saetrain.config import DictionaryConfig, TrainerConfig
 from saetrain.evaluation.metrics import ReconstructionStats
-from saetrain.synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
+from saetrain.synthetic.features import SyntheticConfig, SyntheticFeatures, feature_recovery
 from saetrain.training.fit import fit_dictionary
 
 N_LATENTS, BATCH, STEPS = 128, 256, 1000

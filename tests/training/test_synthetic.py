@@ -7,7 +7,7 @@ import torch
 
 from saetrain.config import TrainerConfig
 from saetrain.dictionaries import TopKSAE
-from saetrain.synthetic import SyntheticConfig, SyntheticFeatures, feature_recovery
+from saetrain.synthetic.features import SyntheticConfig, SyntheticFeatures, feature_recovery
 from saetrain.training.initialization import initial_b_dec, normalization_scale
 from saetrain.training.trainer import Trainer
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from saetrain.atomic import atomic_write_json
 from saetrain.config import EvalConfig
 from saetrain.evaluation.usefulness import SuiteContext, SuiteResult
 from saetrain.evaluation.usefulness.absorption import run_absorption
 from saetrain.evaluation.usefulness.sparse_probing import run_sparse_probing
-from saetrain.export.atomic import atomic_write_json
 from saetrain.progress import emit, phase
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ from saetrain.training.schedules import default_lr
 from saetrain.training.trainer import Trainer
 
 if TYPE_CHECKING:
-    from saetrain.planning.preflight import ModelShape
+    from saetrain.planning.model_shape import ModelShape
     from saetrain.training.fit import Fitted
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ import torch
 from saetrain.activations.sites import Site
 from saetrain.activations.source import ActivationSource
 from saetrain.activations.tokens import TokenBatch
+from saetrain.atomic import atomic_write_json
 from saetrain.dictionaries import KINDS
 from saetrain.errors import CircuitTracerExportError
 from saetrain.evaluation.splice import Member, replacement_lm_metrics
-from saetrain.export.atomic import atomic_write_json
 from saetrain.export.circuit_tracer import (
     circuit_tracer_hooks,
     layer_from_dictionary,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 from saetrain.activations.model import load_model_config
 from saetrain.activations.sites import SUPPORTED_FAMILIES, Site, check_site_exists
@@ -21,43 +19,12 @@ from saetrain.config import Config, second_model
 from saetrain.dictionaries import ARCHITECTURES, latents_per_input
 from saetrain.errors import ConfigError, SiteError
 from saetrain.planning.expand import dictionary_configs
+from saetrain.planning.model_shape import ModelShape
 from saetrain.planning.site_names import base_site
 from saetrain.planning.site_patterns import site_lists
 from saetrain.training.finetune import Start, check_start_fits, read_start, starting_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a model that configs are checked against, read from its config alone."""
-
-    model_type: str
-    n_layers: int
-    d_model: int
-    # Width of the concatenated per-head attention outputs (attn_z): heads × head_dim.
-    attn_z_width: int
-    max_positions: int | None
-    # The transformers config itself, for architecture flags (e.g. a parallel residual).
-    config: Any = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def of(cls, config: Any) -> ModelShape:
-        heads = getattr(config, "num_attention_heads", None)
-        d_model = int(config.hidden_size)
-        head_dim = getattr(config, "head_dim", None) or (d_model // heads if heads else d_model)
-        return cls(
-            model_type=str(getattr(config, "model_type", None)),
-            n_layers=int(config.num_hidden_layers),
-            d_model=d_model,
-            attn_z_width=int(heads * head_dim) if heads else d_model,
-            max_positions=getattr(config, "max_position_embeddings", None),
-            config=config,
-        )
-
-    def width(self, site: Site) -> int:
-        """The width of the activation at `site` (d_model but for attn_z)."""
-        return self.attn_z_width if site.kind == "attn_z" else self.d_model
 
 
 def preflight(cfg: Config) -> ModelShape:
