@@ -58,7 +58,7 @@ def main() -> None:
     from saetrain.activations.model import load_lm, resolve_device
     from saetrain.activations.source import ActivationSource
     from saetrain.activations.tokens import TokenSource
-    from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.evaluation.folder import EvaluateConfig, resolve
     from saetrain.export.saelens import load_dictionary
     from saetrain.inspect.collect import CollectSettings, dense_codes
     from saetrain.inspect.features import write_feature_files

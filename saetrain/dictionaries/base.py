@@ -18,6 +18,7 @@ from torch import nn
 
 from saetrain.config import DictionaryConfig
 from saetrain.kernels.ops import sparse_decode
+from saetrain.planning.site_patterns import KIND_SITES
 
 
 class SparseCodes(NamedTuple):
@@ -190,14 +191,12 @@ class Dictionary(nn.Module):
     kind: ClassVar[str] = "single"
     # The architectures this kind trains (None: every one).
     kind_architectures: ClassVar[tuple[str, ...] | None] = None
-    # Reads or writes several sites: a site pattern (`mlp_in.*`) makes one such dictionary over
-    # all its layers, where a single-site kind makes one per layer (a transcoder set).
-    multi_site: ClassVar[bool] = False
-    # Its sources are its targets (a crosscoder reconstructs what it reads; also each site in a
-    # second model, model_b).
-    reconstructs_sources: ClassVar[bool] = False
-    # Predicts a later site at every layer it reads (a CLT: target `mlp_out.*` for `mlp_in.*`).
-    writes_later_layers: ClassVar[bool] = False
+    # The sites this kind reads and writes (multi_site: one dictionary over a pattern's layers;
+    # reconstructs_sources: a crosscoder; writes_later_layers: a CLT), from planning's one table
+    # (saetrain/planning/site_patterns.py), which checks site patterns before any class exists.
+    multi_site: ClassVar[bool] = KIND_SITES["single"].multi_site
+    reconstructs_sources: ClassVar[bool] = KIND_SITES["single"].reconstructs_sources
+    writes_later_layers: ClassVar[bool] = KIND_SITES["single"].writes_later_layers
     # `dictionary.n_latents` / expansion_factor count the latents of one input site (a CLT's
     # layer): the dictionary holds that many per input site (`latent_count`).
     latents_per_input: ClassVar[bool] = False

@@ -17,6 +17,12 @@ def check_dictionary(cfg: Config) -> None:
     """One dictionary's fields (`cfg` is one entry of `dictionary_configs`); the message names
     the field, the value and the valid choices."""
     choice("dictionary.architecture", cfg.dictionary.architecture, tuple(ARCHITECTURES))
+    folder = cfg.dictionary.init_from
+    if folder is not None and not KINDS[cfg.dictionary.kind].fine_tunable:
+        raise ConfigError(
+            f"dictionary.init_from={folder!r}: a run starts from a folder's SAE or transcoder "
+            f"(dictionary.kind=single), not dictionary.kind={cfg.dictionary.kind!r}"
+        )
     check_cross_layer(cfg.dictionary)
     positive("dictionary.sparsity_coefficient", cfg.dictionary.sparsity_coefficient, True)
     positive("dictionary.jumprelu_bandwidth", cfg.dictionary.jumprelu_bandwidth)

@@ -44,6 +44,7 @@ from saetrain.dictionaries.layout import CLT_ARCHITECTURES
 from saetrain.dictionaries.relu import ReLUSAE
 from saetrain.dictionaries.topk import TopKSAE, select_dead
 from saetrain.kernels.ops import encode_gather, sparse_decode
+from saetrain.planning.site_patterns import KIND_SITES
 
 
 def layer_blocked(z: torch.Tensor, support: torch.Tensor, n_layers: int) -> SparseCodes:
@@ -68,8 +69,8 @@ class CLTStructure(Dictionary):
 
     kind = "clt"
     kind_architectures = CLT_ARCHITECTURES
-    multi_site = True
-    writes_later_layers = True
+    multi_site = KIND_SITES["clt"].multi_site
+    writes_later_layers = KIND_SITES["clt"].writes_later_layers
     latents_per_input = True  # dictionary.n_latents counts one layer's
     fine_tunable = False
     shardable_kind = False

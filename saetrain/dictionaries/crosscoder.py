@@ -25,6 +25,7 @@ import torch
 from saetrain.dictionaries.base import Dictionary, LatentGroup
 from saetrain.dictionaries.layout import CROSSCODER_ARCHITECTURES, _blocks
 from saetrain.dictionaries.saelens_names import SINGLE_SITE_LOADERS
+from saetrain.planning.site_patterns import KIND_SITES
 
 
 class CrosscoderMixin(Dictionary):
@@ -32,8 +33,8 @@ class CrosscoderMixin(Dictionary):
 
     kind = "crosscoder"
     kind_architectures = CROSSCODER_ARCHITECTURES
-    multi_site = True
-    reconstructs_sources = True
+    multi_site = KIND_SITES["crosscoder"].multi_site
+    reconstructs_sources = KIND_SITES["crosscoder"].reconstructs_sources
     causal_splice = False  # a source at a later layer is read from the clean forward
     fine_tunable = False
     shardable_kind = False

@@ -16,6 +16,7 @@ from saetrain.config import Config, DictionarySpec, SiteConfig, second_model
 from saetrain.errors import ConfigError, SiteError
 from saetrain.planning.site_names import Site
 from saetrain.planning.site_patterns import (
+    KIND_SITES,
     LAYER,
     at_layer,
     check_kind,
@@ -113,7 +114,7 @@ def _expand_patterns(
             expanded.append((name, sub))
             continue
         layers = pattern_layers(sub.site, n_layers)
-        if sub.dictionary.kind != "single":  # one dictionary over all the layers
+        if KIND_SITES[sub.dictionary.kind].multi_site:  # one dictionary over all the layers
             site = dataclasses.replace(sub.site, layers=layers)
             expanded.append((name, dataclasses.replace(sub, site=site)))
             continue

@@ -12,12 +12,35 @@ or transcoder on one site is the case of one input and one target.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from saetrain.config import SiteConfig
 from saetrain.errors import ConfigError
 from saetrain.planning.site_names import SECOND
 
 LAYER = "*"
-KINDS = ("single", "crosscoder", "clt")
+
+
+@dataclass(frozen=True)
+class KindSites:
+    """What sites a `dictionary.kind` reads and writes: config vocabulary, needed before any
+    dictionary exists (the dictionary classes take their `multi_site`, `reconstructs_sources`
+    and `writes_later_layers` from here, saetrain/dictionaries/)."""
+
+    # One dictionary over every layer of a `*` pattern (else one dictionary per layer).
+    multi_site: bool
+    # Its targets are its inputs (a crosscoder); with model_b, each site in both models.
+    reconstructs_sources: bool
+    # Latents read input.ℓ and write target.ℓ' for every ℓ' ≥ ℓ (a CLT).
+    writes_later_layers: bool
+
+
+KIND_SITES: dict[str, KindSites] = {
+    "single": KindSites(multi_site=False, reconstructs_sources=False, writes_later_layers=False),
+    "crosscoder": KindSites(multi_site=True, reconstructs_sources=True, writes_later_layers=False),
+    "clt": KindSites(multi_site=True, reconstructs_sources=False, writes_later_layers=True),
+}
+KINDS = tuple(KIND_SITES)
 
 
 def has_pattern(site: SiteConfig) -> bool:
@@ -62,19 +85,20 @@ def check_kind(kind: str, site: SiteConfig, two_models: bool = False) -> None:
             f"site.layers={list(site.layers)} needs a `*` in site.input (e.g. site.input=mlp_in.*) "
             f"to stand for those layers; site.input={site.input!r}"
         )
+    rules = KIND_SITES[kind]
     fixed_target = site.target is not None and LAYER not in site.target
-    if LAYER in site.input and fixed_target and kind != "crosscoder":
+    if LAYER in site.input and fixed_target and not rules.reconstructs_sources:
         raise ConfigError(
             f"site.target={site.target!r} has no `*` while site.input={site.input!r} has: every "
             "layer's dictionary would predict that one site (a later layer's backwards); write "
             "the target with a `*` too (e.g. site.target=mlp_out.*)"
         )
-    if two_models and kind != "crosscoder":
+    if two_models and not rules.reconstructs_sources:
         raise ConfigError(
             f"model_b is read by crosscoders only (each site in both models, for model diffing); "
             f"dictionary.kind={kind!r}: set dictionary.kind=crosscoder or clear model_b.name"
         )
-    if kind == "single":
+    if not rules.multi_site:
         return
     if LAYER not in site.input and not two_models:
         raise ConfigError(
@@ -83,12 +107,13 @@ def check_kind(kind: str, site: SiteConfig, two_models: bool = False) -> None:
             f"site.input={site.input!r}"
         )
     target = site.target
-    if kind == "crosscoder" and target is not None and target != site.input:
+    if rules.reconstructs_sources and target is not None and target != site.input:
         raise ConfigError(
             f"dictionary.kind=crosscoder reconstructs its sources: leave site.target null "
             f"(got site.target={target!r})"
         )
-    if kind == "clt" and (target is None or LAYER not in target or target == site.input):
+    wrong_target = target is None or LAYER not in target or target == site.input
+    if rules.writes_later_layers and wrong_target:
         raise ConfigError(
             "dictionary.kind=clt predicts a later site at every layer: set site.target with a `*` "
             f"(e.g. site.input=mlp_in.* site.target=mlp_out.*); got site.target={target!r}"
@@ -108,14 +133,15 @@ def site_lists(
     the same sites of model b, `<site>@b`); for an SAE the one target is its input. The `*` must
     already stand for concrete layers (`site.layers` set: dictionary_configs does it).
     """
-    if kind == "single":
+    rules = KIND_SITES[kind]
+    if not rules.multi_site:
         return [site.input], [site.target or site.input]
     if LAYER in site.input:
         assert site.layers is not None, "site.layers is resolved by dictionary_configs"
         inputs = [at_layer(site.input, layer) for layer in site.layers]
     else:
         inputs = [site.input]
-    if kind == "crosscoder":
+    if rules.reconstructs_sources:
         if two_models:
             inputs = inputs + [name + SECOND for name in inputs]
         return inputs, list(inputs)

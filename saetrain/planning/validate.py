@@ -174,11 +174,6 @@ def _check_init_from(cfg: Config) -> None:
     where = f"dictionary.init_from={folder!r}"
     if not folder.strip():
         raise ConfigError(f"{where} is empty; name a dictionary folder, or null for a new one")
-    if cfg.dictionary.kind != "single":
-        raise ConfigError(
-            f"{where}: a run starts from a folder's SAE or transcoder (dictionary.kind=single), "
-            f"not dictionary.kind={cfg.dictionary.kind!r}"
-        )
     if has_pattern(cfg.site):
         raise ConfigError(
             f"{where} names one dictionary, but site.input={cfg.site.input!r} trains one per "

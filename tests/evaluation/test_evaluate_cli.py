@@ -32,9 +32,9 @@ from saetrain.evaluate import (
     METRICS_FILE,
     evaluate_path,
     main,
-    site_from_tl_hook,
 )
 from saetrain.evaluation.density import density_summary, plot_density
+from saetrain.evaluation.folder import site_from_tl_hook
 from saetrain.run import run
 from saetrain.synthetic.tiny_llama import build_corpus, build_tiny_llama
 
@@ -235,7 +235,7 @@ def test_folder_naming_no_dataset_reads_the_default_text(trained, tiny, tmp_path
     import sysconfig
 
     from saetrain.activations.tokens import expand_data_files
-    from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.evaluation.folder import EvaluateConfig, resolve
 
     model, _ = tiny
     folder = _as_foreign(
@@ -255,7 +255,7 @@ def test_folder_naming_no_dataset_reads_the_default_text(trained, tiny, tmp_path
 def test_folder_without_run_record_loads_the_runs_model(trained, tmp_path):
     """cfg.json's metadata says how the model was loaded (a GGUF package, a revision), so the
     folder resolves to the run's model group without its saetrain_run.json."""
-    from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.evaluation.folder import EvaluateConfig, resolve
 
     meta = json.loads((trained.dictionary_dir / "cfg.json").read_text())["metadata"]
     run_model = json.loads((trained.dictionary_dir / "saetrain_run.json").read_text())["config"][

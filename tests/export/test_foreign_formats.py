@@ -222,7 +222,7 @@ def test_a_folder_of_no_format_names_every_layout(tmp_path: Path) -> None:
 
 
 def test_evaluate_reads_where_a_sparsify_run_was_trained() -> None:
-    from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.evaluation.folder import EvaluateConfig, resolve
 
     r = resolve(EvaluateConfig(path=str(FIXTURES / "sparsify" / "run" / "layers.3")))
     assert r.model.name == "HuggingFaceTB/SmolLM2-135M"
@@ -252,7 +252,7 @@ def test_evaluate_names_the_fields_a_foreign_folder_lacks(
 
 
 def test_evaluate_takes_the_fields_from_the_command_line() -> None:
-    from saetrain.evaluate import EvaluateConfig, resolve
+    from saetrain.evaluation.folder import EvaluateConfig, resolve
 
     cfg = EvaluateConfig(path=str(FIXTURES / "sparsify" / "topk"))
     cfg.model.name = "some/model"
