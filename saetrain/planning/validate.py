@@ -13,7 +13,7 @@ from saetrain.config import Config, second_model
 from saetrain.errors import ConfigError, SiteError
 from saetrain.planning.expand import dictionary_configs
 from saetrain.planning.site_names import Site, forward_position
-from saetrain.planning.site_patterns import at_layer, check_kind, has_pattern
+from saetrain.planning.site_patterns import KIND_SITES, at_layer, check_kind, has_pattern
 
 DTYPES = ("float32", "bfloat16", "float16")
 # float16 parameters underflow Adam's epsilon and updates (NaN within a few steps).
@@ -174,7 +174,7 @@ def _check_init_from(cfg: Config) -> None:
     where = f"dictionary.init_from={folder!r}"
     if not folder.strip():
         raise ConfigError(f"{where} is empty; name a dictionary folder, or null for a new one")
-    if has_pattern(cfg.site):
+    if has_pattern(cfg.site) and not KIND_SITES[cfg.dictionary.kind].multi_site:
         raise ConfigError(
             f"{where} names one dictionary, but site.input={cfg.site.input!r} trains one per "
             "layer; give each layer its own `dictionaries` entry with its dictionary.init_from"
