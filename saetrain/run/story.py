@@ -51,9 +51,9 @@ def _story(
     guard: RunGuard,
     dp: DataParallel,
 ) -> RunResult:
+    started = time.time()
     # Plan: the config checked against the model's config and the data, before any weights load.
     cfg, shape = checked(cfg, dp)
-    started = time.time()
     # The run folder: fresh, resumed from its last checkpoint, or finished (left as it is).
     begun = begin(cfg, output_dir, outputs_root, guard, dp)
     if begun.finished is not None:

@@ -175,10 +175,9 @@ def train(setup: Setup, feed: Feed) -> Trained:
 def _make_trainers(setup: Setup, feed: Feed) -> None:
     """A trainer for each job this rank trains: a fresh run's initialized from the first rows
     (every rank's share: the same samples on every rank), a resumed run's from the checkpoint."""
-    cfg, checkpoint, jobs, dp, device = (
-        setup.cfg, setup.checkpoint, setup.jobs, setup.dp, setup.device
-    )  # fmt: skip
-    if checkpoint is None:
+    cfg, checkpoint, jobs = setup.cfg, setup.checkpoint, setup.jobs
+    dp, device = setup.dp, setup.device
+    if checkpoint is None:  # every rank's share: the same samples on every rank
         samples = dp.gather(feed.buffer.peek(cfg.trainer.init_batches * feed.batch_tokens))
     for i, job in enumerate(jobs):
         name = job.name if len(jobs) > 1 else ""
