@@ -46,7 +46,7 @@ Codes = SparseCodes | torch.Tensor
 
 
 class LatentSplit(Protocol):
-    """What a dictionary whose latents are split over ranks needs (saetrain/distributed/
+    """What a dictionary whose latents are split over ranks needs (saetrain/training/
     latent_shard.py): sums over latents made whole, its encoder input's gradient summed, and the
     exchanges a selection over latents makes (the dictionary's own training_forward selects with
     them, so one step serves one process and a shard)."""

@@ -45,7 +45,7 @@ MAY_DIFFER = (
     "cache.verify",
     "cache.shard_tokens",
     # The timeout, and how dictionaries are assigned to ranks (a resume that assigns them
-    # otherwise finds a state missing and says so: run.py).
+    # otherwise finds a state missing and says so: run/train_loop.py).
     "distributed.",
 )
 # Not in MAY_DIFFER: cache.dir. The stream position counts cached chunks and contexts of that

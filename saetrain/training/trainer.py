@@ -13,6 +13,7 @@ import torch
 from saetrain.config import TrainerConfig
 from saetrain.dictionaries.base import (
     Dictionary,
+    LatentSplit,
     Scale,
     TrainOutput,
     active_count,
@@ -68,6 +69,9 @@ class Trainer:
     # Whether every rank checkpoints its own state of this trainer (a latent shard), rather than
     # one rank the whole of it.
     state_per_rank: bool = False
+    # This rank's part of the dictionary's latents when they are split over ranks (a
+    # ShardedTrainer sets it); None: the trainer holds the whole dictionary.
+    shard: LatentSplit | None = None
 
     def __init__(
         self,

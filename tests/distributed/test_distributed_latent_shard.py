@@ -316,17 +316,18 @@ def test_a_sharded_run_resumes_exactly(sharded_run, tiny_model, corpus, tmp_path
 def _refused(cfg, out: str) -> str:
     """run() with an LM that must not load; the ConfigError's message."""
     import saetrain.run as R
+    import saetrain.run.load as load_module  # where run() looks load_lm up
 
     def no_lm(*args, **kwargs):
         raise AssertionError("the LM was loaded before the config was refused")
 
-    real, R.load_lm = R.load_lm, no_lm
+    real, load_module.load_lm = load_module.load_lm, no_lm
     try:
         R.run(cfg, out)
     except ConfigError as e:
         return str(e)
     finally:
-        R.load_lm = real  # later tests load it
+        load_module.load_lm = real  # later tests load it
     raise AssertionError("not refused")
 
 

@@ -123,10 +123,10 @@ def test_run_evaluates_a_transcoder_set_in_one_pass(tiny_model, corpus, tmp_path
             "eval.splice_each=false", "logger.log_every=100",
         ]
     )  # fmt: skip
-    import saetrain.run as run_module
+    import saetrain.run.finish as finish_module  # where run() looks evaluate_dictionaries up
 
     calls: list[int] = []
-    real = run_module.evaluate_dictionaries
+    real = finish_module.evaluate_dictionaries
 
     def counting(source, members, batches, **kwargs):
         forwards = [0]
@@ -142,7 +142,7 @@ def test_run_evaluates_a_transcoder_set_in_one_pass(tiny_model, corpus, tmp_path
         return out
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(run_module, "evaluate_dictionaries", counting)
+    mp.setattr(finish_module, "evaluate_dictionaries", counting)
     try:
         result = run(cfg, tmp_path)
     finally:

@@ -133,7 +133,7 @@ def test_layers_out_of_range_are_refused_before_the_lm_loads(tiny_model, corpus,
     def no_load(*args, **kwargs):
         raise AssertionError("the LM was loaded before the layers were checked")
 
-    monkeypatch.setattr("saetrain.run.load_lm", no_load)
+    monkeypatch.setattr("saetrain.run.load.load_lm", no_load)
     with pytest.raises(ConfigError) as info:
         run(cfg, tmp_path / "out")
     msg = str(info.value)
@@ -159,7 +159,7 @@ def test_bad_layer_lists_are_refused_before_the_lm_loads(tiny_model, corpus, tmp
     def no_load(*args, **kwargs):
         raise AssertionError("the LM was loaded before the layers were checked")
 
-    monkeypatch.setattr("saetrain.run.load_lm", no_load)
+    monkeypatch.setattr("saetrain.run.load.load_lm", no_load)
     with pytest.raises(ConfigError, match=r"site\.layers=\["):
         run(cfg, tmp_path / "out")
 
@@ -174,7 +174,7 @@ def test_pattern_expanding_to_a_backward_transcoder_is_refused_before_the_lm_loa
     def no_load(*args, **kwargs):
         raise AssertionError("the LM was loaded: the backward transcoder was not refused")
 
-    monkeypatch.setattr("saetrain.run.load_lm", no_load)
+    monkeypatch.setattr("saetrain.run.load.load_lm", no_load)
     with pytest.raises(ConfigError, match="site.target"):
         cfg = saetrain.config_from_overrides(
             _tiny_overrides(tiny_model, corpus)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import saetrain.run as run_module
+import saetrain.run.load as load_module  # where run() looks load_lm up
 from saetrain.config import (
     BufferConfig,
     Config,
@@ -44,7 +44,7 @@ def no_lm(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the LM was loaded before the bad input was found")
 
-    monkeypatch.setattr(run_module, "load_lm", refuse)
+    monkeypatch.setattr(load_module, "load_lm", refuse)
 
 
 def test_shape_is_read_from_the_config_alone(tiny_model, corpus):

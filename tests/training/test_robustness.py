@@ -190,10 +190,11 @@ def test_resume_false_means_no_resume(tiny_model, corpus, tmp_path):
 
 
 def test_loggers_are_closed_when_evaluation_fails(tiny_model, corpus, tmp_path, monkeypatch):
-    import saetrain.run as run_module
+    import saetrain.run.finish as finish_module  # where run() looks evaluate_dictionaries up
+    import saetrain.run.load as load_module  # where run() looks open_logger up
 
     opened = []
-    real_open = run_module.open_logger
+    real_open = load_module.open_logger
 
     def open_logger(*args, **kwargs):
         logger = real_open(*args, **kwargs)
@@ -203,8 +204,8 @@ def test_loggers_are_closed_when_evaluation_fails(tiny_model, corpus, tmp_path, 
     def failing_eval(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(run_module, "open_logger", open_logger)
-    monkeypatch.setattr(run_module, "evaluate_dictionaries", failing_eval)
+    monkeypatch.setattr(load_module, "open_logger", open_logger)
+    monkeypatch.setattr(finish_module, "evaluate_dictionaries", failing_eval)
     cfg = _config(tiny_model, corpus, "topk", None)
     cfg = replace(cfg, trainer=replace(cfg.trainer, total_tokens=512))
     with pytest.raises(RuntimeError, match="evaluation failed"):

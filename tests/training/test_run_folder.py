@@ -60,10 +60,10 @@ def test_a_second_process_on_a_locked_run_folder_is_refused_with_the_pid(
 def test_the_lock_is_held_while_a_run_writes_and_released_after(
     tiny_model, corpus, tmp_path, monkeypatch
 ):
-    import saetrain.run as run_module
+    import saetrain.run.load as load_module  # where run() looks load_lm up
 
     seen: list[str] = []
-    real = run_module.load_lm
+    real = load_module.load_lm
 
     def load_lm(*args, **kwargs):
         with pytest.raises(RunFolderLocked) as e:
@@ -71,7 +71,7 @@ def test_the_lock_is_held_while_a_run_writes_and_released_after(
         seen.append(str(e.value))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "load_lm", load_lm)
+    monkeypatch.setattr(load_module, "load_lm", load_lm)
     cfg = _cfg(tiny_model, corpus)
     run(replace(cfg, trainer=replace(cfg.trainer, total_tokens=512)), tmp_path)
     assert len(seen) == 1 and f"pid {os.getpid()} on " in seen[0]
