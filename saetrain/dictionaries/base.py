@@ -178,7 +178,7 @@ class Dictionary(nn.Module):
     penalised: ClassVar[bool] = False
     # Its latents come in nested prefixes (dictionary.matryoshka_prefixes; the last must be all).
     nested_prefixes: ClassVar[bool] = False
-    # How distributed.shard_latents splits the latents over ranks (saetrain/distributed/
+    # How distributed.shard_latents splits the latents over ranks (saetrain/training/
     # latent_shard.py): "selection" (the TopK selection is made over the shards there), "sums"
     # (an elementwise activation: only its sums over latents are made whole, through
     # `latent_split`), or None (not split: Matryoshka's nested prefixes).
