@@ -13,7 +13,7 @@ import torch
 
 from saetrain.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.dictionaries import TopKSAE
-from saetrain.export import atomic
+from saetrain import atomic
 from saetrain.export.saelens import load_dictionary, save_dictionary
 
 OLD = b"the good old contents\n" * 100
