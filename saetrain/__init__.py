@@ -7,6 +7,7 @@ the folder beside it. Neither folder has an `__init__.py`: a bare `import kernel
 PyPI, probed by transformers) must never find the project's kernels.
 """
 
+from importlib import import_module as _import_module
 from pathlib import Path as _Path
 
 __version__ = "0.1.0"
@@ -40,10 +41,8 @@ __all__ = ["config_dir", *_API, *_CONFIG]
 
 def __getattr__(name: str):
     if name in _API or name in _CONFIG:
-        from importlib import import_module
-
         value = getattr(
-            import_module(_HOME.get(name, "saetrain.api" if name in _API else "saetrain.config")),
+            _import_module(_HOME.get(name, "saetrain.api" if name in _API else "saetrain.config")),
             name,
         )
         globals()[name] = value

@@ -23,14 +23,13 @@ from saetrain.errors import (
     TrainingInterrupted,
     train_exit_code,
 )
+from saetrain.run import run
 
 register_configs()
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base=None)
 def _main(node: DictConfig) -> dict[str, float]:
-    from saetrain.run import run
-
     try:
         cfg = to_config(node)
         hydra = HydraConfig.get()

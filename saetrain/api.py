@@ -15,27 +15,41 @@ give the same config, the same checks, the same folders and the same numbers:
 - `collect_activations(sites, n_tokens, cfg)` streams a dataset's activations in batches (a
   run's training stream or held-out split), `gather_activations` collects them into tensors.
 
-Nothing heavy is imported at module level: `import saetrain` stays cheap.
+`import saetrain` imports this module on first use of one of its names (saetrain/__init__.py),
+so torch, Hydra and the rest of saetrain load here without making `import saetrain` slower.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from saetrain import config_dir
+from saetrain.activations.cache import ActivationCache, activation_key_fields
+from saetrain.activations.collect import check_request, collect
+from saetrain.activations.model import TORCH_DTYPES, load_lm, resolve_device
+from saetrain.activations.sites import canonical_site_name
+from saetrain.activations.source import ActivationSource
+from saetrain.activations.tokens import TokenSource, check_dataset
+from saetrain.checks import to_config
+from saetrain.config import Config, DataConfig, ModelConfig, register_configs
+from saetrain.dictionaries.base import Dictionary
 from saetrain.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
-
-    from saetrain.config import Config, DataConfig, ModelConfig
-    from saetrain.dictionaries.base import Dictionary
+from saetrain.export.saelens import load_dictionary
+from saetrain.run import run
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +61,6 @@ def config_from_overrides(overrides: Sequence[str] = ()) -> Config:
     `+experiment=gemma_l12`). A key Hydra cannot compose (unknown, wrong type, missing group
     file) and a value `validate` refuses both raise `ConfigError` with the message the CLI prints.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from saetrain import config_dir
-    from saetrain.checks import to_config
-    from saetrain.config import register_configs
-
     register_configs()
     try:
         # The context restores any Hydra state that was there before (e.g. inside a Hydra app).
@@ -80,14 +86,6 @@ def check(cfg: Config) -> Config:
     Returns a fresh Config with interpolations (`${stdlib:}`) resolved and `dictionaries`
     entries given as mappings turned into DictionarySpec; raises ConfigError naming the field.
     """
-    import dataclasses
-
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from saetrain.checks import to_config
-    from saetrain.config import Config
-
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a saetrain Config, got {type(cfg).__name__}")
     try:
@@ -154,9 +152,6 @@ def train(
     configured (a notebook); training can be stopped with Ctrl-C / interrupt, which writes a
     checkpoint and raises TrainingInterrupted.
     """
-    from saetrain.activations.model import resolve_device
-    from saetrain.run import run
-
     cfg = config_from_overrides(cfg) if _is_overrides(cfg) else check(cfg)  # type: ignore[arg-type]
     outputs_root = Path.cwd() / "outputs"
     if output_dir is None:
@@ -216,11 +211,6 @@ def load(
     `ln2.hook_normalized` stays on TransformerLens's tensor, before the norm's weight (the
     evaluate and inspect commands rewrite it with the model's norm: export/norm_space.py).
     """
-    import torch
-
-    from saetrain.activations.model import TORCH_DTYPES
-    from saetrain.export.saelens import load_dictionary
-
     dictionary = load_dictionary(folder, device).requires_grad_(False)  # for inference
     if dtype is not None:
         if isinstance(dtype, str):
@@ -251,11 +241,6 @@ def read_activations(
     `tokenizer(text, add_special_tokens=False)` and are what a dictionary trained on the site
     saw. `model` defaults to the default job's model (`ModelConfig()`).
     """
-    import torch
-
-    from saetrain.activations.source import ActivationSource
-    from saetrain.config import ModelConfig
-
     lm, tokenizer = _lm(model if model is not None else ModelConfig())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -270,8 +255,6 @@ def read_activations(
 
 def _lm(model: ModelConfig) -> tuple[Any, Any]:
     """The LM and tokenizer of `model`, loaded once per config and device."""
-    from saetrain.activations.model import load_lm, resolve_device
-
     device = resolve_device(model.device)
     key = f"{model!r}@{device}"
     if key not in _LMS:
@@ -303,10 +286,6 @@ def collect_activations(
     holds one batch and one LM batch, and the LM runs only as far as the batches taken. Progress
     lines (rows, rate, ETA) print where logging is not configured (`verbose`).
     """
-    from saetrain.activations.collect import check_request
-    from saetrain.activations.sites import canonical_site_name
-    from saetrain.activations.tokens import check_dataset
-
     names = [sites] if isinstance(sites, str) else list(sites)
     check_request(names, n_tokens, split, batch_rows)
     names = [canonical_site_name(site) for site in names]  # an unknown site fails now
@@ -319,12 +298,6 @@ def _collected(
     cfg: Config, sites: list[str], n_tokens: int, split: str, batch_rows: int, verbose: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
     """collect_activations's batches: the LM loads at the first one."""
-    from saetrain.activations.cache import ActivationCache, activation_key_fields
-    from saetrain.activations.collect import collect
-    from saetrain.activations.model import TORCH_DTYPES
-    from saetrain.activations.source import ActivationSource
-    from saetrain.activations.tokens import TokenSource
-
     dtype = TORCH_DTYPES[cfg.buffer.dtype]
     with _progress_to_stdout(verbose):
         lm, tokenizer = _lm(cfg.model)
@@ -349,8 +322,6 @@ def _request_config(
     cache_dir: str | Path | None,
 ) -> Config:
     """The run config whose stream `collect_activations` reads, with the caller's replacements."""
-    import dataclasses
-
     if cfg is None:
         cfg = config_from_overrides([])
     elif _is_overrides(cfg):
@@ -375,8 +346,6 @@ def gather_activations(
     """`collect_activations` gathered into one [rows, width] tensor per site (rows ≤ n_tokens,
     fewer only where the held-out split ends): memory is the budget n_tokens × width (per site)
     and one batch. The keyword arguments are collect_activations's."""
-    import torch
-
     out: dict[str, torch.Tensor] = {}
     filled = 0
     for batch in collect_activations(sites, n_tokens, cfg, **kwargs):

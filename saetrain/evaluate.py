@@ -37,18 +37,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from saetrain.activations.model import load_lm, resolve_device
+from saetrain.activations.paired import PairedSource, check_same_tokenizer, split_sites
+from saetrain.activations.source import ActivationSource
+from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
 from saetrain.atomic import atomic_write_bytes, atomic_write_json
-from saetrain.config import SiteConfig
+from saetrain.checks import validate
+from saetrain.config import Config, DictionaryConfig, SiteConfig
 from saetrain.dictionaries import KINDS
 from saetrain.errors import ConfigError
-from saetrain.evaluation.density import density_summary, plot_density
+from saetrain.evaluation.density import count_firing, density_summary, plot_density
+from saetrain.evaluation.evaluate import evaluate_dictionary
 from saetrain.evaluation.folder import (
     EvaluateConfig,
     ResolvedEvaluation,
     from_dict,
     resolve,
 )
-from saetrain.export.saelens import RUN_FILE
+from saetrain.evaluation.usefulness import SuiteContext
+from saetrain.evaluation.usefulness.suites import evaluate_usefulness
+from saetrain.export.extras import kind_metrics
+from saetrain.export.norm_space import foreign_to_model_space_
+from saetrain.export.saelens import RUN_FILE, load_dictionary
 from saetrain.folder_cli import compose_schema, folder_main
 
 log = logging.getLogger(__name__)
@@ -73,16 +83,6 @@ class EvaluationReport:
 def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> EvaluationReport:
     """Evaluate the dictionary at `cfg.path`; `explicit` holds the dotted keys (`model.device`,
     or a whole group `eval`) whose values in `cfg` replace the folder's settings."""
-    from saetrain.activations.model import load_lm, resolve_device
-    from saetrain.activations.source import ActivationSource
-    from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-    from saetrain.checks import validate
-    from saetrain.config import Config, DictionaryConfig
-    from saetrain.evaluation.density import count_firing
-    from saetrain.evaluation.evaluate import evaluate_dictionary
-    from saetrain.export.norm_space import foreign_to_model_space_
-    from saetrain.export.saelens import load_dictionary
-
     r = resolve(cfg, explicit)
     # The shared validation, on a run config holding the evaluation's groups.
     if not KINDS[r.kind].multi_site:
@@ -121,8 +121,6 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     model, tokenizer = load_lm(r.model, device)
     sites = r.inputs + r.targets if transcoder else r.inputs
     if r.model_b is not None:  # model diffing: both models on the same tokens
-        from saetrain.activations.paired import PairedSource, check_same_tokenizer, split_sites
-
         model_b, tokenizer_b = load_lm(dataclasses.replace(r.model_b, device=r.model.device),
                                        device)  # fmt: skip
         check_same_tokenizer(tokenizer, tokenizer_b, r.model.name, r.model_b.name)
@@ -167,8 +165,6 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
         counter = count_firing(codes, dictionary.n_latents)
     frequencies = counter.frequencies()
     metrics |= density_summary(frequencies, r.dense_threshold)
-    from saetrain.export.extras import kind_metrics
-
     metrics |= kind_metrics(dictionary, r.inputs)  # a crosscoder's decoder-norm shares
     carried = training_window_metrics(r.folder)
     metrics |= carried
@@ -176,9 +172,6 @@ def evaluate(cfg: EvaluateConfig, explicit: AbstractSet[str] = frozenset()) -> E
     r.output_dir.mkdir(parents=True, exist_ok=True)
     notes: dict[str, list[str]] = {}
     if r.eval.suite:  # usefulness suites (eval.suite): metrics, and SAEBench files beside ours
-        from saetrain.evaluation.usefulness import SuiteContext
-        from saetrain.evaluation.usefulness.suites import evaluate_usefulness
-
         ctx = SuiteContext(model, tokenizer, dictionary, source, r.inputs, r.model.name,
                            r.folder.name, device, r.seed, r.output_dir)  # fmt: skip
         found, notes = evaluate_usefulness(ctx, r.eval)

@@ -8,7 +8,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from hydra import compose, initialize
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from saetrain.errors import BAD_INPUT, EXIT_BAD_INPUT, EXIT_OK
+from saetrain.planning.keys import check_known_keys
 
 T = TypeVar("T")
 
@@ -16,14 +25,6 @@ T = TypeVar("T")
 def compose_schema(schema: type[T], name: str, overrides: Sequence[str]) -> tuple[T, set[str]]:
     """`schema` (a dataclass, stored in Hydra's ConfigStore as `name`) composed with the
     command-line overrides, unknown keys refused; also the keys the overrides set."""
-    from hydra import compose, initialize
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    from saetrain.planning.keys import check_known_keys
-
     ConfigStore.instance().store(name=name, node=schema)
     overrides = list(overrides)
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -45,9 +46,6 @@ def folder_main(
     act: Callable[[Any, set[str]], object],
 ) -> int:
     """The command: usage on -h/--help; 0 on success; 2 on bad input, with `prog: error: …`."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(usage)

@@ -102,7 +102,7 @@ class WandbLogger:
     """Scalars, density histograms and final metrics to Weights & Biases (`prefix/` keys)."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], prefix: str):
-        try:
+        try:  # wandb is optional (saetrain[wandb]) and slow to import: only this logger needs it
             import wandb
         except ImportError:
             raise ConfigError(

@@ -12,7 +12,8 @@ callback registered in configs/config.yaml) reads every job's swept values from
 
 `summarize_sweep(folder)` (or `python -m saetrain.sweep <folder>`) does the same by hand, e.g. for a
 sweep whose jobs ran elsewhere (SLURM) or were interrupted. This module imports neither torch nor
-the rest of saetrain: Hydra instantiates the callback in every run.
+saetrain's heavier modules (only errors.py and atomic.py): Hydra instantiates the callback in
+every run.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from saetrain.atomic import atomic_write_bytes
 from saetrain.errors import EXIT_BAD_INPUT, EXIT_OK
 
 log = logging.getLogger(__name__)
@@ -86,9 +89,6 @@ class JobResult:
 
 def _parse_overrides(path: Path) -> dict[str, str]:
     """`key=value` strings of a job's overrides.yaml, as written on the command line."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
     lines = OmegaConf.to_container(OmegaConf.load(path))
     if not isinstance(lines, list):
         raise ValueError(f"{path} is not a list of overrides")
@@ -235,7 +235,7 @@ def render_markdown(jobs: list[JobResult], folder: Path) -> str:
 
 def plot_sweep(jobs: list[JobResult], path: Path, swept: list[str]) -> Path | None:
     """FVU and ΔCE against L0, one labelled point per dictionary; None without matplotlib."""
-    try:
+    try:  # matplotlib is imported here: it takes half a second, and only this plot needs it
         import matplotlib
 
         matplotlib.use("Agg")
@@ -290,8 +290,6 @@ def summarize_sweep(folder: str | Path) -> Path:
             f"{folder} holds no job folders (none has {OVERRIDES_FILE}); is it a Hydra sweep "
             "folder (multirun/<date>/<time>)?"
         )
-    from saetrain.atomic import atomic_write_bytes
-
     csv_path = folder / SUMMARY_CSV
     atomic_write_bytes(csv_path, render_csv(jobs).encode())
     atomic_write_bytes(folder / SUMMARY_MD, render_markdown(jobs, folder).encode())

@@ -87,7 +87,7 @@ def _not_loadable(cfg: ModelConfig, error: OSError) -> ConfigError:
 def load_model_config(cfg: ModelConfig):
     """The model's transformers config alone — its shape, without loading any weights — so that
     sites, widths and context can be checked in seconds rather than after the LM has loaded."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # here: transformers takes seconds to import
 
     where, gguf = locate_model(cfg)
     try:
@@ -100,6 +100,7 @@ def load_model_config(cfg: ModelConfig):
 
 def load_lm(cfg: ModelConfig, device: torch.device):
     """(model, tokenizer): the model in eval mode, frozen, on `device`."""
+    # Imported here, as in load_model_config: a config error or --help never loads transformers.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = locate_model(cfg)

@@ -96,7 +96,7 @@ def _looks_local(path: str) -> bool:
 def open_dataset(cfg: DataConfig, streaming: bool | None = None):
     """`datasets.load_dataset` for `cfg`; what it cannot find is a ConfigError naming the field
     (data.path, data.name, data.split) instead of a datasets traceback."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # here: datasets takes over a second to import
 
     if cfg.path not in LOCAL_BUILDERS and cfg.path.startswith(("/", ".", "~")):
         if not os.path.exists(os.path.expanduser(cfg.path)):

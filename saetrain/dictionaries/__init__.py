@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from saetrain.activations.model import TORCH_DTYPES
 from saetrain.config import DictionaryConfig
 from saetrain.dictionaries.base import (
     Codes,
@@ -50,8 +51,6 @@ def build_dictionary(
     clt); d_in / d_out are then their sums. The expansion factor multiplies one site's width; a
     CLT's n_latents counts one layer's latents.
     """
-    from saetrain.activations.model import TORCH_DTYPES
-
     if cfg.architecture not in ARCHITECTURES:
         raise ValueError(
             f"dictionary.architecture={cfg.architecture!r}; choose one of: "

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from saetrain.distributed.world import World, mark_broken
 from saetrain.errors import DistributedError
@@ -49,14 +50,8 @@ def _failing_as(world: World, what: str) -> Iterator[None]:
         ) from e
 
 
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist
-
-
 def _op(name: str) -> Any:
-    return getattr(_dist().ReduceOp, name.upper())
+    return getattr(dist.ReduceOp, name.upper())
 
 
 def all_reduce_(world: World, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -67,7 +62,7 @@ def all_reduce_(world: World, tensor: torch.Tensor, op: str = "sum") -> torch.Te
         return tensor
     reduce_op = _op(op)
     with _failing_as(world, f"all_reduce({op}) of {tuple(tensor.shape)} {tensor.dtype}"):
-        _dist().all_reduce(tensor, op=reduce_op)
+        dist.all_reduce(tensor, op=reduce_op)
     return tensor
 
 
@@ -158,7 +153,7 @@ def broadcast_(world: World, tensor: torch.Tensor, src: int = 0) -> torch.Tensor
     if not world.distributed:
         return tensor
     with _failing_as(world, f"broadcast from rank {src} of {tuple(tensor.shape)}"):
-        _dist().broadcast(tensor, src=src)
+        dist.broadcast(tensor, src=src)
     return tensor
 
 
@@ -171,7 +166,7 @@ def broadcast_object(world: World, obj: Any, src: int = 0) -> Any:
         return obj
     box = [obj if world.rank == src else None]
     with _failing_as(world, f"broadcast_object from rank {src}"):
-        _dist().broadcast_object_list(box, src=src, device=_object_device(world))
+        dist.broadcast_object_list(box, src=src, device=_object_device(world))
     return box[0]
 
 
@@ -181,7 +176,7 @@ def all_gather_objects(world: World, obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world.world_size
     with _failing_as(world, "all_gather_object"):
-        _dist().all_gather_object(out, obj)
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -207,7 +202,7 @@ def all_gather_rows(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
     shape = torch.tensor(list(tensor.shape), dtype=torch.int64, device=tensor.device)
     gathered = [torch.empty_like(shape) for _ in range(world.world_size)]
     with _failing_as(world, "all_gather_rows (shapes)"):
-        _dist().all_gather(gathered, shape)
+        dist.all_gather(gathered, shape)
     shapes = torch.stack(gathered)
     rows = shapes[:, 0].tolist()
     if any(s[1:] != list(tensor.shape[1:]) for s in shapes.tolist()):
@@ -220,7 +215,7 @@ def all_gather_rows(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world.world_size)]
     with _failing_as(world, f"all_gather_rows of {tuple(tensor.shape)} {tensor.dtype}"):
-        _dist().all_gather(parts, padded.contiguous())
+        dist.all_gather(parts, padded.contiguous())
     return [part[:n] for part, n in zip(parts, rows, strict=True)]
 
 
@@ -231,7 +226,7 @@ def all_gather_equal(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor]
     parts = [torch.empty_like(tensor) for _ in range(world.world_size)]
     with _failing_as(world, f"all_gather of {tuple(tensor.shape)} {tensor.dtype}"):
-        _dist().all_gather(parts, tensor.contiguous())
+        dist.all_gather(parts, tensor.contiguous())
     return parts
 
 
@@ -244,7 +239,7 @@ def gather_equal(world: World, tensor: torch.Tensor, dst: int = 0) -> list[torch
         [torch.empty_like(tensor) for _ in range(world.world_size)] if world.rank == dst else None
     )
     with _failing_as(world, f"gather to rank {dst} of {tuple(tensor.shape)} {tensor.dtype}"):
-        _dist().gather(tensor.contiguous(), parts, dst=dst)
+        dist.gather(tensor.contiguous(), parts, dst=dst)
     return parts
 
 
@@ -278,12 +273,12 @@ def all_to_all(
         return _all_to_all_by_gather(world, flat, sizes, sent_shapes)
     got_shapes = torch.empty_like(sent_shapes)
     with _failing_as(world, "all_to_all (shapes)"):
-        _dist().all_to_all_single(got_shapes, sent_shapes)
+        dist.all_to_all_single(got_shapes, sent_shapes)
     shapes = [_shape(row) for row in got_shapes.tolist()]
     counts = [math.prod(s) for s in shapes]
     out = torch.empty(sum(counts), dtype=dtype, device=device)
     with _failing_as(world, f"all_to_all of {sum(sizes)} {dtype} elements"):
-        _dist().all_to_all_single(out, flat, counts, sizes)
+        dist.all_to_all_single(out, flat, counts, sizes)
     return [part.view(s) for part, s in zip(out.split(counts), shapes, strict=True)]
 
 
@@ -319,7 +314,7 @@ def barrier(world: World, what: str, timeout_s: float | None = None) -> None:
     seconds = world.timeout_s if timeout_s is None else timeout_s
     group = world.control_group if world.backend != "gloo" else None
     try:
-        _dist().monitored_barrier(
+        dist.monitored_barrier(
             group=group, timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True
         )
     except RuntimeError as e:

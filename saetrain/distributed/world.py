@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from saetrain.errors import ConfigError
 
@@ -147,8 +148,6 @@ def init_world(
     if world_size == 1:
         return World(device=dev, timeout_s=timeout_s)  # no torch.distributed call at all
 
-    import torch.distributed as dist
-
     if dist.is_initialized():
         raise RuntimeError("init_world: the process group is already initialised")
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
@@ -189,8 +188,6 @@ def close_world(world: World) -> None:
     """Leave the process group (idempotent; nothing at world size 1)."""
     if not world.distributed or _broken:
         return
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -77,7 +77,7 @@ def plot_density(
     matplotlib is a saetrain dependency; where it was removed, None and a warning (the metrics
     are written all the same).
     """
-    try:
+    try:  # matplotlib is imported here: it takes half a second, and only this plot needs it
         import matplotlib
 
         matplotlib.use("Agg")

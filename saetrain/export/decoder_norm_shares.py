@@ -35,7 +35,7 @@ def share_summary(shares: torch.Tensor, sources: list[str]) -> dict[str, float]:
 def plot_decoder_norm_shares(shares: torch.Tensor, sources: list[str], path: Path) -> Path:
     """A histogram PNG per source of the latents' decoder-norm shares (for two sources, one
     histogram of the second source's relative norm, as in the paper)."""
-    import matplotlib
+    import matplotlib  # here: it takes half a second, and only this plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

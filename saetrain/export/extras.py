@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from saetrain.activations.sites import Site
 from saetrain.dictionaries import Dictionary
 from saetrain.errors import CircuitTracerExportError
 from saetrain.export.circuit_tracer import circuit_tracer_hooks, clt_from_dictionary, write_clt
@@ -99,8 +100,6 @@ def write_clt_for_circuit_tracer(
     family: str | None = None,
 ) -> Path | None:
     """The CLT's circuit-tracer folder, or None (and the reason in the log)."""
-    from saetrain.activations.sites import Site
-
     layers = [Site.parse(site).layer for site in inputs]
     try:
         in_hook, out_hook = circuit_tracer_hooks(inputs[0], targets[0], family=family)

@@ -26,7 +26,7 @@ IGNORE_PATTERNS = [".*.tmp", "**/.*.tmp"]
 
 def resolve_token(cfg: PublishConfig) -> str:
     """publish.token, else HF_TOKEN, else the token saved by `hf auth login`; none is an error."""
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # here: only a run that publishes needs the hub
 
     token = cfg.token or get_token()
     if not token:
@@ -57,6 +57,7 @@ def publish_folder(
     path_in_repo: str | None = None,
 ) -> str:
     """Write the model card into `folder`, upload the folder to `cfg.repo_id`; return its URL."""
+    # Imported here: HfApi takes a quarter of a second, and only a run that publishes needs it.
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 

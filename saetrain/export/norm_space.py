@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from saetrain.activations.sites import ResolvedSite
@@ -182,8 +183,6 @@ def read_affines(folder: Path) -> tuple[Affine | None, Affine | None] | None:
     path = Path(folder) / NORM_FILE
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
-
     t = load_file(path, device="cpu")
 
     def side(name: str) -> Affine | None:

@@ -13,16 +13,29 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saetrain.activations.model import load_lm, resolve_device
+from saetrain.activations.sites import resolve_site
+from saetrain.activations.source import ActivationSource
+from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
 from saetrain.config import DataConfig, ModelConfig
 from saetrain.errors import ConfigError
-from saetrain.export.saelens import CFG_FILE, RUN_FILE, WEIGHTS_FILE
+from saetrain.evaluation.folder import EvaluateConfig, resolve
+from saetrain.export.norm_space import foreign_to_model_space_
+from saetrain.export.saelens import CFG_FILE, RUN_FILE, WEIGHTS_FILE, load_dictionary
 from saetrain.inspect.collect import CollectSettings
+from saetrain.inspect.features import LayerWriter, write_index
+from saetrain.inspect.logits import model_logit_effects
+from saetrain.inspect.report import QUANTILES, LogitTables, TokenStrings, latent_record
+from saetrain.inspect.site import SiteWriter, run_index
+from saetrain.inspect.units import collect_all, units_of
+from saetrain.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +139,6 @@ def inspect(
     """Inspect every dictionary under `cfg.path`; `explicit` names the keys set by the user;
     `lm`: the (model, tokenizer) already loaded (a run that has just trained), else loaded;
     `keep_records`: return every latent's record too (InspectResult.records)."""
-    import time
-
-    from saetrain.activations.model import load_lm, resolve_device
-    from saetrain.activations.sites import resolve_site
-    from saetrain.activations.source import ActivationSource
-    from saetrain.activations.tokens import LOCAL_BUILDERS, TokenSource, expand_data_files
-    from saetrain.evaluation.folder import EvaluateConfig, resolve
-    from saetrain.export.norm_space import foreign_to_model_space_
-    from saetrain.export.saelens import load_dictionary
-    from saetrain.inspect.units import collect_all, units_of
-
     check(cfg)
     folders = dictionary_folders(cfg.path)  # type: ignore[arg-type]
     ev = EvaluateConfig(path=None, model=cfg.model, data=cfg.data, seed=cfg.seed)
@@ -246,10 +248,6 @@ def write_outputs(
     transcoder: one per layer) gets the same site and feature files. Records are made, written
     and dropped one latent at a time (`keep_records`: also returned, for tests and notebooks).
     """
-    from saetrain.inspect.features import LayerWriter, write_index
-    from saetrain.inspect.site import SiteWriter
-    from saetrain.progress import Progress
-
     about, metrics = about or {}, metrics or {}
     layers = [unit.layer for unit in units] if features else []
     if len(set(layers)) != len(layers):
@@ -279,7 +277,7 @@ def write_outputs(
         sites[unit.name] = site.finish(info, metrics.get(unit.name, {}), dense_threshold)
         if layer is not None:
             entries[unit.layer] = layer.finish()
-    index = sites[units[0].name] if single else _run_index(out, sites)
+    index = sites[units[0].name] if single else run_index(out, sites)
     feature_index = write_index(out, entries) if features else None
     if feature_index is not None:
         log.info("circuit-tracer feature files: %s", feature_index)
@@ -293,9 +291,6 @@ def _layer(site: str) -> int:
 
 def _records(unit, stats, model, tokenizer, logits_k: int) -> Iterator[dict[str, Any]]:
     """Every latent's record in index order, made as they are asked for."""
-    from saetrain.inspect.logits import model_logit_effects
-    from saetrain.inspect.report import QUANTILES, LogitTables, TokenStrings, latent_record
-
     effects = model_logit_effects(model, unit.W_dec, logits_k)
     tables = LogitTables(*effects) if effects is not None else None
     strings = TokenStrings(tokenizer)
@@ -329,12 +324,6 @@ def _saved_metrics(dictionary_folder: Path) -> dict[str, Any]:
         saved = json.loads((dictionary_folder / "eval" / "metrics.json").read_text())
         return saved.get("metrics") or {}
     return {}
-
-
-def _run_index(out: Path, sites: dict[str, Path]) -> Path:
-    from saetrain.inspect.site import run_index
-
-    return run_index(out, sites)
 
 
 def inspect_run_folder(run_folder: Path, overrides: dict[str, Any]) -> InspectResult:

@@ -23,11 +23,17 @@ true L0. `feature_recovery` scores a learned decoder against the true directions
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+
+from saetrain.config import DictionaryConfig, TrainerConfig
+from saetrain.evaluation.metrics import ReconstructionStats
+from saetrain.training.fit import fit_dictionary
 
 MAGNITUDES = ("exponential", "uniform")
 
@@ -220,9 +226,6 @@ def score_recipe(
     fraction at the end of training, the feature recovery of its decoder, and the final λ factor
     of the target-L0 controller (1 without one). `seed` sets the init and the data stream.
     """
-    from saetrain.evaluation.metrics import ReconstructionStats
-    from saetrain.training.fit import fit_dictionary
-
     stream = data.batches(trainer_cfg.batch_tokens, seed=1000 + seed)
     fitted = fit_dictionary(
         dict_cfg,
@@ -257,12 +260,6 @@ def score_recipe(
 
 def _main() -> None:
     """`python -m saetrain.synthetic arch key=value ...`: score recipes on known features."""
-    import argparse
-    import json
-    from dataclasses import fields
-
-    from saetrain.config import DictionaryConfig, TrainerConfig
-
     parser = argparse.ArgumentParser(description=_main.__doc__)
     parser.add_argument("overrides", nargs="*", help="dictionary.X=V / trainer.X=V / data.X=V")
     parser.add_argument("--seeds", type=int, default=2)

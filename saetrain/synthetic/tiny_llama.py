@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = [f"w{i}" for i in range(120)]
 # Alphabetic words for the first-letter task (evaluation/usefulness): 6 per letter, the capital
@@ -22,9 +24,6 @@ LETTER_WORDS += [c.upper() for c in ALPHABET] + ["has", "the", "first", "letter"
 
 def build_word_tokenizer(words: list[str] = WORDS):
     """The tiny model's tokenizer: one token per word of `words`, BOS <s>, EOS </s>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -35,8 +34,6 @@ def build_word_tokenizer(words: list[str] = WORDS):
 
 def build_tiny_llama(folder: Path, words: list[str] = WORDS) -> Path:
     """Save a 3-layer, d_model 32 Llama and its tokenizer (over `words`) into `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(words)
     tokenizer.save_pretrained(folder)

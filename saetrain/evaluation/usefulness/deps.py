@@ -12,7 +12,7 @@ from saetrain.errors import MissingDependency
 
 def sklearn_modules() -> tuple[ModuleType, ModuleType]:
     """`(sklearn.linear_model, scipy.sparse)`, or a MissingDependency that says what to install."""
-    try:
+    try:  # optional (saetrain[eval]): imported only when a suite runs
         import scipy.sparse
         import sklearn.linear_model
     except ImportError as e:
@@ -25,7 +25,7 @@ def sklearn_modules() -> tuple[ModuleType, ModuleType]:
 def one_blas_thread():
     """A context in which BLAS uses one thread: the probes' many small fits run several times
     faster so than with threads that spin (measured: 8 s against 60 s on a busy 2-core CPU)."""
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+    from threadpoolctl import threadpool_limits  # optional: a scikit-learn dependency
 
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -33,7 +33,7 @@ def one_blas_thread():
 def l1_logistic_regression(linear_model: ModuleType, c: float) -> object:
     """An L1 logistic regression (liblinear, balanced classes) in the spelling of the installed
     scikit-learn: 1.8 deprecated `penalty` for `l1_ratio`."""
-    import sklearn
+    import sklearn  # optional (saetrain[eval]), as in sklearn_modules
 
     major, minor = (int(part) for part in sklearn.__version__.split(".")[:2])
     if (major, minor) >= (1, 8):

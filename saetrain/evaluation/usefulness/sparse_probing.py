@@ -19,6 +19,7 @@ import time
 import uuid
 import warnings
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -147,7 +148,7 @@ def pooled_features(
     ctx: SuiteContext, texts: list[str], pooling: str, cfg: SparseProbingConfig, label: str
 ) -> PooledFeatures:
     """Run every text through the LM and the dictionary, pooling as each batch goes."""
-    from scipy.sparse import csr_matrix  # scikit-learn's own dependency
+    from scipy.sparse import csr_matrix  # optional: scikit-learn's own dependency (saetrain[eval])
 
     dictionary = ctx.dictionary
     n_latents = int(dictionary.n_latents)
@@ -413,8 +414,6 @@ def _log_task(r: TaskResult, k_values: list[int]) -> None:
 
 
 def _saetrain_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("saetrain")
     except PackageNotFoundError:
