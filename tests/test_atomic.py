@@ -11,9 +11,9 @@ import stat
 import pytest
 import torch
 
+from saetrain import atomic
 from saetrain.atomic import atomic_write_bytes, atomic_write_json
 from saetrain.dictionaries import TopKSAE
-from saetrain import atomic
 from saetrain.export.saelens import load_dictionary, save_dictionary
 
 OLD = b"the good old contents\n" * 100
