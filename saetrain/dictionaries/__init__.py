@@ -56,6 +56,8 @@ def build_dictionary(
             f"dictionary.architecture={cfg.architecture!r}; choose one of: "
             f"{', '.join(ARCHITECTURES)}"
         )
+    if cfg.kind not in KINDS:
+        raise ValueError(f"dictionary.kind={cfg.kind!r}; choose one of: {', '.join(KINDS)}")
     layout = layout or Layout.single(d_in, d_out)
     cls: type[Dictionary] = ARCHITECTURES[cfg.architecture]
     kwargs = cls.init_kwargs_from_config(cfg)

@@ -122,7 +122,7 @@ def test_a_50_step_run_ends_within_10_percent(one_thread, arch):
 
 @pytest.mark.parametrize(
     "kind, arch",
-    [("sae", "jumprelu"), ("sae", "relu"), ("sae", "gated"), ("crosscoder", "jumprelu"),
+    [("single", "jumprelu"), ("single", "relu"), ("single", "gated"), ("crosscoder", "jumprelu"),
      ("crosscoder", "relu"), ("crosscoder", "gated"), ("clt", "jumprelu"), ("clt", "relu")],
 )  # fmt: skip
 def test_shift_sparsity_moves_the_l0_of_every_target_l0_architecture(kind, arch):
@@ -134,7 +134,7 @@ def test_shift_sparsity_moves_the_l0_of_every_target_l0_architecture(kind, arch)
     from saetrain.dictionaries.base import active_count
 
     cfg = DictionaryConfig(architecture=arch, kind=kind, n_latents=64, target_l0=4)
-    layout = Layout(kind, (8, 8), (8, 8)) if kind != "sae" else None
+    layout = Layout(kind, (8, 8), (8, 8)) if kind != "single" else None
     d = build_dictionary(cfg, 16, 16, torch.device("cpu"), torch.Generator().manual_seed(0),
                          kind == "clt", layout)  # fmt: skip
     x = torch.randn(256, 32 if kind == "clt" else 16, generator=torch.Generator().manual_seed(1))
